@@ -1,0 +1,110 @@
+"""`fmnist run` through real papermill: reports, manifest, refused parameters, a failing stage, plain papermill."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from conftest import BIN, NBS, ROOT
+
+STAGES = ["00_config", "01_data", "02_exploration", "03_statistics"]
+
+
+def fmnist(*args, env, check=True):
+    r = subprocess.run([str(BIN / "fmnist"), *args], env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if check and r.returncode:
+        raise AssertionError(f"fmnist {' '.join(args)} exited {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def test_smoke_run_writes_reports_and_manifest(fmnist_env):
+    r = fmnist("run", "--profile", "smoke", "--run-id", "smoke1", "-p", "statistics.max_images=1500", env=fmnist_env)
+    run_dir = Path(fmnist_env["FMNIST_RUNS_DIR"]) / "smoke1"
+    progress = [l for l in r.stdout.splitlines() if l.startswith("[")]
+    assert [l.split()[:3] for l in progress] == [[f"[{i}/4]", s, "ok"] for i, s in enumerate(STAGES, 1)]
+    assert f"report: {run_dir / 'index.html'}" in r.stdout
+    m = json.loads((run_dir / "run.json").read_text())
+    assert m["status"] == "ok" and m["profile"] == "smoke" and [s["stage"] for s in m["stages"]] == STAGES
+    assert all(s["status"] == "ok" and s["seconds"] > 0 for s in m["stages"])
+    assert m["params"]["03_statistics"]["max_images"] == 1500  # the override reached the stage
+    from fmnist_gcp.data import FILES
+    assert m["data_sha256"] == {name: sha for name, sha in FILES.values()}
+    assert m["git"]["sha"] is None or len(m["git"]["sha"]) == 40
+    assert {"numpy", "papermill", "python"} <= set(m["packages"])
+    # figures each stage recorded, computed on the real data
+    figs = m["figures"]
+    assert figs["data"]["test"] == 10_000 and figs["data"]["validation"] == 6_000
+    assert 0.2 < figs["statistics"]["pixel_mean"] < 0.4 and 0.25 < figs["statistics"]["pixel_std"] < 0.45
+    assert figs["statistics"]["n_train_images"] == 1500
+    # the HTML reports exist and carry the plots
+    for s in STAGES:
+        assert (run_dir / f"{s}.ipynb").exists()
+        html = (run_dir / f"{s}.html").read_text()
+        assert "<html" in html.lower()
+    assert (run_dir / "02_exploration.html").read_text().count("data:image/png;base64") >= 3
+    assert (run_dir / "03_statistics.html").read_text().count("data:image/png;base64") >= 2
+    # the normalisation the next stage reads is in the datasets store
+    norm = json.loads((Path(fmnist_env["FMNIST_HOME"]) / "datasets/stats/normalisation.json").read_text())
+    assert norm["mean"] == pytest.approx(figs["statistics"]["pixel_mean"]) and norm["run_id"] == "smoke1"
+    index = (Path(fmnist_env["FMNIST_RUNS_DIR"]) / "index.html").read_text()
+    assert "smoke1/index.html" in index
+    listing = fmnist("runs", env=fmnist_env).stdout
+    assert "smoke1" in listing and "03:ok" in listing
+
+
+def test_undeclared_parameter_is_refused_before_anything_runs(fmnist_env):
+    r = fmnist("run", "--profile", "smoke", "--run-id", "bad1", "-p", "learning_rate=0.1", env=fmnist_env, check=False)
+    assert r.returncode == 2 and "learning_rate is not declared by any selected stage" in r.stderr
+    r = fmnist("run", "--profile", "smoke", "--run-id", "bad2", "-p", "01_data.max_images=5", env=fmnist_env, check=False)
+    assert r.returncode == 2 and "01_data.max_images is not declared" in r.stderr
+    r = fmnist("run", "--profile", "smoke", "--run-id", "bad3", "-p", "seed=abc", env=fmnist_env, check=False)
+    assert r.returncode == 2 and "not a valid int" in r.stderr
+    assert not Path(fmnist_env["FMNIST_RUNS_DIR"]).exists()
+
+
+def test_failing_stage_marks_the_run_failed_and_keeps_the_error(fmnist_env):
+    r = fmnist("run", "--profile", "smoke", "--run-id", "fail1", "--stages", "config", "data", "statistics",
+               "-p", "01_data.val_fraction=1.5", env=fmnist_env, check=False)
+    run_dir = Path(fmnist_env["FMNIST_RUNS_DIR"]) / "fail1"
+    assert r.returncode == 1 and "run failed in 01_data" in r.stderr and str(run_dir / "01_data.html") in r.stderr
+    m = json.loads((run_dir / "run.json").read_text())
+    assert m["status"] == "failed"
+    assert [(s["stage"], s["status"]) for s in m["stages"]] == [("00_config", "ok"), ("01_data", "failed"),
+                                                                ("03_statistics", "skipped")]
+    assert "val_fraction must be in [0, 1)" in m["stages"][1]["error"]
+    nb = nbformat.read(run_dir / "01_data.ipynb", 4)
+    assert any(o.get("output_type") == "error" for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "val_fraction must be in" in (run_dir / "01_data.html").read_text()
+
+
+def test_plain_papermill_runs_a_stage_and_lists_its_parameters(fmnist_env, tmp_path):
+    out = tmp_path / "stats.ipynb"
+    r = subprocess.run([str(BIN / "papermill"), str(NBS / "03_statistics.ipynb"), str(out), "-p", "profile", "smoke",
+                        "-p", "max_images", "800", "--kernel", "python3"], env=fmnist_env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    nb = nbformat.read(out, 4)
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected and "max_images = 800" in injected[0].source
+    h = subprocess.run([str(BIN / "papermill"), "--help-notebook", str(NBS / "03_statistics.ipynb")],
+                       capture_output=True, text=True)
+    assert h.returncode == 0
+    assert "max_images: int (default 3000)" in h.stdout and "0 for all" in h.stdout
+
+
+def test_every_stage_declares_run_id_and_profile_and_parses_fully():
+    from fmnist_gcp.pipeline import STAGES as stages, declared_parameters
+    for s in stages:
+        d = declared_parameters(NBS / f"{s}.ipynb")  # raises if papermill would drop a line
+        assert {"run_id", "profile"} <= set(d) and all(v["help"] for v in d.values()), s
+
+
+def test_help_imports_nothing_heavy():
+    code = ("import sys, contextlib, io\nfrom fmnist_gcp import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try: cli.main(['--help'])\n    except SystemExit: pass\n"
+            "heavy = [m for m in ('tensorflow', 'keras', 'google.cloud.aiplatform', 'papermill', 'numpy', 'pandas') if m in sys.modules]\n"
+            "print(heavy)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
