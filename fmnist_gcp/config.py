@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 # %% auto #0
 __all__ = ['ENV_VARS', 'BACKENDS', 'ROLES', 'filesystem', 'is_local', 'write_bytes_atomic', 'Store', 'ConfigError', 'Settings',
-           'record', 'recorded']
+           'import_tensorflow', 'record', 'recorded']
 
 # %% ../nbs/00_config.ipynb #1f69a9c7
 ENV_VARS: dict[str, str] = {
@@ -177,6 +177,19 @@ class Settings:
                 "data_dir": self.data_dir, "cache_dir": self.cache_dir, "runs_dir": self.runs_dir}
 
 # %% ../nbs/00_config.ipynb #aae43204
+def import_tensorflow():
+    "The `tensorflow` module, imported with its C++ start-up log lines silenced."
+    import sys
+    if "tensorflow" in sys.modules: return sys.modules["tensorflow"]
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        import tensorflow
+    finally:
+        os.dup2(saved, 2); os.close(saved); os.close(null)
+    return tensorflow
+
+# %% ../nbs/00_config.ipynb #2786af34
 def record(run_id: str,  # the run these figures belong to
            stage: str,  # short stage name, e.g. "statistics"
            figures: Mapping[str, Any],  # JSON-able headline figures

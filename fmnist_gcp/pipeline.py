@@ -24,15 +24,18 @@ __all__ = ['STAGES', 'PROFILES', 'PACKAGES', 'PipelineError', 'StageFailed', 'nb
            'execute_stage', 'run_page', 'list_runs', 'write_index', 'run_pipeline']
 
 # %% ../nbs/10_pipeline.ipynb #e84afd3e
-STAGES: list[str] = ["00_config", "01_data", "02_exploration", "03_statistics"]
+STAGES: list[str] = ["00_config", "01_data", "02_exploration", "03_statistics", "04_preprocessing"]
 
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {"02_exploration": {"max_images": 1000, "per_class": 6, "embed_images": 500},
-              "03_statistics": {"max_images": 2000}},
+              "03_statistics": {"max_images": 2000},
+              "04_preprocessing": {"max_images": 600, "shards": 2}},
     "quick": {"02_exploration": {"max_images": 0, "embed_images": 3000},
-              "03_statistics": {"max_images": 0}},
+              "03_statistics": {"max_images": 0},
+              "04_preprocessing": {"max_images": 0, "shards": 8}},
     "full": {"02_exploration": {"max_images": 0, "embed_images": 5000, "embedding": "tsne"},
-             "03_statistics": {"max_images": 0}},
+             "03_statistics": {"max_images": 0},
+             "04_preprocessing": {"max_images": 0, "shards": 8}},
 }
 
 class PipelineError(ValueError):
@@ -179,7 +182,8 @@ def execute_stage(step: dict, run_dir: Path, cwd: Path) -> dict:
     t0, error = time.perf_counter(), None
     try:
         pm.execute_notebook(str(step["notebook"]), str(out), parameters=step["params"], kernel_name="python3",
-                            progress_bar=False, cwd=str(cwd), log_output=False)
+                            progress_bar=False, cwd=str(cwd), log_output=False,
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"])  # no TCP-encryption warning
     except Exception as e:  # papermill's execution error, or a kernel that died
         error = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
     seconds = time.perf_counter() - t0
@@ -262,6 +266,7 @@ def run_pipeline(profile: str = "quick",  # smoke | quick | full
     "Execute the selected stages with papermill into `runs/<run_id>/`; returns the manifest."
     from fmnist_gcp.data import ensure_data
     settings = settings or Settings.from_env()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the kernels inherit it: no TensorFlow start-up chatter
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S") + f"-{profile}"
     nbs = nbs_dir()
     plan = plan_run(profile, stages, overrides, run_id, nbs)

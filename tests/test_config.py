@@ -48,3 +48,22 @@ def test_gcs_round_trip_through_the_store_layer(gcs_emulator, monkeypatch):
     assert recorded("r1", s) == {"statistics": {"pixel_mean": 0.286, "pixel_std": 0.353}}
     with pytest.raises(FileNotFoundError, match="datasets store"):
         s.datasets.read_bytes("exports/missing.bin")
+
+
+def test_tfrecord_export_round_trips_through_gcs(gcs_emulator, monkeypatch):
+    import numpy as np
+    from fmnist_gcp.preprocess import TFRECORD_DIR, export_tfrecords, load_tfrecords
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    s = Settings.from_env({"FMNIST_BACKEND": "vertex", "FMNIST_PROJECT": "acme-ml", "FMNIST_REGION": "us-central1",
+                           "FMNIST_DATASETS_BUCKET": "gs://fmnist-test/tfr"})
+    x = np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    y = np.arange(40) % 10
+    s.datasets.write_json(f"{TFRECORD_DIR}/manifest.json",
+                          {"splits": {"val": export_tfrecords(s, "val", x, y, np.arange(40) * 3, shards=3)}})
+    xb, yb, ib = load_tfrecords("val", s)
+    assert (xb == x).all() and (yb == y).all() and (ib == np.arange(40) * 3).all()
+    # a shard changed behind the manifest's back is refused
+    s.datasets.write_bytes(f"{TFRECORD_DIR}/val-00001-of-00003.tfrecord", b"garbage")
+    with pytest.raises(ValueError, match="sha256 differs from the manifest"):
+        load_tfrecords("val", s)

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import BIN, NBS, ROOT
 
-STAGES = ["00_config", "01_data", "02_exploration", "03_statistics"]
+STAGES = ["00_config", "01_data", "02_exploration", "03_statistics", "04_preprocessing"]
 
 
 def fmnist(*args, env, check=True):
@@ -23,7 +23,7 @@ def test_smoke_run_writes_reports_and_manifest(fmnist_env):
     r = fmnist("run", "--profile", "smoke", "--run-id", "smoke1", "-p", "statistics.max_images=1500", env=fmnist_env)
     run_dir = Path(fmnist_env["FMNIST_RUNS_DIR"]) / "smoke1"
     progress = [l for l in r.stdout.splitlines() if l.startswith("[")]
-    assert [l.split()[:3] for l in progress] == [[f"[{i}/4]", s, "ok"] for i, s in enumerate(STAGES, 1)]
+    assert [l.split()[:3] for l in progress] == [[f"[{i}/{len(STAGES)}]", s, "ok"] for i, s in enumerate(STAGES, 1)]
     assert f"report: {run_dir / 'index.html'}" in r.stdout
     m = json.loads((run_dir / "run.json").read_text())
     assert m["status"] == "ok" and m["profile"] == "smoke" and [s["stage"] for s in m["stages"]] == STAGES
@@ -48,10 +48,40 @@ def test_smoke_run_writes_reports_and_manifest(fmnist_env):
     # the normalisation the next stage reads is in the datasets store
     norm = json.loads((Path(fmnist_env["FMNIST_HOME"]) / "datasets/stats/normalisation.json").read_text())
     assert norm["mean"] == pytest.approx(figs["statistics"]["pixel_mean"]) and norm["run_id"] == "smoke1"
+    check_exports(Path(fmnist_env["FMNIST_HOME"]) / "datasets", norm, m["params"]["04_preprocessing"])
     index = (Path(fmnist_env["FMNIST_RUNS_DIR"]) / "index.html").read_text()
     assert "smoke1/index.html" in index
     listing = fmnist("runs", env=fmnist_env).stdout
     assert "smoke1" in listing and "03:ok" in listing
+
+
+def check_exports(ds: Path, norm: dict, params: dict):
+    "The preprocessing stage's exports agree with the real data and with the statistics stage."
+    import numpy as np
+    from fmnist_gcp.data import load_split, train_val_split
+    from fmnist_gcp.preprocess import AUTOML_LABEL_RE, AUTOML_LABELS, load_tfrecords, read_preprocessing
+    n = params["max_images"]
+    pre_norm, aug = read_preprocessing()
+    assert pre_norm == {"mean": norm["mean"], "std": norm["std"]}  # read from statistics, not recomputed
+    assert aug.max_shift == 2 and aug.flip
+    x_all, y_all = load_split("train")
+    tr, va = train_val_split(y_all, 0.1, 42)
+    for split, idx in (("train", tr[:n]), ("val", va[:n])):
+        x, y, index = load_tfrecords(split)
+        assert (index == idx).all() and (x == x_all[idx]).all() and (y == y_all[idx]).all()
+    manifest = json.loads((ds / "exports/tfrecord/manifest.json").read_text())
+    assert [len(v["shards"]) for v in manifest["splits"].values()] == [params["shards"]] * 3
+    rows = (ds / "exports/automl/import.csv").read_text().splitlines()
+    assert len(rows) == 3 * n
+    for row in rows:
+        ml_use, uri, label = row.split(",")
+        assert ml_use in {"training", "validation", "test"} and AUTOML_LABEL_RE.match(label) and label in AUTOML_LABELS
+        assert Path(uri).exists() and f"/{label}/" in uri
+    x_test, _ = load_split("test", limit=n)
+    lines = (ds / "exports/batch/test_instances.jsonl").read_text().splitlines()
+    assert len(lines) == n and (np.array([json.loads(l) for l in lines]) == x_test).all()
+    npz = np.load(ds / "exports/npz/fashion_mnist.npz")
+    assert (npz["x_test"] == x_test).all() and (npz["index_val"] == va[:n]).all()
 
 
 def test_undeclared_parameter_is_refused_before_anything_runs(fmnist_env):
