@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 # %% auto #0
 __all__ = ['ENV_VARS', 'BACKENDS', 'ROLES', 'filesystem', 'is_local', 'write_bytes_atomic', 'Store', 'ConfigError', 'Settings',
-           'import_tensorflow', 'record', 'recorded']
+           'import_tensorflow', 'import_keras', 'record', 'recorded']
 
 # %% ../nbs/00_config.ipynb #1f69a9c7
 ENV_VARS: dict[str, str] = {
@@ -188,6 +188,12 @@ def import_tensorflow():
     finally:
         os.dup2(saved, 2); os.close(saved); os.close(null)
     return tensorflow
+
+def import_keras():
+    "The `keras` module; with the TensorFlow backend, TensorFlow is imported quietly first."
+    if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow": import_tensorflow()
+    import keras
+    return keras
 
 # %% ../nbs/00_config.ipynb #2786af34
 def record(run_id: str,  # the run these figures belong to
