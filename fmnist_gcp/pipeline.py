@@ -24,18 +24,26 @@ __all__ = ['STAGES', 'PROFILES', 'PACKAGES', 'PipelineError', 'StageFailed', 'nb
            'execute_stage', 'run_page', 'list_runs', 'write_index', 'run_pipeline']
 
 # %% ../nbs/10_pipeline.ipynb #e84afd3e
-STAGES: list[str] = ["00_config", "01_data", "02_exploration", "03_statistics", "04_preprocessing"]
+STAGES: list[str] = ["00_config", "01_data", "02_exploration", "03_statistics", "04_preprocessing", "07_training",
+                     "08_evaluation"]
 
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {"02_exploration": {"max_images": 1000, "per_class": 6, "embed_images": 500},
               "03_statistics": {"max_images": 2000},
-              "04_preprocessing": {"max_images": 600, "shards": 2}},
+              "04_preprocessing": {"max_images": 600, "shards": 2},
+              "08_evaluation": {"max_images": 1000}},
     "quick": {"02_exploration": {"max_images": 0, "embed_images": 3000},
               "03_statistics": {"max_images": 0},
-              "04_preprocessing": {"max_images": 0, "shards": 8}},
+              "04_preprocessing": {"max_images": 0, "shards": 8, "erase_prob": 0.0},
+              "07_training": {"widths": "32,64,128", "convs": 2, "epochs": 12, "precision": "mixed_bfloat16",
+                              "max_train_images": 0, "deterministic": False, "saved_model": True},
+              "08_evaluation": {"max_images": 0}},
     "full": {"02_exploration": {"max_images": 0, "embed_images": 5000, "embedding": "tsne"},
              "03_statistics": {"max_images": 0},
-             "04_preprocessing": {"max_images": 0, "shards": 8}},
+             "04_preprocessing": {"max_images": 0, "shards": 8, "erase_prob": 0.3},
+             "07_training": {"widths": "64,128,256", "convs": 2, "epochs": 30, "precision": "mixed_bfloat16",
+                             "max_train_images": 0, "deterministic": False, "saved_model": True, "warmup_frac": 0.1},
+             "08_evaluation": {"max_images": 0}},
 }
 
 class PipelineError(ValueError):
