@@ -1,7 +1,8 @@
 """Run every authored notebook with nbdev's test runner (the cells, the inline tests and the report cells).
 
 The notebooks share one set of stores for the session and run in file order, as in a pipeline run: a stage's report
-cells read what the stages before it wrote (04_preprocessing reads 03_statistics' normalisation).
+cells read what the stages before it wrote (04_preprocessing reads 03_statistics' normalisation, 07_training reads
+04's TFRecords, 08_evaluation evaluates 07's model).
 """
 import pytest
 import nbdev.test as nbt
@@ -27,8 +28,8 @@ def shared_env(tmp_path_factory):
 def test_notebooks_were_found():
     # nbdev-test exits 0 with "No files were eligible for testing"; an empty glob must fail here instead.
     names = {p.stem for p in NOTEBOOKS}
-    assert {"00_config", "01_data", "02_exploration", "03_statistics", "04_preprocessing", "10_pipeline",
-            "10a_cli"} <= names, names
+    assert {"00_config", "01_data", "02_exploration", "03_statistics", "04_preprocessing", "07_training", "07a_task",
+            "07b_vertex_train", "08_evaluation", "10_pipeline", "10a_cli"} <= names, names
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import BIN, NBS, ROOT
 
-STAGES = ["00_config", "01_data", "02_exploration", "03_statistics", "04_preprocessing"]
+STAGES = ["00_config", "01_data", "02_exploration", "03_statistics", "04_preprocessing", "07_training", "08_evaluation"]
 
 
 def fmnist(*args, env, check=True):
@@ -49,6 +49,15 @@ def test_smoke_run_writes_reports_and_manifest(fmnist_env):
     norm = json.loads((Path(fmnist_env["FMNIST_HOME"]) / "datasets/stats/normalisation.json").read_text())
     assert norm["mean"] == pytest.approx(figs["statistics"]["pixel_mean"]) and norm["run_id"] == "smoke1"
     check_exports(Path(fmnist_env["FMNIST_HOME"]) / "datasets", norm, m["params"]["04_preprocessing"])
+    # training and evaluation: a model version in the models store, evaluated on real test images
+    tr, ev = figs["training"], figs["evaluation"]
+    assert tr["version"] == 1 and len(tr["history"]) == m["params"]["07_training"]["epochs"]
+    model_dir = Path(fmnist_env["FMNIST_HOME"]) / "models/fmnist-cnn/1"
+    assert {"model.keras", "metadata.json", "model_card.md", "evaluation.json"} <= {p.name for p in model_dir.iterdir()}
+    assert ev["n"] == m["params"]["08_evaluation"]["max_images"] and 0 <= ev["accuracy"] <= 1
+    for k in ("au_prc", "micro_ap", "macro_ap", "macro_roc_auc", "log_loss", "accuracy"):
+        assert isinstance(ev[k], float), k
+    assert (run_dir / "08_evaluation.html").read_text().count("data:image/png;base64") >= 4
     index = (Path(fmnist_env["FMNIST_RUNS_DIR"]) / "index.html").read_text()
     assert "smoke1/index.html" in index
     listing = fmnist("runs", env=fmnist_env).stdout
