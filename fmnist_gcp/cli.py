@@ -23,6 +23,31 @@ def _parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("runs", help="list runs under the runs directory")
     ls.add_argument("--json", action="store_true", help="print the manifests as JSON")
     sub.add_parser("data", help="find (or download) the Fashion-MNIST files and verify their sha256")
+    sv = sub.add_parser("serve", help="serve a registered model over HTTP (Vertex custom-container contract)")
+    sv.add_argument("--model", help="NAME, NAME@VERSION or NAME@ALIAS (default: fmnist-cnn@default; on Vertex, $AIP_STORAGE_URI)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 in a container)")
+    sv.add_argument("--port", type=int, help="port (default: $AIP_HTTP_PORT or 8080)")
+    pr = sub.add_parser("predict", help="batch prediction: JSONL instances in, JSONL {instance, prediction} out")
+    pr.add_argument("--input", required=True, help="JSONL file of instances (local path or gs:// URI)")
+    pr.add_argument("--output", required=True, help="JSONL file to write (atomically)")
+    pr.add_argument("--model", help="NAME, NAME@VERSION or NAME@ALIAS (default: fmnist-cnn@default)")
+    pr.add_argument("--batch-size", type=int, default=256)
+    pr.add_argument("--confidence-threshold", type=float, default=0.0, help="classes below it are left out (default 0: all)")
+    pr.add_argument("--max-predictions", type=int, default=10)
+    mo = sub.add_parser("models", help="list registered model versions and aliases; promote a version")
+    mo.add_argument("name", nargs="?", default="fmnist-cnn")
+    mo.add_argument("--promote", type=int, metavar="VERSION", help="move an alias (default champion) to VERSION if it is better")
+    mo.add_argument("--alias", default="champion")
+    mo.add_argument("--force", action="store_true", help="promote even if not better")
+    tv = sub.add_parser("submit-training", help="submit the training container as a Vertex AI CustomJob (FMNIST_BACKEND=vertex)")
+    tv.add_argument("--image", required=True, help="training image URI in Artifact Registry")
+    tv.add_argument("--machine-type", default="n1-standard-8")
+    tv.add_argument("--accelerator-type", help="e.g. NVIDIA_TESLA_T4")
+    tv.add_argument("--accelerator-count", type=int, default=0)
+    tv.add_argument("--workers", type=int, default=0, help="replicas in worker pool 1 (multi-worker training)")
+    tv.add_argument("--experiment", help="Vertex AI experiment to attach")
+    tv.add_argument("--experiment-run", help="run name in the experiment")
+    tv.add_argument("task_args", nargs=argparse.REMAINDER, help="after --: flags for python -m fmnist_gcp.task")
     sub.add_parser("config", help="show the resolved settings (no credentials)")
     return p
 
@@ -65,6 +90,44 @@ def _cmd_data(a) -> int:
         print(f"{d['file']:<26} {d['source']:<16} sha256 {d['sha256'][:16]}… ok  {d['path']}")
     return 0
 
+def _cmd_serve(a) -> int:
+    from fmnist_gcp.serve import serve
+    serve(a.model, a.host, a.port)
+    return 0
+
+def _cmd_predict(a) -> int:
+    from fmnist_gcp.serve import Predictor, model_source, predict_jsonl
+    uri, name, version = model_source(a.model or "fmnist-cnn@default")
+    print(f"model {name} v{version}", file=sys.stderr)
+    res = predict_jsonl(Predictor(uri, name, version), a.input, a.output, a.batch_size,
+                        {"confidenceThreshold": a.confidence_threshold, "maxPredictions": a.max_predictions})
+    print(f"{res['predictions']} predictions -> {res['output']}")
+    if res["errors"]:
+        print(f"{res['errors']} lines could not be used; see {res['errors_file']}", file=sys.stderr)
+        return 1
+    return 0
+
+def _cmd_models(a) -> int:
+    from fmnist_gcp.config import Settings
+    from fmnist_gcp.registry import Registry, promote, registry_table
+    reg = Registry(Settings.from_env(), a.name)
+    if a.promote is not None:
+        d = promote(reg, a.promote, a.alias, a.force)
+        print(f"{a.alias}: {'promoted' if d['promoted'] else 'not promoted'} v{a.promote} ({d['reason']})")
+    t = registry_table(reg)
+    print(t.to_string() if len(t) else f"no registered versions of {a.name}: run the pipeline (fmnist run) first")
+    return 0
+
+def _cmd_submit_training(a) -> int:
+    from fmnist_gcp.config import Settings
+    from fmnist_gcp.vertex_train import submit_custom_job
+    args = a.task_args[1:] if a.task_args[:1] == ["--"] else a.task_args
+    job = submit_custom_job(Settings.from_env(), a.image, args, machine_type=a.machine_type,
+                            accelerator_type=a.accelerator_type, accelerator_count=a.accelerator_count,
+                            workers=a.workers, experiment=a.experiment, experiment_run=a.experiment_run)
+    print(f"submitted {job.resource_name}")
+    return 0
+
 def _cmd_config(a) -> int:
     from fmnist_gcp.config import Settings
     for k, v in Settings.from_env().report().items(): print(f"{k:<16} {v}")
@@ -74,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     "Entry point of the `fmnist` command."
     a = _parser().parse_args(argv)
     try:
-        return {"run": _cmd_run, "runs": _cmd_runs, "data": _cmd_data, "config": _cmd_config}[a.verb](a)
-    except ValueError as e:  # PipelineError, ConfigError, DataIntegrityError: a message for the user, not a traceback
+        return {"run": _cmd_run, "runs": _cmd_runs, "data": _cmd_data, "config": _cmd_config, "serve": _cmd_serve,
+                "predict": _cmd_predict, "models": _cmd_models, "submit-training": _cmd_submit_training}[a.verb](a)
+    except (ValueError, FileNotFoundError) as e:  # PipelineError, ConfigError, DataIntegrityError, RegistryError, missing inputs
         print(f"fmnist {a.verb}: error: {e}", file=sys.stderr)
         return 2
 

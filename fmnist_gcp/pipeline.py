@@ -25,7 +25,7 @@ __all__ = ['STAGES', 'PROFILES', 'PACKAGES', 'PipelineError', 'StageFailed', 'nb
 
 # %% ../nbs/10_pipeline.ipynb #e84afd3e
 STAGES: list[str] = ["00_config", "01_data", "02_exploration", "03_statistics", "04_preprocessing", "07_training",
-                     "08_evaluation"]
+                     "08_evaluation", "09_registry", "09a_serve"]
 
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {"02_exploration": {"max_images": 1000, "per_class": 6, "embed_images": 500},
