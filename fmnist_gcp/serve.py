@@ -179,7 +179,10 @@ class BackgroundServer:
     def __init__(self, app, host: str = "127.0.0.1", port: int | None = None):
         import uvicorn
         self.host, self.port = host, port or free_port(host)
-        self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", lifespan="on"))
+        # log_config=None: a server inside another program must not reconfigure that program's logging (uvicorn's
+        # dictConfig would close every existing handler, absl's included, and with it the stream it writes to)
+        self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_config=None,
+                                                    log_level="warning", lifespan="on", access_log=False))
         self.thread = threading.Thread(target=self.server.run, daemon=True, name="uvicorn")
         self.url = f"http://{self.host}:{self.port}"
 

@@ -22,3 +22,16 @@ def test_base_image_installs_the_package_and_imports_the_task():
     base = stage_lines("base")
     assert any(l.startswith("COPY fmnist_gcp") for l in base) and any("pip install ." in l for l in base)
     assert any('import fmnist_gcp.task' in l for l in base)
+
+
+def test_serve_image_runs_fmnist_serve_on_all_interfaces_with_the_registry_routes():
+    from fmnist_gcp.registry import SERVING_ROUTES
+    lines = stage_lines("serve")
+    assert 'ENTRYPOINT ["fmnist", "serve", "--host", "0.0.0.0"]' in lines
+    assert f"EXPOSE {SERVING_ROUTES['port']}" in lines
+
+
+def test_serve_reads_the_model_from_aip_storage_uri(monkeypatch, tmp_path):
+    from fmnist_gcp.serve import model_source
+    monkeypatch.setenv("AIP_STORAGE_URI", "gs://bucket/model/")
+    assert model_source() == ("gs://bucket/model/model.keras", "fmnist-cnn", "vertex")

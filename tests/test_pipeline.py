@@ -9,7 +9,8 @@ import pytest
 
 from conftest import BIN, NBS, ROOT
 
-STAGES = ["00_config", "01_data", "02_exploration", "03_statistics", "04_preprocessing", "07_training", "08_evaluation"]
+STAGES = ["00_config", "01_data", "02_exploration", "03_statistics", "04_preprocessing", "07_training", "08_evaluation",
+          "09_registry", "09a_serve"]
 
 
 def fmnist(*args, env, check=True):
@@ -51,13 +52,17 @@ def test_smoke_run_writes_reports_and_manifest(fmnist_env):
     check_exports(Path(fmnist_env["FMNIST_HOME"]) / "datasets", norm, m["params"]["04_preprocessing"])
     # training and evaluation: a model version in the models store, evaluated on real test images
     tr, ev = figs["training"], figs["evaluation"]
-    assert tr["version"] == 1 and len(tr["history"]) == m["params"]["07_training"]["epochs"]
+    assert tr["version"] == 1 and len(tr["history"]) == tr["epochs"] >= 1 and tr["history"][-1]["loss"] > 0
     model_dir = Path(fmnist_env["FMNIST_HOME"]) / "models/fmnist-cnn/1"
     assert {"model.keras", "metadata.json", "model_card.md", "evaluation.json"} <= {p.name for p in model_dir.iterdir()}
     assert ev["n"] == m["params"]["08_evaluation"]["max_images"] and 0 <= ev["accuracy"] <= 1
     for k in ("au_prc", "micro_ap", "macro_ap", "macro_roc_auc", "log_loss", "accuracy"):
         assert isinstance(ev[k], float), k
     assert (run_dir / "08_evaluation.html").read_text().count("data:image/png;base64") >= 4
+    # registry and serving: the run's model registered, served on loopback, bad requests refused
+    assert figs["registry"]["version"] == 1 and figs["registry"]["promoted"] and figs["registry"]["champion"] == 1
+    sv = figs["serving"]
+    assert sv["version"] == "1" and sv["bad_requests_rejected"] == 6 and 0 < sv["p50_ms"] <= sv["p99_ms"]
     index = (Path(fmnist_env["FMNIST_RUNS_DIR"]) / "index.html").read_text()
     assert "smoke1/index.html" in index
     listing = fmnist("runs", env=fmnist_env).stdout
