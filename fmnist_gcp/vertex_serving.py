@@ -48,9 +48,11 @@ def batch_predict(settings: Settings, model: str,
     "Start a Vertex batch prediction job over a JSONL file in the datasets bucket; returns the job (not waited for)."
     ai = _init(settings)
     m = ai.Model(model)
-    return m.batch_predict(job_display_name=f"{m.display_name}-batch", gcs_source=settings.datasets.uri(source),
-                           instances_format="jsonl", predictions_format="jsonl",
-                           gcs_destination_prefix=settings.dev.uri("batch-predictions"),
-                           model_parameters=parameters or {"confidenceThreshold": 0.0, "maxPredictions": 10},
-                           machine_type=machine_type, starting_replica_count=1, max_replica_count=max_replicas,
-                           service_account=settings.service_account, labels={"app": "fmnist-gcp"}, sync=False)
+    # `submit` returns once the job exists; `Model.batch_predict(sync=False)` would keep a thread polling until the
+    # job finishes, holding the Python process open for the job's whole run
+    return ai.BatchPredictionJob.submit(
+        job_display_name=f"{m.display_name}-batch", model_name=m, gcs_source=settings.datasets.uri(source),
+        instances_format="jsonl", predictions_format="jsonl", gcs_destination_prefix=settings.dev.uri("batch-predictions"),
+        model_parameters=parameters or {"confidenceThreshold": 0.0, "maxPredictions": 10},
+        machine_type=machine_type, starting_replica_count=1, max_replica_count=max_replicas,
+        service_account=settings.service_account, labels={"app": "fmnist-gcp"})

@@ -101,7 +101,6 @@ def test_batch_prediction_request(gapic):
     from fmnist_gcp.vertex_serving import batch_predict
     s = Settings.from_env(VERTEX_ENV)
     job = batch_predict(s, MODEL)
-    job.wait_for_resource_creation()  # sync=False: the SDK creates the job in a background thread
     req = gapic["create_batch_prediction_job"][0]
     j = req["batch_prediction_job"]
     assert req["parent"] == LOC and j.model == f"{MODEL}@1"
