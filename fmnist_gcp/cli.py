@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--run-id", help="run folder name (default: time stamp and profile)")
     ls = sub.add_parser("runs", help="list runs under the runs directory")
     ls.add_argument("--json", action="store_true", help="print the manifests as JSON")
+    ls.add_argument("--compare", nargs="*", metavar="RUN", help="headline figures side by side (default: the 5 newest runs)")
     sub.add_parser("data", help="find (or download) the Fashion-MNIST files and verify their sha256")
     sv = sub.add_parser("serve", help="serve a registered model over HTTP (Vertex custom-container contract)")
     sv.add_argument("--model", help="NAME, NAME@VERSION or NAME@ALIAS (default: fmnist-cnn@default; on Vertex, $AIP_STORAGE_URI)")
@@ -77,6 +78,12 @@ def _cmd_runs(a) -> int:
     from fmnist_gcp.pipeline import list_runs
     runs = list_runs(Settings.from_env().runs_dir)
     if a.json: print(json.dumps(runs, indent=2)); return 0
+    if a.compare is not None:
+        from fmnist_gcp.pipeline import compare_runs
+        chosen = [m for m in runs if m["run_id"] in a.compare] if a.compare else runs[:5]
+        missing = set(a.compare or []) - {m["run_id"] for m in chosen}
+        if missing: raise ValueError(f"no run {', '.join(sorted(missing))} under {Settings.from_env().runs_dir}; see `fmnist runs`")
+        print(compare_runs(chosen).to_string()); return 0
     if not runs: print("no runs yet: try `fmnist run --profile smoke`"); return 0
     print(f"{'run':<28} {'status':<11} {'profile':<8} {'seconds':>8}  stages")
     for m in runs:

@@ -32,6 +32,7 @@ ENV_VARS: dict[str, str] = {
     "FMNIST_DATA_DIR": "directory holding the four Fashion-MNIST IDX files (checked first)",
     "FMNIST_CACHE_DIR": "where downloaded IDX files are kept (default `~/.cache/fmnist-gcp`)",
     "FMNIST_RUNS_DIR": "where `fmnist run` writes executed notebooks and reports (default `./runs`)",
+    "FMNIST_NBS_DIR": "where `fmnist run` finds the stage notebooks (default: `nbs/` of this checkout)",
 }
 BACKENDS = ("local", "vertex")
 ROLES = ("dev", "datasets", "models")

@@ -155,7 +155,7 @@ def ensure_data(settings: Settings | None = None) -> dict[str, dict]:
     out = {}
     for key, (name, sha) in FILES.items():
         source, path = locate(key, settings)
-        read_verified(path, sha)
+        _load_key(key, str(path))  # verifies the hash; the parsed array stays cached for load_split
         out[key] = {"file": name, "source": source, "path": str(path), "sha256": sha}
     return out
 

@@ -19,9 +19,10 @@ from typing import Any, Callable
 from .config import Settings, write_bytes_atomic, recorded
 
 # %% auto #0
-__all__ = ['STAGES', 'PROFILES', 'PACKAGES', 'PipelineError', 'StageFailed', 'nbs_dir', 'resolve_stages', 'declared_parameters',
-           'coerce', 'parse_overrides', 'plan_run', 'package_versions', 'git_state', 'render_html', 'cell_seconds',
-           'execute_stage', 'run_page', 'list_runs', 'write_index', 'run_pipeline']
+__all__ = ['STAGES', 'PROFILES', 'PACKAGES', 'COMPARE_FIGURES', 'PipelineError', 'StageFailed', 'nbs_dir', 'resolve_stages',
+           'declared_parameters', 'coerce', 'parse_overrides', 'plan_run', 'package_versions', 'git_state',
+           'render_html', 'cell_seconds', 'execute_stage', 'run_page', 'list_runs', 'compare_runs', 'write_index',
+           'run_pipeline']
 
 # %% ../nbs/10_pipeline.ipynb #e84afd3e
 STAGES: list[str] = ["00_config", "01_data", "02_exploration", "03_statistics", "04_preprocessing", "07_training",
@@ -246,6 +247,22 @@ def list_runs(runs_dir: str | Path) -> list[dict]:
         try: out.append(json.loads(p.read_text()))
         except (OSError, ValueError): continue
     return sorted(out, key=lambda m: m.get("started", ""), reverse=True)
+
+COMPARE_FIGURES = [("evaluation", "accuracy"), ("evaluation", "au_prc"), ("evaluation", "macro_ap"),
+                   ("evaluation", "macro_roc_auc"), ("evaluation", "log_loss"), ("training", "train_minutes"),
+                   ("training", "epochs"), ("training", "params"), ("training", "val_accuracy"), ("serving", "p99_ms")]
+
+def compare_runs(manifests: list[dict]):
+    "A table of headline figures, one column per run (experiment comparison)."
+    import pandas as pd
+    cols = {}
+    for m in manifests:
+        figs = m.get("figures", {})
+        col = {"profile": m.get("profile"), "status": m.get("status"),
+               "widths": (figs.get("training", {}).get("config") or {}).get("widths")}
+        col.update({f"{st}.{k}": figs.get(st, {}).get(k) for st, k in COMPARE_FIGURES})
+        cols[m["run_id"]] = col
+    return pd.DataFrame(cols)
 
 def write_index(runs_dir: str | Path) -> Path:
     "Rewrite `runs_dir/index.html`, a table of all runs with links to their pages."

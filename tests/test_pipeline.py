@@ -67,6 +67,9 @@ def test_smoke_run_writes_reports_and_manifest(fmnist_env):
     assert "smoke1/index.html" in index
     listing = fmnist("runs", env=fmnist_env).stdout
     assert "smoke1" in listing and "03:ok" in listing
+    table = fmnist("runs", "--compare", "smoke1", env=fmnist_env).stdout
+    row = [l for l in table.splitlines() if l.startswith("evaluation.au_prc")]
+    assert row and float(row[0].split()[-1]) == pytest.approx(ev["au_prc"])
 
 
 def check_exports(ds: Path, norm: dict, params: dict):
