@@ -159,6 +159,12 @@ class Settings:
                    cache_dir=str(Path(get("FMNIST_CACHE_DIR") or "~/.cache/fmnist-gcp").expanduser()),
                    runs_dir=get("FMNIST_RUNS_DIR") or "runs")
 
+    def require_vertex(self, what: str) -> "Settings":
+        "These settings, or a ConfigError saying that `what` needs the vertex backend."
+        if self.backend != "vertex":
+            raise ConfigError(f"{what} needs FMNIST_BACKEND=vertex (with FMNIST_PROJECT and FMNIST_REGION)")
+        return self
+
     def store(self, role: str) -> Store:
         "The `dev`, `datasets` or `models` store."
         if role not in ROLES: raise ValueError(f"unknown store {role!r}; use one of {', '.join(ROLES)}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 
-from .config import ConfigError, Settings, Store
+from .config import Settings, Store
 
 # %% auto #0
 __all__ = ['ALIAS_RE', 'DEFAULT_MODEL', 'SERVING_ROUTES', 'RegistryError', 'check_alias', 'parse_ref', 'Registry', 'better',
@@ -123,8 +123,7 @@ def upload_to_vertex(settings: Settings, name: str, version: int,
                      ):
     "Upload a registered version to the Vertex AI Model Registry; returns the `aiplatform.Model`."
     from google.cloud import aiplatform
-    if settings.backend != "vertex":
-        raise ConfigError("uploading to Vertex AI needs FMNIST_BACKEND=vertex (with FMNIST_PROJECT and FMNIST_REGION)")
+    settings.require_vertex("Uploading to the Vertex AI Model Registry")
     reg = Registry(settings, name)
     rec = reg.versions.get(version) or reg.register(version)
     if aliases is None: aliases = tuple(a for a, v in reg.aliases.items() if v == version and a != "default")

@@ -15,8 +15,7 @@ __all__ = ['deploy', 'undeploy_and_delete', 'batch_predict']
 # %% ../nbs/09b_vertex_serving.ipynb #0fdfe7a2
 def _init(settings: Settings):
     from google.cloud import aiplatform
-    if settings.backend != "vertex":
-        raise ConfigError("Vertex AI serving needs FMNIST_BACKEND=vertex (with FMNIST_PROJECT and FMNIST_REGION)")
+    settings.require_vertex("Vertex AI serving")
     aiplatform.init(project=settings.project, location=settings.region)
     return aiplatform
 

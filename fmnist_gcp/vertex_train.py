@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 
-from .config import ConfigError, Settings
+from .config import Settings
 
 # %% auto #0
 __all__ = ['worker_pool_specs', 'job_name', 'submit_custom_job', 'experiment_run_name', 'ExperimentRun']
@@ -36,11 +36,6 @@ def worker_pool_specs(image_uri: str,  # training image, e.g. europe-docker.pkg.
     return [pool] + ([{**pool, "replica_count": workers}] if workers else [])
 
 # %% ../nbs/07b_vertex_train.ipynb #6b62acf2
-def _vertex_settings(settings: Settings) -> Settings:
-    if settings.backend != "vertex":
-        raise ConfigError("Vertex AI jobs need FMNIST_BACKEND=vertex (with FMNIST_PROJECT and FMNIST_REGION)")
-    return settings
-
 def job_name(prefix: str = "fmnist-train") -> str:
     "A display name with a UTC time stamp, valid for Vertex resources."
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
@@ -56,7 +51,7 @@ def submit_custom_job(settings: Settings,
                       ):
     "Submit the training container as a Vertex AI CustomJob; returns the `aiplatform.CustomJob`."
     from google.cloud import aiplatform
-    s = _vertex_settings(settings)
+    s = settings.require_vertex("Submitting a Vertex AI job")
     name = display_name or job_name()
     base = s.models.uri("custom-jobs", name)
     args = [*task_args, "--datasets-uri", s.datasets.root]
@@ -82,7 +77,7 @@ class ExperimentRun:
     "A Vertex AI Experiments run: params once, metrics per step, then end."
     def __init__(self, settings: Settings, experiment: str, run: str):
         from google.cloud import aiplatform
-        s = _vertex_settings(settings)
+        s = settings.require_vertex("Vertex AI Experiments")
         self._ai = aiplatform
         aiplatform.init(project=s.project, location=s.region, experiment=experiment, experiment_tensorboard=False)
         self.run = aiplatform.start_run(experiment_run_name(run), resume=False)

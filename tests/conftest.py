@@ -1,6 +1,5 @@
 """Shared fixtures: every test gets its own stores, runs directory and download cache."""
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -24,10 +23,18 @@ def fmnist_env(tmp_path, monkeypatch):
     return {**os.environ, **env}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fmnist_gcp.serve import free_port  # noqa: E402  (one helper for the package and the tests)
+
+VERTEX_ENV = {"FMNIST_BACKEND": "vertex", "FMNIST_PROJECT": "acme-ml", "FMNIST_REGION": "europe-west4",
+              "FMNIST_SERVICE_ACCOUNT": "fmnist@acme-ml.iam.gserviceaccount.com"}
+
+
+@pytest.fixture
+def anonymous(monkeypatch):
+    "google.auth.default returns anonymous credentials, as in the Vertex SDK's own tests."
+    import google.auth
+    from google.auth import credentials as auth_credentials
+    monkeypatch.setattr(google.auth, "default", lambda *a, **k: (auth_credentials.AnonymousCredentials(), "acme-ml"))
 
 
 @pytest.fixture(scope="session")

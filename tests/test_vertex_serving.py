@@ -2,26 +2,21 @@
 from unittest import mock
 
 import pytest
-from google.auth import credentials as auth_credentials
 
+from conftest import VERTEX_ENV
 from fmnist_gcp.config import Settings, Store
-
-VERTEX_ENV = {"FMNIST_BACKEND": "vertex", "FMNIST_PROJECT": "acme-ml", "FMNIST_REGION": "europe-west4",
-              "FMNIST_SERVICE_ACCOUNT": "server@acme-ml.iam.gserviceaccount.com"}
 LOC = "projects/acme-ml/locations/europe-west4"
 MODEL = f"{LOC}/models/456"
 ENDPOINT = f"{LOC}/endpoints/789"
 
 
 @pytest.fixture
-def gapic(monkeypatch, gcs_emulator):
+def gapic(monkeypatch, gcs_emulator, anonymous):
     "Anonymous credentials and fake model, endpoint and job service clients that record their requests."
-    import google.auth
     from google.cloud.aiplatform.compat.services import (endpoint_service_client, job_service_client,
                                                           model_service_client)
     from google.cloud.aiplatform.compat.types import (batch_prediction_job as gca_bpj, endpoint as gca_endpoint,
                                                        job_state, model as gca_model, model_service as gca_model_service)
-    monkeypatch.setattr(google.auth, "default", lambda *a, **k: (auth_credentials.AnonymousCredentials(), "acme-ml"))
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
     monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     calls = {}
@@ -90,7 +85,7 @@ def test_deploy_undeploy_delete_requests(gapic):
     assert d["endpoint"] == ENDPOINT and d["deployed_model"].model == f"{MODEL}@1"  # the version the SDK resolved
     res = d["deployed_model"].dedicated_resources
     assert (res.machine_spec.machine_type, res.min_replica_count, res.max_replica_count) == ("n1-standard-4", 1, 3)
-    assert d["deployed_model"].service_account == "server@acme-ml.iam.gserviceaccount.com"
+    assert d["deployed_model"].service_account == VERTEX_ENV["FMNIST_SERVICE_ACCOUNT"]
     assert d["traffic_split"] == {"0": 100}
     undeploy_and_delete(s, ENDPOINT)
     assert gapic["undeploy_model"][0]["endpoint"] == ENDPOINT and gapic["undeploy_model"][0]["deployed_model_id"] == "1"

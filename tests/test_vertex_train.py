@@ -2,19 +2,9 @@
 from unittest import mock
 
 import pytest
-from google.auth import credentials as auth_credentials
 
+from conftest import VERTEX_ENV
 from fmnist_gcp.config import ConfigError, Settings
-
-VERTEX_ENV = {"FMNIST_BACKEND": "vertex", "FMNIST_PROJECT": "acme-ml", "FMNIST_REGION": "europe-west4",
-              "FMNIST_SERVICE_ACCOUNT": "trainer@acme-ml.iam.gserviceaccount.com"}
-
-
-@pytest.fixture
-def anonymous(monkeypatch):
-    "google.auth.default returns anonymous credentials, as in the SDK's own tests."
-    import google.auth
-    monkeypatch.setattr(google.auth, "default", lambda *a, **k: (auth_credentials.AnonymousCredentials(), "acme-ml"))
 
 
 def _create_custom_job_patch():
@@ -42,7 +32,7 @@ def test_custom_job_request_has_pools_image_args_env_and_output_dir(anonymous):
     assert req.display_name == "fmnist-train-test" and req.labels["app"] == "fmnist-gcp"
     spec = req.job_spec
     assert spec.base_output_directory.output_uri_prefix == "gs://acme-ml-fmnist-models/custom-jobs/fmnist-train-test"
-    assert spec.service_account == "trainer@acme-ml.iam.gserviceaccount.com"
+    assert spec.service_account == VERTEX_ENV["FMNIST_SERVICE_ACCOUNT"]
     pools = spec.worker_pool_specs
     assert [p.replica_count for p in pools] == [1, 2]
     for p in pools:
