@@ -31,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--precision", default="mixed_bfloat16", choices=["float32", "mixed_bfloat16"])
     p.add_argument("--no-tta-flip", dest="tta_flip", action="store_false", help="no mirror averaging in the exported model")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false", help="no temperature fitted on the validation split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="TensorFlow op determinism")
     p.add_argument("--max-train-images", type=int, default=0, help="use the first N training images (0 for all)")
@@ -97,9 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     result = {"history": history, "train_seconds": round(seconds, 2), "replicas": strategy.num_replicas_in_sync,
               "final": history[-1] if history else {}}
     if chief:
+        from fmnist_gcp.train import fit_temperature, predict, serving_model
+        temperature = fit_temperature(predict(serving_model(model, cfg.tta_flip), x_va), y_va) if a.calibrate and len(y_va) else 1.0
         export_model(model, cfg, {"data_sha256": data_sha256(), "normalisation": norm, "history": history,
                                   "train_seconds": round(seconds, 1), "train_images": len(x_tr)},
-                     Store("models", a.model_dir))
+                     Store("models", a.model_dir), temperature=temperature)
         print(f"task: model written to {a.model_dir}", flush=True)
     if tracker: tracker.log_metrics({"val_accuracy": history[-1]["val_accuracy"]}); tracker.end()
     if a.metrics_file:

@@ -20,8 +20,9 @@ from .config import Settings, Store, filesystem, import_keras, import_tensorflow
 from .preprocess import Augment, augment_batch, epoch_batches
 
 # %% auto #0
-__all__ = ['TrainConfig', 'build_model', 'serving_model', 'load_model', 'one_cycle', 'make_optimizer', 'CheckpointMismatch',
-           'Checkpoints', 'is_chief', 'predict', 'fit', 'model_versions', 'resolve_version', 'export_model']
+__all__ = ['TrainConfig', 'build_model', 'serving_model', 'load_model', 'soften', 'fit_temperature', 'one_cycle',
+           'make_optimizer', 'CheckpointMismatch', 'Checkpoints', 'is_chief', 'predict', 'fit', 'model_versions',
+           'resolve_version', 'export_model']
 
 # %% ../nbs/07_training.ipynb #833f9af4
 @dataclass(frozen=True)
@@ -81,17 +82,30 @@ def _register():
         def call(self, x): return keras.ops.flip(x, axis=2)
     return MirrorImage
 
-def serving_model(model, tta_flip: bool = True):
-    "`model`, or the average of `model` on the image and on its mirror."
-    if not tta_flip: return model
+def serving_model(model, tta_flip: bool = True, temperature: float = 1.0):
+    "`model`, optionally averaged with its prediction on the mirrored image, then softened by `temperature`."
+    if not tta_flip and temperature == 1.0: return model
     keras = import_keras(); from keras import layers
     inp = keras.Input((28, 28), name="pixels")
-    out = layers.Average(name="probs_tta")([model(inp), model(_register()(name="mirror")(inp))])
-    return keras.Model(inp, out, name=f"{model.name}_tta")
+    out = layers.Average(name="probs_tta")([model(inp), model(_register()(name="mirror")(inp))]) if tta_flip else model(inp)
+    if temperature != 1.0: out = _temperature_layer()(temperature, name="temperature")(out)
+    return keras.Model(inp, out, name=f"{model.name}_serving")
+
+def _temperature_layer():
+    keras = import_keras()
+    @keras.saving.register_keras_serializable(package="fmnist_gcp")
+    class Temperature(keras.layers.Layer):
+        "Probabilities p -> softmax(log(p) / T): the same as dividing the logits by T."
+        def __init__(self, temperature: float = 1.0, **kw):
+            super().__init__(**kw); self.temperature = float(temperature)
+        def call(self, p):
+            return keras.ops.softmax(keras.ops.log(keras.ops.clip(p, 1e-12, 1.0)) / self.temperature, axis=-1)
+        def get_config(self): return {**super().get_config(), "temperature": self.temperature}
+    return Temperature
 
 def load_model(path: str):
     "Load a saved `.keras` model (local path or URI) with safe deserialisation."
-    keras = import_keras(); _register()
+    keras = import_keras(); _register(); _temperature_layer()
     if not is_local(path):
         import tempfile
         fs, p = filesystem(path)
@@ -99,6 +113,23 @@ def load_model(path: str):
     return keras.saving.load_model(path, safe_mode=True)
 
 # %% ../nbs/07_training.ipynb #ac214903
+def soften(p: np.ndarray, temperature: float) -> np.ndarray:
+    "Probabilities `p` (n, k) with their logits divided by `temperature`."
+    z = np.log(np.clip(p, 1e-12, 1.0)) / temperature
+    z -= z.max(1, keepdims=True); e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+def fit_temperature(p_val: np.ndarray, y_val: np.ndarray, lo: float = 0.25, hi: float = 8.0) -> float:
+    "The temperature in [lo, hi] that minimises the log loss of `p_val` (golden-section search in log T)."
+    nll = lambda lt: -float(np.mean(np.log(np.clip(soften(p_val, math.exp(lt))[np.arange(len(y_val)), y_val], 1e-12, 1))))
+    a, b, g = math.log(lo), math.log(hi), (math.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    for _ in range(60):
+        if nll(c) < nll(d): b, d = d, c; c = b - g * (b - a)
+        else: a, c = c, d; d = a + g * (b - a)
+    return round(math.exp((a + b) / 2), 4)
+
+# %% ../nbs/07_training.ipynb #62a90a6d
 def one_cycle(step, total_steps: int, peak: float, warmup_frac: float):
     "Learning rate at `step` (a number or a backend tensor)."
     keras = import_keras(); ops = keras.ops
@@ -117,7 +148,7 @@ def make_optimizer(cfg: TrainConfig, total_steps: int):
         def get_config(self): return {}
     return keras.optimizers.AdamW(OneCycle(), weight_decay=cfg.weight_decay)
 
-# %% ../nbs/07_training.ipynb #62a90a6d
+# %% ../nbs/07_training.ipynb #2152bcc9
 class CheckpointMismatch(ValueError):
     "The checkpoint directory holds a checkpoint of a different configuration."
 
@@ -144,7 +175,7 @@ class Checkpoints:
         for i, v in enumerate(optimizer.variables): v.assign(z[f"o{i}"])
         return meta["epoch"], meta["history"]
 
-# %% ../nbs/07_training.ipynb #1c041488
+# %% ../nbs/07_training.ipynb #0a754123
 def is_chief(tf_config: str | None = None) -> bool:
     "True in a single process, for the 'chief' task, and for worker 0 of a cluster that has no 'chief' task."
     conf = json.loads((tf_config if tf_config is not None else os.environ.get("TF_CONFIG")) or "{}")
@@ -219,7 +250,7 @@ def fit(cfg: TrainConfig, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, 
         if on_epoch: on_epoch(h)
     return model, history
 
-# %% ../nbs/07_training.ipynb #7da9a34d
+# %% ../nbs/07_training.ipynb #15c1e138
 def model_versions(settings: Settings, name: str) -> list[int]:
     "Complete versions of model `name` in the models store, ascending."
     m = settings.models
@@ -239,18 +270,19 @@ def _upload_dir(local: str, dest: Store, prefix: str) -> None:
             rel = os.path.relpath(os.path.join(root, f), local).replace(os.sep, "/")
             with open(os.path.join(root, f), "rb") as fh: dest.write_bytes(f"{prefix}/{rel}", fh.read())
 
-def export_model(model, cfg: TrainConfig, metadata: dict, dest: Store, saved_model: bool = False) -> str:
-    "Write the serving model and its metadata into `dest` (a model version folder); returns its URI."
+def export_model(model, cfg: TrainConfig, metadata: dict, dest: Store, saved_model: bool = False,
+                 temperature: float = 1.0) -> str:
+    "Write the serving model (mirror averaging, temperature) and its metadata into `dest`; returns its URI."
     import tempfile
     keras = import_keras()
-    served = serving_model(model, cfg.tta_flip)
+    served = serving_model(model, cfg.tta_flip, temperature)
     with tempfile.TemporaryDirectory() as tmp:
         served.save(os.path.join(tmp, "model.keras"))
         with open(os.path.join(tmp, "model.keras"), "rb") as fh: dest.write_bytes("model.keras", fh.read())
         if saved_model:
             served.export(os.path.join(tmp, "saved_model"), verbose=False)
             _upload_dir(os.path.join(tmp, "saved_model"), dest, "saved_model")
-    dest.write_json("metadata.json", {**metadata, "config": cfg.to_dict(), "params": int(model.count_params()),
+    dest.write_json("metadata.json", {**metadata, "config": cfg.to_dict(), "params": int(model.count_params()), "temperature": temperature,
                                       "keras": keras.__version__, "backend": keras.backend.backend(),
                                       "input": "raw pixels, float32 (n, 28, 28) in 0-255", "output": "probabilities (n, 10)"})
     return dest.root
