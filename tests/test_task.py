@@ -51,6 +51,7 @@ def test_task_learns_and_writes_the_model(datasets, tmp_path):
     assert len(h) == 3 and h[-1]["loss"] < h[0]["loss"] and h[-1]["val_accuracy"] > 0.5, h
     meta = json.loads((tmp_path / "model/metadata.json").read_text())
     assert meta["normalisation"] == {"mean": 0.286, "std": 0.353} and meta["config"]["widths"] == [8, 16]
+    assert 0.25 <= meta["temperature"] <= 8  # fitted on the validation split and built into the model
     assert (tmp_path / "model/model.keras").stat().st_size > 0
     assert json.loads((tmp_path / "ckpt/state.json").read_text())["epoch"] == 3
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
