@@ -120,6 +120,7 @@ def create_app(load,  # callable returning a Predictor (called once, in a backgr
                deployed_model_id: str | None = None, max_instances: int = MAX_INSTANCES):
     "FastAPI app serving the Vertex custom-container contract."
     from fastapi import FastAPI
+    from starlette.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
     from contextlib import asynccontextmanager
     health_route = health_route or os.environ.get("AIP_HEALTH_ROUTE", "/health")
@@ -161,7 +162,7 @@ def create_app(load,  # callable returning a Predictor (called once, in a backgr
         try: x, params = parse_request(body, max_instances)
         except InstanceError as e:
             return error(413 if "limit is" in str(e) else 400, str(e), e.index)
-        probs = p(x)
+        probs = await run_in_threadpool(p, x)  # keep the event loop free (health checks) while the model runs
         return {"predictions": [format_prediction(pr, **params) for pr in probs], "deployedModelId": deployed,
                 "model": p.name, "modelVersionId": p.version}
 
@@ -242,8 +243,9 @@ def predict_jsonl(predictor, input_uri: str, output_uri: str, batch_size: int = 
     from fmnist_gcp.config import filesystem, is_local, write_bytes_atomic
     params = {**DEFAULT_PARAMETERS, **(parameters or {})}
     fs_in, p_in = filesystem(input_uri)
+    import shutil, tempfile
     out_local = Path(output_uri) if is_local(output_uri) else None
-    tmp_dir = out_local.parent if out_local else Path(__import__("tempfile").mkdtemp())
+    tmp_dir = out_local.parent if out_local else Path(tempfile.mkdtemp())
     tmp_dir.mkdir(parents=True, exist_ok=True)
     tmp = tmp_dir / f".{Path(output_uri).name}.tmp-{secrets.token_hex(4)}"
     errors, n_ok, batch = [], 0, []
@@ -269,6 +271,7 @@ def predict_jsonl(predictor, input_uri: str, output_uri: str, batch_size: int = 
         else: write_bytes_atomic(output_uri, tmp.read_bytes())
     finally:
         if tmp.exists(): tmp.unlink()
+        if not out_local: shutil.rmtree(tmp_dir, ignore_errors=True)
     err_uri = output_uri + ".errors.jsonl"
     if errors: write_bytes_atomic(err_uri, "".join(json.dumps(e) + "\n" for e in errors).encode())
     return {"predictions": n_ok, "errors": len(errors), "output": output_uri, **({"errors_file": err_uri} if errors else {})}

@@ -151,3 +151,19 @@ def test_batch_prediction_round_trip_through_the_cli(trained, tmp_path):
     assert [int(l["prediction"]["ids"][0]) for l in lines] == list(want.argmax(1))
     assert json.loads((tmp_path / "out.jsonl.errors.jsonl").read_text())["line"] == 301
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl", "out.jsonl.errors.jsonl"]
+
+
+def test_batch_prediction_writes_to_gcs(gcs_emulator, monkeypatch, tmp_path):
+    from fmnist_gcp.config import Store
+    from fmnist_gcp.serve import predict_jsonl
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    class OneHot:  # stands in for the model: always class 9
+        def __call__(self, x): return np.eye(10)[np.full(len(x), 9)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps([[i] * 28] * 28) + "\n" for i in range(5)))
+    res = predict_jsonl(OneHot(), str(src), "gs://fmnist-test/batch/out.jsonl", batch_size=2, progress=False)
+    lines = Store("dev", "gs://fmnist-test/batch").read_text("out.jsonl").splitlines()
+    assert res == {"predictions": 5, "errors": 0, "output": "gs://fmnist-test/batch/out.jsonl"} and len(lines) == 5
+    assert json.loads(lines[3])["prediction"]["displayNames"] == ["Ankle_boot"]
+    assert json.loads(lines[3])["instance"][0][0] == 3
