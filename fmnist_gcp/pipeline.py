@@ -171,34 +171,34 @@ def git_state(path: Path) -> dict[str, Any]:
         return {"sha": None, "dirty": None}
 
 # %% ../nbs/10_pipeline.ipynb #09104c5c
-def render_html(ipynb: Path, html: Path) -> Path:
-    "Render executed notebook `ipynb` to a standalone HTML page at `html` (written atomically)."
-    import nbformat
+def render_html(nb, html: Path) -> Path:
+    "Render an executed notebook node to a standalone HTML page at `html` (written atomically)."
     from nbconvert import HTMLExporter
-    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nbformat.read(ipynb, 4))
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
     write_bytes_atomic(str(html), body.encode())
     return html
 
-def cell_seconds(ipynb: Path) -> float:
-    "Sum of the cells' execution times recorded by papermill."
-    import nbformat
-    nb = nbformat.read(ipynb, 4)
+def cell_seconds(nb) -> float:
+    "Sum of the cells' execution times papermill recorded in an executed notebook node."
     return float(sum((c.metadata.get("papermill", {}).get("duration") or 0) for c in nb.cells))
 
 def execute_stage(step: dict, run_dir: Path, cwd: Path) -> dict:
     "Run one planned stage with papermill; returns its manifest entry (status, seconds, paths, error)."
     import papermill as pm
     out, html = run_dir / f"{step['stage']}.ipynb", run_dir / f"{step['stage']}.html"
-    t0, error = time.perf_counter(), None
+    t0, error, nb = time.perf_counter(), None, None
     try:
-        pm.execute_notebook(str(step["notebook"]), str(out), parameters=step["params"], kernel_name="python3",
-                            progress_bar=False, cwd=str(cwd), log_output=False,
-                            extra_arguments=["--IPKernelApp.log_level=ERROR"])  # no TCP-encryption warning
+        nb = pm.execute_notebook(str(step["notebook"]), str(out), parameters=step["params"], kernel_name="python3",
+                                 progress_bar=False, cwd=str(cwd), log_output=False,
+                                 extra_arguments=["--IPKernelApp.log_level=ERROR"])  # no TCP-encryption warning
     except Exception as e:  # papermill's execution error, or a kernel that died
         error = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
+        if out.exists():  # the notebook as far as it ran, error included
+            import nbformat
+            nb = nbformat.read(out, 4)
     seconds = time.perf_counter() - t0
-    cells = cell_seconds(out) if out.exists() else 0.0
-    if out.exists(): render_html(out, html)
+    cells = cell_seconds(nb) if nb is not None else 0.0
+    if nb is not None: render_html(nb, html)
     return {"stage": step["stage"], "status": "failed" if error else "ok", "seconds": round(seconds, 2),
             "cell_seconds": round(cells, 2), "overhead_seconds": round(seconds - cells, 2),
             "params": step["params"], "notebook": out.name, "report": html.name if html.exists() else None,
@@ -325,6 +325,6 @@ def run_pipeline(profile: str = "quick",  # smoke | quick | full
         m["stages"] += [{"stage": s["stage"], "status": "skipped", "params": s["params"]} for s in plan[len(m["stages"]):]]
         _write_run(m, run_dir, settings)
     if m["status"] == "failed":
-        bad = m["stages"][len([s for s in m["stages"] if s["status"] == "ok"])]
+        bad = next(s for s in m["stages"] if s["status"] == "failed")
         raise StageFailed(bad["stage"], run_dir / (bad.get("report") or "index.html"), bad["error"])
     return m
