@@ -30,7 +30,7 @@ def main():
     a = ap.parse_args()
     import httpx
     from fmnist_gcp.data import load_split
-    from fmnist_gcp.serve import BackgroundServer, Predictor, create_app, model_source
+    from fmnist_gcp.serving import BackgroundServer, Predictor, create_app, model_source
     uri, name, version = model_source(a.model)
     pred = Predictor(uri, name, version)
     x, _ = load_split("test", limit=max(a.batch, 256))

@@ -3,7 +3,7 @@
 
 Measured in one run, on the same machine, with medians over repeats (the machines are shared and noisy):
   1. the matmul peak: median FLOP/s of square matmuls in float32 and in bfloat16 (TensorFlow, all cores);
-  2. training: median images/s of the real training step (`fmnist_gcp.train.fit`'s loop, one epoch at a time)
+  2. training: median images/s of the real training step (`fmnist_gcp.training.fit`'s loop, one epoch at a time)
      for each precision, and the achieved FLOP/s = images/s x (3 x forward FLOPs per image).
 Forward FLOPs are counted from the layer shapes (2 x multiply-adds of every conv and dense layer).
 
@@ -53,8 +53,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="timed epochs per precision (after one warm-up)")
     a = ap.parse_args()
     from fmnist_gcp.config import import_tensorflow
-    from fmnist_gcp.preprocess import Augment
-    from fmnist_gcp.train import TrainConfig, build_model, fit
+    from fmnist_gcp.preprocessing import Augment
+    from fmnist_gcp.training import TrainConfig, build_model, fit
     tf = import_tensorflow()
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (a.images, 28, 28), dtype=np.uint8); y = rng.integers(0, 10, a.images)

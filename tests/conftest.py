@@ -23,7 +23,7 @@ def fmnist_env(tmp_path, monkeypatch):
     return {**os.environ, **env}
 
 
-from fmnist_gcp.serve import free_port  # noqa: E402  (one helper for the package and the tests)
+from fmnist_gcp.serving import free_port  # noqa: E402  (one helper for the package and the tests)
 
 VERTEX_ENV = {"FMNIST_BACKEND": "vertex", "FMNIST_PROJECT": "acme-ml", "FMNIST_REGION": "europe-west4",
               "FMNIST_SERVICE_ACCOUNT": "fmnist@acme-ml.iam.gserviceaccount.com"}

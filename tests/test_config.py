@@ -52,7 +52,7 @@ def test_gcs_round_trip_through_the_store_layer(gcs_emulator, monkeypatch):
 
 def test_tfrecord_export_round_trips_through_gcs(gcs_emulator, monkeypatch):
     import numpy as np
-    from fmnist_gcp.preprocess import TFRECORD_DIR, export_tfrecords, load_tfrecords
+    from fmnist_gcp.preprocessing import TFRECORD_DIR, export_tfrecords, load_tfrecords
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
     monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     s = Settings.from_env({"FMNIST_BACKEND": "vertex", "FMNIST_PROJECT": "acme-ml", "FMNIST_REGION": "us-central1",

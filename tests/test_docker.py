@@ -12,7 +12,7 @@ def stage_lines(target: str) -> list[str]:
 
 
 def test_train_image_runs_the_task_module_the_custom_job_names():
-    from fmnist_gcp.vertex_train import worker_pool_specs
+    from fmnist_gcp.vertex_training import worker_pool_specs
     entry = [l for l in stage_lines("train") if l.startswith("ENTRYPOINT")]
     assert entry == ['ENTRYPOINT ["python", "-m", "fmnist_gcp.task"]']
     assert worker_pool_specs("img", [])[0]["container_spec"]["command"] == ["python", "-m", "fmnist_gcp.task"]
@@ -32,6 +32,6 @@ def test_serve_image_runs_fmnist_serve_on_all_interfaces_with_the_registry_route
 
 
 def test_serve_reads_the_model_from_aip_storage_uri(monkeypatch, tmp_path):
-    from fmnist_gcp.serve import model_source
+    from fmnist_gcp.serving import model_source
     monkeypatch.setenv("AIP_STORAGE_URI", "gs://bucket/model/")
     assert model_source() == ("gs://bucket/model/model.keras", "fmnist-cnn", "vertex")

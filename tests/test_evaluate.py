@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, log_loss, roc_auc_score
 
-from fmnist_gcp.evaluate import (VERTEX_THRESHOLDS, classification_metrics, confusion, expected_calibration_error,
+from fmnist_gcp.evaluation import (VERTEX_THRESHOLDS, classification_metrics, confusion, expected_calibration_error,
                                  per_class_report, vertex_au_prc)
 
 

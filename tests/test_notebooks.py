@@ -28,8 +28,8 @@ def shared_env(tmp_path_factory):
 def test_notebooks_were_found():
     # nbdev-test exits 0 with "No files were eligible for testing"; an empty glob must fail here instead.
     names = {p.stem for p in NOTEBOOKS}
-    assert {"00_config", "01_data", "02_exploration", "03_statistics", "04_preprocessing", "07_training", "07a_task",
-            "07b_vertex_train", "08_evaluation", "10_pipeline", "10a_cli"} <= names, names
+    assert {"00_config", "01_data", "02_exploration", "03_statistics", "04_preprocessing", "07_training", "task",
+            "vertex_training", "08_evaluation", "pipeline", "cli"} <= names, names
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -10,7 +10,7 @@ import pytest
 from conftest import BIN, NBS, ROOT
 
 STAGES = ["00_config", "01_data", "02_exploration", "03_statistics", "04_preprocessing", "07_training", "08_evaluation",
-          "09_registry", "09a_serve"]
+          "09_registry", "09a_serving"]
 
 
 def fmnist(*args, env, check=True):
@@ -76,7 +76,7 @@ def check_exports(ds: Path, norm: dict, params: dict):
     "The preprocessing stage's exports agree with the real data and with the statistics stage."
     import numpy as np
     from fmnist_gcp.data import load_split, train_val_split
-    from fmnist_gcp.preprocess import AUTOML_LABEL_RE, AUTOML_LABELS, load_tfrecords, read_preprocessing
+    from fmnist_gcp.preprocessing import AUTOML_LABEL_RE, AUTOML_LABELS, load_tfrecords, read_preprocessing
     n = params["max_images"]
     pre_norm, aug = read_preprocessing()
     assert pre_norm == {"mean": norm["mean"], "std": norm["std"]}  # read from statistics, not recomputed

@@ -18,9 +18,9 @@ def trained(tmp_path_factory):
     "A small model trained on 3,000 real training images, exported and registered in a scratch models store."
     from fmnist_gcp.config import Settings, Store
     from fmnist_gcp.data import load_split
-    from fmnist_gcp.preprocess import Augment
+    from fmnist_gcp.preprocessing import Augment
     from fmnist_gcp.registry import Registry
-    from fmnist_gcp.train import TrainConfig, export_model, fit
+    from fmnist_gcp.training import TrainConfig, export_model, fit
     home = tmp_path_factory.mktemp("serve-home")
     s = Settings.from_env({"FMNIST_HOME": str(home)})
     x, y = load_split("train", limit=3000)
@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(trained):
-    from fmnist_gcp.serve import BackgroundServer, Predictor, create_app, model_source
+    from fmnist_gcp.serving import BackgroundServer, Predictor, create_app, model_source
     s, _ = trained
     uri, name, version = model_source("fmnist-cnn@default", s)
     gate = threading.Event()
@@ -63,8 +63,8 @@ def test_health_is_503_until_the_model_is_loaded(server):
 
 def test_both_instance_formats_agree_with_the_model(server, trained):
     from fmnist_gcp.data import load_split
-    from fmnist_gcp.preprocess import AUTOML_LABELS, png_bytes
-    from fmnist_gcp.train import load_model, predict
+    from fmnist_gcp.preprocessing import AUTOML_LABELS, png_bytes
+    from fmnist_gcp.training import load_model, predict
     srv, _, _, uri = server
     x, y = load_split("test", limit=20)
     want = predict(load_model(uri), x)
@@ -135,7 +135,7 @@ def test_registry_versions_aliases_and_promotion(trained):
 
 def test_batch_prediction_round_trip_through_the_cli(trained, tmp_path):
     from fmnist_gcp.data import load_split
-    from fmnist_gcp.train import load_model, predict
+    from fmnist_gcp.training import load_model, predict
     s, home = trained
     x, _ = load_split("test", limit=300)
     src = tmp_path / "in.jsonl"
@@ -155,7 +155,7 @@ def test_batch_prediction_round_trip_through_the_cli(trained, tmp_path):
 
 def test_batch_prediction_writes_to_gcs(gcs_emulator, monkeypatch, tmp_path):
     from fmnist_gcp.config import Store
-    from fmnist_gcp.serve import predict_jsonl
+    from fmnist_gcp.serving import predict_jsonl
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
     monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     class OneHot:  # stands in for the model: always class 9

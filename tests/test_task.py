@@ -20,7 +20,7 @@ def datasets(fmnist_env, tmp_path):
     "A datasets store with TFRecord exports of small slices of the real data and a preprocessing record."
     from fmnist_gcp.config import Settings
     from fmnist_gcp.data import load_split, train_val_split
-    from fmnist_gcp.preprocess import TFRECORD_DIR, Augment, export_tfrecords, write_preprocessing
+    from fmnist_gcp.preprocessing import TFRECORD_DIR, Augment, export_tfrecords, write_preprocessing
     s = Settings.from_env()
     x, y = load_split("train")
     tr, va = train_val_split(y, 0.1, 42)
@@ -56,8 +56,8 @@ def test_task_learns_and_writes_the_model(datasets, tmp_path):
     assert json.loads((tmp_path / "ckpt/state.json").read_text())["epoch"] == 3
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     # the exported model takes raw pixels and agrees with the validation accuracy the task reported
-    from fmnist_gcp.preprocess import load_tfrecords
-    from fmnist_gcp.train import load_model, predict
+    from fmnist_gcp.preprocessing import load_tfrecords
+    from fmnist_gcp.training import load_model, predict
     x, y, _ = load_tfrecords("val")
     acc = float((predict(load_model(str(tmp_path / "model/model.keras")), x).argmax(1) == y).mean())
     assert acc > 0.5

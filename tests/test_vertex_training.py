@@ -19,7 +19,7 @@ def _create_custom_job_patch():
 
 
 def test_custom_job_request_has_pools_image_args_env_and_output_dir(anonymous):
-    from fmnist_gcp.vertex_train import submit_custom_job
+    from fmnist_gcp.vertex_training import submit_custom_job
     s = Settings.from_env(VERTEX_ENV)
     with _create_custom_job_patch() as create:
         job = submit_custom_job(s, "europe-docker.pkg.dev/acme-ml/fmnist/train:1", ["--epochs", "30", "--widths", "64,128,256"],
@@ -48,7 +48,7 @@ def test_custom_job_request_has_pools_image_args_env_and_output_dir(anonymous):
 
 
 def test_single_machine_job_has_one_pool(anonymous):
-    from fmnist_gcp.vertex_train import submit_custom_job
+    from fmnist_gcp.vertex_training import submit_custom_job
     with _create_custom_job_patch() as create:
         submit_custom_job(Settings.from_env(VERTEX_ENV), "img:1", ["--epochs", "1"])
     req = create.call_args.kwargs["custom_job"]
@@ -57,7 +57,7 @@ def test_single_machine_job_has_one_pool(anonymous):
 
 
 def test_vertex_job_needs_vertex_backend():
-    from fmnist_gcp.vertex_train import submit_custom_job
+    from fmnist_gcp.vertex_training import submit_custom_job
     with pytest.raises(ConfigError, match="FMNIST_BACKEND=vertex"):
         submit_custom_job(Settings.from_env({}), "img", [])
 
@@ -66,7 +66,7 @@ def test_experiment_run_calls_the_documented_sdk_api(anonymous):
     # Experiments go through many metadata-service calls; here the SDK's public functions are patched and the
     # arguments our wrapper passes are checked (the gapic-level check is the CustomJob test above).
     from google.cloud import aiplatform
-    from fmnist_gcp.vertex_train import ExperimentRun
+    from fmnist_gcp.vertex_training import ExperimentRun
     names = ["init", "start_run", "log_params", "log_metrics", "end_run"]
     with mock.patch.multiple(aiplatform, **{n: mock.DEFAULT for n in names}) as m:
         run = ExperimentRun(Settings.from_env(VERTEX_ENV), "fmnist-custom", "20261126-093000_Quick")

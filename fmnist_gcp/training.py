@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from .config import Settings, Store, filesystem, import_keras, import_tensorflow, is_local
-from .preprocess import Augment, augment_batch, epoch_batches
+from .preprocessing import Augment, augment_batch, epoch_batches
 
 # %% auto #0
 __all__ = ['TrainConfig', 'build_model', 'serving_model', 'load_model', 'soften', 'fit_temperature', 'one_cycle',
