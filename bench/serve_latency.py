@@ -6,8 +6,10 @@
   3. load: N concurrent clients for a fixed time (loopback only, bounded), counting errors.
 Targets on 2 cores: p99 <= 15 ms for one image, >= 2,000 images/s batched, 0 errors under load.
 
-    .venv/bin/python bench/serve_latency.py                       # the registry's fmnist-cnn@default
+    .venv/bin/python bench/serve_latency.py                       # the registry's default version of the custom model
     .venv/bin/python bench/serve_latency.py --model fmnist-cnn@champion --clients 8 --seconds 20
+
+Requests are timed with `serving.request_latency`, the function the serving stage's report uses.
 """
 from __future__ import annotations
 
@@ -16,13 +18,15 @@ import json
 import statistics
 import threading
 import time
+from http import HTTPStatus
 
 import numpy as np
 
 
 def main():
+    from fmnist_gcp.config import DEFAULT_MODEL
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="fmnist-cnn@default")
+    ap.add_argument("--model", default=f"{DEFAULT_MODEL}@default")
     ap.add_argument("--requests", type=int, default=500, help="sequential 1-image requests")
     ap.add_argument("--batch", type=int, default=128, help="images per batched request")
     ap.add_argument("--clients", type=int, default=4, help="concurrent clients in the load run")
@@ -30,18 +34,19 @@ def main():
     a = ap.parse_args()
     import httpx
     from fmnist_gcp.data import load_split
-    from fmnist_gcp.serving import BackgroundServer, Predictor, create_app, model_source
+    from fmnist_gcp.serving import SERVING_CONTRACT, BackgroundServer, Predictor, create_app, model_source, request_latency
     uri, name, version = model_source(a.model)
     pred = Predictor(uri, name, version)
     x, _ = load_split("test", limit=max(a.batch, 256))
 
-    def timed(f, n):
+    def timed(f, n):  # the in-process floor: the same loop as request_latency, without the HTTP round trip
         ts = []
         for _ in range(n):
             t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
         return ts
     floor1 = timed(lambda: pred(x[:1]), 200)
     floorb = timed(lambda: pred(x[:a.batch]), 30)
+    route = SERVING_CONTRACT.predict_route
 
     with BackgroundServer(create_app(lambda: pred)) as srv:
         srv.wait_ready()
@@ -49,15 +54,15 @@ def main():
         one = json.dumps({"instances": [x[0].tolist()]}).encode()
         many = json.dumps({"instances": [im.tolist() for im in x[:a.batch]]}).encode()
         h = {"content-type": "application/json"}
-        for _ in range(20): c.post("/predict", content=one, headers=h)  # warm-up
-        lat = timed(lambda: c.post("/predict", content=one, headers=h).raise_for_status(), a.requests)
-        bat = timed(lambda: c.post("/predict", content=many, headers=h).raise_for_status(), 30)
+        request_latency(c, one, 20)  # warm-up
+        lat = request_latency(c, one, a.requests)
+        bat = request_latency(c, many, 30)
 
         stop, counts, lock = time.time() + a.seconds, {"ok": 0, "errors": 0}, threading.Lock()
         def client():
             with httpx.Client(base_url=srv.url, timeout=30) as cc:
                 while time.time() < stop:
-                    try: ok = cc.post("/predict", content=one, headers=h).status_code == 200
+                    try: ok = cc.post(route, content=one, headers=h).status_code == HTTPStatus.OK
                     except httpx.HTTPError: ok = False
                     with lock: counts["ok" if ok else "errors"] += 1
         threads = [threading.Thread(target=client) for _ in range(a.clients)]

@@ -7,8 +7,8 @@ Measured in one run, on the same machine, with medians over repeats (the machine
      for each precision, and the achieved FLOP/s = images/s x (3 x forward FLOPs per image).
 Forward FLOPs are counted from the layer shapes (2 x multiply-adds of every conv and dense layer).
 
-    .venv/bin/python bench/train_throughput.py                   # the quick profile's model
-    .venv/bin/python bench/train_throughput.py --widths 64,128,256  # the full profile's model
+    .venv/bin/python bench/train_throughput.py                   # the quick recipe's model (TrainConfig's defaults)
+    .venv/bin/python bench/train_throughput.py --widths 64,128,256 --batch-size 128  # the full recipe's model
 """
 from __future__ import annotations
 
@@ -46,32 +46,32 @@ def matmul_peak(tf, dtype, n=2048, repeats=7) -> float:
 
 
 def main():
+    from fmnist_gcp.training import TrainConfig, build_model, fit, parse_widths
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--widths", default="32,64,128")
-    ap.add_argument("--convs", type=int, default=2)
+    ap.add_argument("--widths", type=parse_widths, default=TrainConfig.widths, help="channels of each stage, comma-separated")
+    ap.add_argument("--convs", type=int, default=TrainConfig.convs)
+    ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     ap.add_argument("--images", type=int, default=6400, help="images per timed epoch")
     ap.add_argument("--repeats", type=int, default=3, help="timed epochs per precision (after one warm-up)")
     a = ap.parse_args()
     from fmnist_gcp.config import import_tensorflow
     from fmnist_gcp.preprocessing import Augment
-    from fmnist_gcp.training import TrainConfig, build_model, fit
     tf = import_tensorflow()
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (a.images, 28, 28), dtype=np.uint8); y = rng.integers(0, 10, a.images)
-    widths = tuple(int(w) for w in a.widths.split(","))
     peak = {"float32": matmul_peak(tf, tf.float32), "mixed_bfloat16": matmul_peak(tf, tf.bfloat16)}
     print(f"matmul peak (median of 7, 2048^2): float32 {peak['float32'] / 1e9:.1f} GFLOP/s, "
           f"bfloat16 {peak['mixed_bfloat16'] / 1e9:.1f} GFLOP/s")
     rows = []
     for precision in ("float32", "mixed_bfloat16"):
-        cfg = TrainConfig(widths=widths, convs=a.convs, epochs=a.repeats + 1, precision=precision,
+        cfg = TrainConfig(widths=a.widths, convs=a.convs, batch_size=a.batch_size, epochs=a.repeats + 1, precision=precision,
                           augment=Augment(True, 2, 0.0))
         flops = forward_flops(build_model(cfg, 0.286, 0.353))
         _, hist = fit(cfg, x, y, x[:256], y[:256], 0.286, 0.353, log=lambda *_: None)
         ips = statistics.median(h["images_per_s"] for h in hist[1:])  # first epoch traces the step
         achieved = ips * 3 * flops  # forward + backward ~ 3x forward
         rows.append((precision, flops, ips, achieved, achieved / peak[precision]))
-    print(f"\nmodel widths {a.widths}, convs {a.convs}: {rows[0][1] / 1e6:.1f} forward MFLOP per image")
+    print(f"\nmodel widths {','.join(map(str, a.widths))}, convs {a.convs}, batch {a.batch_size}: {rows[0][1] / 1e6:.1f} forward MFLOP per image")
     print(f"{'precision':<16}{'images/s':>10}{'GFLOP/s':>10}{'share of peak':>15}")
     for p, _, ips, ach, share in rows:
         print(f"{p:<16}{ips:>10.0f}{ach / 1e9:>10.1f}{share:>14.1%}")

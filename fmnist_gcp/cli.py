@@ -1,4 +1,4 @@
-"""`fmnist run`, `fmnist runs`, `fmnist data`, `fmnist config`: the command line over the pipeline, the data and the settings.
+"""The command line over the pipeline, the runs, the data, the settings, the registry and the prediction server: `fmnist run`, `runs`, `data`, `config`, `models`, `serve`, `predict`, `submit-training`.
 
 Docs: https://fmnist-gcp.github.io/fmnist-gcp/cli.html.md"""
 
@@ -10,36 +10,57 @@ from __future__ import annotations
 import argparse
 import sys
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fmnist", description="Fashion-MNIST on your machine or on Vertex AI: "
-                                "run the notebook pipeline, list runs, check the data and settings.")
-    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-    r = sub.add_parser("run", help="execute the stage notebooks with papermill into runs/<run_id>/")
-    r.add_argument("--profile", default="quick", choices=["smoke", "quick", "full"], help="parameter profile (default: quick)")
+from .config import DEFAULT_MODEL
+
+# %% auto #0
+__all__ = ['main']
+
+# %% ../nbs/cli.ipynb #b1c2d001
+def _stages_epilog() -> str:
+    from fmnist_gcp.pipeline import STAGES
+    return "stages (run in this order; --stages takes the full name, the number or the short name):\n" + "\n".join(
+        f"  {s.notebook:<18} {s.summary}" for s in STAGES)
+
+def _add_run(sub) -> None:
+    from fmnist_gcp.pipeline import PROFILE_NAMES
+    r = sub.add_parser("run", help="execute the stage notebooks with papermill into runs/<run_id>/",
+                       epilog=_stages_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("--profile", default="quick", choices=PROFILE_NAMES, help="parameter profile (default: quick)")
     r.add_argument("--stages", nargs="+", metavar="STAGE", help="stages to run, e.g. 01_data statistics (default: all)")
     r.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="set a parameter of every stage that declares it, or of one stage with STAGE.NAME=VALUE")
+                   help="set a parameter of every selected stage that declares it, or of one stage with STAGE.NAME=VALUE")
     r.add_argument("--run-id", help="run folder name (default: time stamp and profile)")
-    ls = sub.add_parser("runs", help="list runs under the runs directory")
+
+# %% ../nbs/cli.ipynb #b1c2d002
+def _add_runs(sub) -> None:
+    ls = sub.add_parser("runs", help="list the runs under the runs directory (keyed by folder name)")
     ls.add_argument("--json", action="store_true", help="print the manifests as JSON")
     ls.add_argument("--compare", nargs="*", metavar="RUN", help="headline figures side by side (default: the 5 newest runs)")
-    sub.add_parser("data", help="find (or download) the Fashion-MNIST files and verify their sha256")
+
+# %% ../nbs/cli.ipynb #b1c2d003
+def _add_serving(sub) -> None:
     sv = sub.add_parser("serve", help="serve a registered model over HTTP (Vertex custom-container contract)")
-    sv.add_argument("--model", help="NAME, NAME@VERSION or NAME@ALIAS (default: fmnist-cnn@default; on Vertex, $AIP_STORAGE_URI)")
+    sv.add_argument("--model", help=f"NAME, NAME@VERSION or NAME@ALIAS (default: {DEFAULT_MODEL}@default; on Vertex, $AIP_STORAGE_URI)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 in a container)")
-    sv.add_argument("--port", type=int, help="port (default: $AIP_HTTP_PORT or 8080)")
+    sv.add_argument("--port", type=int, help="port (default: $AIP_HTTP_PORT, else the Vertex contract's port)")
     pr = sub.add_parser("predict", help="batch prediction: JSONL instances in, JSONL {instance, prediction} out")
     pr.add_argument("--input", required=True, help="JSONL file of instances (local path or gs:// URI)")
-    pr.add_argument("--output", required=True, help="JSONL file to write (atomically)")
-    pr.add_argument("--model", help="NAME, NAME@VERSION or NAME@ALIAS (default: fmnist-cnn@default)")
+    pr.add_argument("--output", required=True, help="JSONL file to write (atomically); bad lines go to OUTPUT.errors.jsonl")
+    pr.add_argument("--model", help=f"NAME, NAME@VERSION or NAME@ALIAS (default: {DEFAULT_MODEL}@default)")
     pr.add_argument("--batch-size", type=int, default=256)
-    pr.add_argument("--confidence-threshold", type=float, default=0.0, help="classes below it are left out (default 0: all)")
-    pr.add_argument("--max-predictions", type=int, default=10)
+    pr.add_argument("--confidence-threshold", type=float, help="classes below it are left out (default: none)")
+    pr.add_argument("--max-predictions", type=int, help="classes per prediction (default: all)")
+
+# %% ../nbs/cli.ipynb #b1c2d004
+def _add_models(sub) -> None:
     mo = sub.add_parser("models", help="list registered model versions and aliases; promote a version")
-    mo.add_argument("name", nargs="?", default="fmnist-cnn")
+    mo.add_argument("name", nargs="?", default=DEFAULT_MODEL)
     mo.add_argument("--promote", type=int, metavar="VERSION", help="move an alias (default champion) to VERSION if it is better")
     mo.add_argument("--alias", default="champion")
     mo.add_argument("--force", action="store_true", help="promote even if not better")
+
+# %% ../nbs/cli.ipynb #b1c2d005
+def _add_submit_training(sub) -> None:
     tv = sub.add_parser("submit-training", help="submit the training container as a Vertex AI CustomJob (FMNIST_BACKEND=vertex)")
     tv.add_argument("--image", required=True, help="training image URI in Artifact Registry")
     tv.add_argument("--machine-type", default="n1-standard-8")
@@ -49,9 +70,19 @@ def _parser() -> argparse.ArgumentParser:
     tv.add_argument("--experiment", help="Vertex AI experiment to attach")
     tv.add_argument("--experiment-run", help="run name in the experiment")
     tv.add_argument("task_args", nargs=argparse.REMAINDER, help="after --: flags for python -m fmnist_gcp.task")
+
+# %% ../nbs/cli.ipynb #b1c2d006
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fmnist", description="Fashion-MNIST on your machine or on Vertex AI: "
+                                "run the notebook pipeline, list runs, check the data and settings, serve models.")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    _add_run(sub); _add_runs(sub)
+    sub.add_parser("data", help="find (or download) the Fashion-MNIST files and verify their sha256")
     sub.add_parser("config", help="show the resolved settings (no credentials)")
+    _add_serving(sub); _add_models(sub); _add_submit_training(sub)
     return p
 
+# %% ../nbs/cli.ipynb #b1c2d007
 def _progress(i: int, n: int, stage: str, entry: dict | None) -> None:
     if entry is None:
         print(f"[{i}/{n}] {stage:<16}", end=" ", flush=True)
@@ -59,61 +90,77 @@ def _progress(i: int, n: int, stage: str, entry: dict | None) -> None:
         extra = f" ({entry['overhead_seconds']:.1f} s kernel and papermill)" if "overhead_seconds" in entry else ""
         print(f"{entry['status']:<6} {entry['seconds']:7.1f} s{extra}", flush=True)
 
+# %% ../nbs/cli.ipynb #b1c2d008
 def _cmd_run(a) -> int:
-    from fmnist_gcp.pipeline import run_pipeline, StageFailed
     from pathlib import Path
+    from fmnist_gcp.config import Settings
+    from fmnist_gcp.pipeline import StageFailed, run_pipeline
     try:
         m = run_pipeline(a.profile, a.stages, a.param, a.run_id, on_stage=_progress)
     except StageFailed as e:
         print(f"\nrun failed in {e.stage}: {e.error}\nreport: {e.report}", file=sys.stderr)
         return 1
-    from fmnist_gcp.config import Settings
     page = Path(Settings.from_env().runs_dir).resolve() / m["run_id"] / "index.html"
     print(f"run {m['run_id']} ok in {m['seconds']:.1f} s\nreport: {page}")
     return 0
 
+# %% ../nbs/cli.ipynb #b1c2d009
+def _print_runs(runs: list[dict]) -> None:
+    if not runs: print("no runs yet: try `fmnist run --profile smoke`"); return
+    print(f"{'run':<28} {'status':<11} {'profile':<8} {'seconds':>8}  stages")
+    for m in runs:
+        print(f"{m['folder']:<28} {m.get('status', '?'):<11} {m.get('profile', '?'):<8} {m.get('seconds') or 0:>8.1f}  "
+              + " ".join(f"{s['stage'].split('_')[0]}:{s['status']}" for s in m.get("stages", [])))
+
+# %% ../nbs/cli.ipynb #b1c2d010
 def _cmd_runs(a) -> int:
     import json
     from fmnist_gcp.config import Settings
-    from fmnist_gcp.pipeline import list_runs
-    runs = list_runs(Settings.from_env().runs_dir)
+    from fmnist_gcp.pipeline import compare_runs, list_runs
+    runs_dir = Settings.from_env().runs_dir
+    runs = list_runs(runs_dir)
     if a.json: print(json.dumps(runs, indent=2)); return 0
-    if a.compare is not None:
-        from fmnist_gcp.pipeline import compare_runs
-        chosen = [m for m in runs if m["run_id"] in a.compare] if a.compare else runs[:5]
-        missing = set(a.compare or []) - {m["run_id"] for m in chosen}
-        if missing: raise ValueError(f"no run {', '.join(sorted(missing))} under {Settings.from_env().runs_dir}; see `fmnist runs`")
-        print(compare_runs(chosen).to_string()); return 0
-    if not runs: print("no runs yet: try `fmnist run --profile smoke`"); return 0
-    print(f"{'run':<28} {'status':<11} {'profile':<8} {'seconds':>8}  stages")
-    for m in runs:
-        print(f"{m['run_id']:<28} {m['status']:<11} {m['profile']:<8} {m.get('seconds', 0):>8.1f}  "
-              + " ".join(f"{s['stage'].split('_')[0]}:{s['status']}" for s in m["stages"]))
+    if a.compare is None: _print_runs(runs); return 0
+    chosen = [m for m in runs if m["folder"] in a.compare] if a.compare else runs[:5]
+    missing = set(a.compare or []) - {m["folder"] for m in chosen}
+    if missing: raise ValueError(f"no run {', '.join(sorted(missing))} under {runs_dir}; see `fmnist runs`")
+    print(compare_runs(chosen).to_string())
     return 0
 
+# %% ../nbs/cli.ipynb #b1c2d012
 def _cmd_data(a) -> int:
     from fmnist_gcp.data import ensure_data
-    for key, d in ensure_data().items():
+    for d in ensure_data().values():
         print(f"{d['file']:<26} {d['source']:<16} sha256 {d['sha256'][:16]}… ok  {d['path']}")
     return 0
 
+# %% ../nbs/cli.ipynb #b1c2d013
+def _cmd_config(a) -> int:
+    from fmnist_gcp.config import Settings
+    for k, v in Settings.from_env().report().items(): print(f"{k:<16} {v}")
+    return 0
+
+# %% ../nbs/cli.ipynb #b1c2d014
 def _cmd_serve(a) -> int:
     from fmnist_gcp.serving import serve
     serve(a.model, a.host, a.port)
     return 0
 
+# %% ../nbs/cli.ipynb #b1c2d015
 def _cmd_predict(a) -> int:
-    from fmnist_gcp.serving import Predictor, model_source, predict_jsonl
-    uri, name, version = model_source(a.model or "fmnist-cnn@default")
+    from fmnist_gcp.serving import ALL_CLASSES, Predictor, model_source, predict_jsonl
+    uri, name, version = model_source(a.model)
     print(f"model {name} v{version}", file=sys.stderr)
+    asked = {"confidenceThreshold": a.confidence_threshold, "maxPredictions": a.max_predictions}
     res = predict_jsonl(Predictor(uri, name, version), a.input, a.output, a.batch_size,
-                        {"confidenceThreshold": a.confidence_threshold, "maxPredictions": a.max_predictions})
+                        {**ALL_CLASSES, **{k: v for k, v in asked.items() if v is not None}})
     print(f"{res['predictions']} predictions -> {res['output']}")
     if res["errors"]:
         print(f"{res['errors']} lines could not be used; see {res['errors_file']}", file=sys.stderr)
         return 1
     return 0
 
+# %% ../nbs/cli.ipynb #b1c2d016
 def _cmd_models(a) -> int:
     from fmnist_gcp.config import Settings
     from fmnist_gcp.registry import Registry, promote, registry_table
@@ -125,6 +172,7 @@ def _cmd_models(a) -> int:
     print(t.to_string() if len(t) else f"no registered versions of {a.name}: run the pipeline (fmnist run) first")
     return 0
 
+# %% ../nbs/cli.ipynb #b1c2d017
 def _cmd_submit_training(a) -> int:
     from fmnist_gcp.config import Settings
     from fmnist_gcp.vertex_training import submit_custom_job
@@ -135,20 +183,15 @@ def _cmd_submit_training(a) -> int:
     print(f"submitted {job.resource_name}")
     return 0
 
-def _cmd_config(a) -> int:
-    from fmnist_gcp.config import Settings
-    for k, v in Settings.from_env().report().items(): print(f"{k:<16} {v}")
-    return 0
+# %% ../nbs/cli.ipynb #b1c2d018
+_COMMANDS = {"run": _cmd_run, "runs": _cmd_runs, "data": _cmd_data, "config": _cmd_config, "serve": _cmd_serve,
+             "predict": _cmd_predict, "models": _cmd_models, "submit-training": _cmd_submit_training}
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `fmnist` command."
     a = _parser().parse_args(argv)
     try:
-        return {"run": _cmd_run, "runs": _cmd_runs, "data": _cmd_data, "config": _cmd_config, "serve": _cmd_serve,
-                "predict": _cmd_predict, "models": _cmd_models, "submit-training": _cmd_submit_training}[a.verb](a)
+        return _COMMANDS[a.verb](a)
     except (ValueError, FileNotFoundError) as e:  # PipelineError, ConfigError, DataIntegrityError, RegistryError, missing inputs
         print(f"fmnist {a.verb}: error: {e}", file=sys.stderr)
         return 2
-
-# %% auto #0
-__all__ = ['main']

@@ -1,4 +1,4 @@
-"""One `Settings` object from environment variables, and the three stores (dev, datasets, models) every stage reads and writes through.
+"""One `Settings` object from environment variables; the three stores (dev, datasets, models) every stage reads and writes through, with atomic writes; which credentials are in use (never a secret); a quiet TensorFlow import; and the record of each stage's headline figures.
 
 Docs: https://fmnist-gcp.github.io/fmnist-gcp/config.html.md"""
 
@@ -8,6 +8,7 @@ Docs: https://fmnist-gcp.github.io/fmnist-gcp/config.html.md"""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -16,26 +17,31 @@ from pathlib import Path
 from typing import Any, Mapping
 
 # %% auto #0
-__all__ = ['ENV_VARS', 'BACKENDS', 'ROLES', 'filesystem', 'is_local', 'write_bytes_atomic', 'Store', 'ConfigError', 'Settings',
-           'import_tensorflow', 'import_keras', 'record', 'recorded']
+__all__ = ['DEFAULT_HOME', 'DEFAULT_CACHE_DIR', 'DEFAULT_RUNS_DIR', 'ENV_VARS', 'BACKENDS', 'ROLES', 'DEFAULT_MODEL',
+           'filesystem', 'is_local', 'write_bytes_atomic', 'Store', 'ConfigError', 'check_vertex', 'store_uris',
+           'credentials_summary', 'env_settings', 'Settings', 'import_tensorflow', 'import_keras', 'record', 'recorded']
 
 # %% ../nbs/00_config.ipynb #1f69a9c7
+DEFAULT_HOME = "~/.fmnist-gcp"  # root of the local stores
+DEFAULT_CACHE_DIR = "~/.cache/fmnist-gcp"  # downloaded IDX files
+DEFAULT_RUNS_DIR = "runs"  # executed notebooks and reports, relative to where `fmnist run` starts
 ENV_VARS: dict[str, str] = {
     "FMNIST_BACKEND": "`local` (default) or `vertex`",
     "FMNIST_PROJECT": "Google Cloud project id (required for `vertex`; falls back to `GOOGLE_CLOUD_PROJECT`)",
     "FMNIST_REGION": "Vertex AI region, e.g. `europe-west4` (required for `vertex`)",
-    "FMNIST_HOME": "root of the local stores (default `~/.fmnist-gcp`)",
+    "FMNIST_HOME": f"root of the local stores (default `{DEFAULT_HOME}`)",
     "FMNIST_DEV_BUCKET": "URI of the dev store (default `<home>/dev` or `gs://<project>-fmnist-dev`)",
     "FMNIST_DATASETS_BUCKET": "URI of the datasets store (default `<home>/datasets` or `gs://<project>-fmnist-datasets`)",
     "FMNIST_MODELS_BUCKET": "URI of the models store (default `<home>/models` or `gs://<project>-fmnist-models`)",
     "FMNIST_SERVICE_ACCOUNT": "least-privilege service account e-mail that Vertex jobs run as (optional)",
     "FMNIST_DATA_DIR": "directory holding the four Fashion-MNIST IDX files (checked first)",
-    "FMNIST_CACHE_DIR": "where downloaded IDX files are kept (default `~/.cache/fmnist-gcp`)",
-    "FMNIST_RUNS_DIR": "where `fmnist run` writes executed notebooks and reports (default `./runs`)",
+    "FMNIST_CACHE_DIR": f"where downloaded IDX files are kept (default `{DEFAULT_CACHE_DIR}`)",
+    "FMNIST_RUNS_DIR": f"where `fmnist run` writes executed notebooks and reports (default `./{DEFAULT_RUNS_DIR}`)",
     "FMNIST_NBS_DIR": "where `fmnist run` finds the stage notebooks (default: `nbs/` of this checkout)",
 }
 BACKENDS = ("local", "vertex")
 ROLES = ("dev", "datasets", "models")
+DEFAULT_MODEL = "fmnist-cnn"  # the custom model's name in the models store and the registries
 
 # %% ../nbs/00_config.ipynb #08a38ed1
 def filesystem(uri: str):  # a local path or a `gs://` URI
@@ -46,26 +52,38 @@ def filesystem(uri: str):  # a local path or a `gs://` URI
         return fsspec.filesystem("gs", **opts), uri[len("gs://"):]
     return fsspec.filesystem("file"), str(Path(uri).expanduser())
 
+# %% ../nbs/00_config.ipynb #f3e6758a
 def is_local(uri: str) -> bool:
     "True when `uri` names a local path, not an object store."
     return "://" not in uri or uri.startswith("file://")
 
-def write_bytes_atomic(uri: str, data: bytes) -> str:
+# %% ../nbs/00_config.ipynb #1a597f9c
+def _temp_path(p: Path) -> Path: return p.with_name(f".{p.name}.tmp-{secrets.token_hex(4)}")
+def _is_temp(name: str) -> bool: return re.fullmatch(r"\..+\.tmp-[0-9a-f]{8}", name) is not None
+
+def write_bytes_atomic(uri: str,  # a local path or a `gs://` URI
+                       data: bytes) -> str:
     "Write `data` to `uri` so that readers see the old file or the whole new one, never a part."
     fs, path = filesystem(uri)
-    if is_local(uri):
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp-{secrets.token_hex(4)}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data); f.flush(); os.fsync(f.fileno())
-            os.replace(tmp, p)
-        finally:
-            if tmp.exists(): tmp.unlink()
-    else:
+    if not is_local(uri):
         fs.pipe_file(path, data)
+        return uri
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(p)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data); f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists(): tmp.unlink()
     return uri
+
+# %% ../nbs/00_config.ipynb #03c2faf1
+def _json_default(o):
+    if hasattr(o, "tolist"): return o.tolist()  # numpy scalars and arrays
+    if isinstance(o, Path): return str(o)
+    raise TypeError(f"cannot write {type(o).__name__} as JSON")
 
 # %% ../nbs/00_config.ipynb #586e128b
 @dataclass(frozen=True)
@@ -99,65 +117,103 @@ class Store:
         fs, path = filesystem(self.uri(rel)); return fs.open(path, mode)
 
     def ls(self, rel: str = "") -> list[str]:
-        "Names directly under `rel` (empty when it does not exist)."
+        "Names directly under `rel` (empty when it does not exist); temporary files of unfinished writes are skipped."
         fs, path = filesystem(self.uri(rel))
         if not fs.exists(path): return []
-        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-
-def _json_default(o):
-    if hasattr(o, "item"): return o.item()      # numpy scalars
-    if hasattr(o, "tolist"): return o.tolist()  # numpy arrays
-    if isinstance(o, Path): return str(o)
-    raise TypeError(f"cannot write {type(o).__name__} as JSON")
+        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+        return sorted(n for n in names if not _is_temp(n))
 
 # %% ../nbs/00_config.ipynb #3c83483b
 class ConfigError(ValueError):
     "A setting is missing or invalid; the message names the variable and the fix."
 
-_BUCKET_VARS = {"dev": "FMNIST_DEV_BUCKET", "datasets": "FMNIST_DATASETS_BUCKET", "models": "FMNIST_MODELS_BUCKET"}
+# %% ../nbs/00_config.ipynb #8ce6e643
 _PROJECT_RE = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 
+def check_vertex(project: str | None,  # FMNIST_PROJECT (or GOOGLE_CLOUD_PROJECT)
+                 region: str | None,  # FMNIST_REGION
+                 ) -> None:
+    "Raise a ConfigError naming the variable when the vertex backend lacks a project or region or the id is invalid."
+    for name, value, example in (("FMNIST_PROJECT", project, "my-project"), ("FMNIST_REGION", region, "us-central1")):
+        if not value: raise ConfigError(f"{name} is not set: FMNIST_BACKEND=vertex needs it (e.g. export {name}={example})")
+    if not _PROJECT_RE.match(project):
+        raise ConfigError(f"FMNIST_PROJECT={project!r} is not a valid Google Cloud project id "
+                          "(6-30 lowercase letters, digits or hyphens, starting with a letter)")
+
+# %% ../nbs/00_config.ipynb #612ff2fc
+_BUCKET_VARS = {"dev": "FMNIST_DEV_BUCKET", "datasets": "FMNIST_DATASETS_BUCKET", "models": "FMNIST_MODELS_BUCKET"}
+
+def store_uris(backend: str,  # local | vertex
+               project: str | None,  # names the default buckets on vertex
+               home: str,  # holds the default local stores
+               env: Mapping[str, str],  # may set FMNIST_<ROLE>_BUCKET
+               ) -> dict[str, str]:  # role -> URI
+    "URI of each store: its variable, else `gs://<project>-fmnist-<role>` (vertex) or `<home>/<role>` (local)."
+    uris = {}
+    for role, var in _BUCKET_VARS.items():
+        uri = (env.get(var) or "").strip() or (f"gs://{project}-fmnist-{role}" if backend == "vertex" else f"{home}/{role}")
+        if backend == "vertex" and not uri.startswith("gs://"):
+            raise ConfigError(f"{var}={uri!r}: with FMNIST_BACKEND=vertex the stores must be gs:// URIs")
+        uris[role] = uri if "://" in uri else str(Path(uri).expanduser())
+    return uris
+
+# %% ../nbs/00_config.ipynb #af394628
+_ADC_FILE = "application_default_credentials.json"  # written by `gcloud auth application-default login`
+
+def _impersonated(info: Mapping) -> str | None:
+    m = re.search(r"serviceAccounts/([^/:]+):generateAccessToken", str(info.get("service_account_impersonation_url", "")))
+    return m[1] if m else None
+
+def credentials_summary(env: Mapping[str, str] | None = None,  # default: `os.environ`
+                        ) -> str:
+    "Type, account and project of the application-default credentials file, or why there is none; never a secret."
+    env = os.environ if env is None else env
+    var = (env.get("GOOGLE_APPLICATION_CREDENTIALS") or "").strip()
+    source = "GOOGLE_APPLICATION_CREDENTIALS" if var else "gcloud application-default login"
+    path = Path(var or Path(env.get("CLOUDSDK_CONFIG") or "~/.config/gcloud") / _ADC_FILE).expanduser()
+    if not path.is_file():
+        return ("none found: GOOGLE_APPLICATION_CREDENTIALS names no file" if var else
+                "none found (no key file; on Google Cloud the attached service account is used)")
+    try: info = json.loads(path.read_text())
+    except (OSError, ValueError) as e: return f"unreadable credentials file from {source} ({type(e).__name__})"
+    if not isinstance(info, dict): return f"unreadable credentials file from {source} (not a JSON object)"
+    account = info.get("client_email") or info.get("account") or _impersonated(info)
+    project = info.get("project_id") or info.get("quota_project_id")
+    return ", ".join(str(p) for p in (info.get("type", "unknown type"), account, project and f"project {project}") if p) + f" (from {source})"
+
+# %% ../nbs/00_config.ipynb #2efaa966
+def env_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    "The settings `env` defines, checked: the keyword arguments of `Settings`."
+    get = lambda k: (env.get(k) or "").strip() or None
+    backend = (get("FMNIST_BACKEND") or "local").lower()
+    if backend not in BACKENDS:
+        raise ConfigError(f"FMNIST_BACKEND={backend!r} is not a backend; set it to one of {', '.join(BACKENDS)}")
+    project, region = get("FMNIST_PROJECT") or get("GOOGLE_CLOUD_PROJECT"), get("FMNIST_REGION")
+    if backend == "vertex": check_vertex(project, region)
+    home = str(Path(get("FMNIST_HOME") or DEFAULT_HOME).expanduser())
+    return {"backend": backend, "project": project, "region": region, "home": home,
+            "buckets": store_uris(backend, project, home, env), "service_account": get("FMNIST_SERVICE_ACCOUNT"),
+            "data_dir": get("FMNIST_DATA_DIR"), "cache_dir": str(Path(get("FMNIST_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser()),
+            "runs_dir": get("FMNIST_RUNS_DIR") or DEFAULT_RUNS_DIR, "credentials": credentials_summary(env)}
+
+# %% ../nbs/00_config.ipynb #2193a46e
 @dataclass(frozen=True)
 class Settings:
     backend: str = "local"               # local | vertex
     project: str | None = None           # GCP project id (vertex)
     region: str | None = None            # Vertex AI region (vertex)
-    home: str = "~/.fmnist-gcp"          # root of the local stores
+    home: str = DEFAULT_HOME             # root of the local stores
     buckets: Mapping[str, str] = field(default_factory=dict)  # role -> URI
     service_account: str | None = None   # e-mail Vertex jobs run as
     data_dir: str | None = None          # directory with the IDX files
-    cache_dir: str = "~/.cache/fmnist-gcp"  # downloaded IDX files
-    runs_dir: str = "runs"               # executed notebooks and reports
+    cache_dir: str = DEFAULT_CACHE_DIR   # downloaded IDX files
+    runs_dir: str = DEFAULT_RUNS_DIR     # executed notebooks and reports
+    credentials: str = "not looked up"   # `credentials_summary`: type, account, project; never a secret
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         "Settings from `env` (default: `os.environ`)."
-        env = os.environ if env is None else env
-        get = lambda k: (env.get(k) or "").strip() or None
-        backend = (get("FMNIST_BACKEND") or "local").lower()
-        if backend not in BACKENDS:
-            raise ConfigError(f"FMNIST_BACKEND={backend!r} is not a backend; set it to one of {', '.join(BACKENDS)}")
-        project, region = get("FMNIST_PROJECT") or get("GOOGLE_CLOUD_PROJECT"), get("FMNIST_REGION")
-        home = str(Path(get("FMNIST_HOME") or "~/.fmnist-gcp").expanduser())
-        if backend == "vertex":
-            for name, value in (("FMNIST_PROJECT", project), ("FMNIST_REGION", region)):
-                if not value:
-                    raise ConfigError(f"{name} is not set: FMNIST_BACKEND=vertex needs it "
-                                      f"(e.g. export {name}={'my-project' if name == 'FMNIST_PROJECT' else 'us-central1'})")
-            if not _PROJECT_RE.match(project):
-                raise ConfigError(f"FMNIST_PROJECT={project!r} is not a valid Google Cloud project id "
-                                  "(6-30 lowercase letters, digits or hyphens, starting with a letter)")
-        buckets = {}
-        for role, var in _BUCKET_VARS.items():
-            default = f"gs://{project}-fmnist-{role}" if backend == "vertex" else f"{home}/{role}"
-            uri = get(var) or default
-            if backend == "vertex" and not uri.startswith("gs://"):
-                raise ConfigError(f"{var}={uri!r}: with FMNIST_BACKEND=vertex the stores must be gs:// URIs")
-            buckets[role] = uri if "://" in uri else str(Path(uri).expanduser())
-        return cls(backend=backend, project=project, region=region, home=home, buckets=buckets,
-                   service_account=get("FMNIST_SERVICE_ACCOUNT"), data_dir=get("FMNIST_DATA_DIR"),
-                   cache_dir=str(Path(get("FMNIST_CACHE_DIR") or "~/.cache/fmnist-gcp").expanduser()),
-                   runs_dir=get("FMNIST_RUNS_DIR") or "runs")
+        return cls(**env_settings(os.environ if env is None else env))
 
     def require_vertex(self, what: str) -> "Settings":
         "These settings, or a ConfigError saying that `what` needs the vertex backend."
@@ -170,32 +226,35 @@ class Settings:
         if role not in ROLES: raise ValueError(f"unknown store {role!r}; use one of {', '.join(ROLES)}")
         return Store(role, self.buckets[role])
 
-    @property
-    def dev(self) -> Store: return self.store("dev")
-    @property
-    def datasets(self) -> Store: return self.store("datasets")
-    @property
-    def models(self) -> Store: return self.store("models")
+    dev = property(lambda self: self.store("dev"), doc="The dev store.")
+    datasets = property(lambda self: self.store("datasets"), doc="The datasets store.")
+    models = property(lambda self: self.store("models"), doc="The models store.")
 
     def report(self) -> dict[str, Any]:
-        "The resolved settings as plain values, safe to print or save (holds no credentials)."
+        "The resolved settings as plain values, safe to print or save (a credentials summary, never a secret)."
         return {"backend": self.backend, "project": self.project, "region": self.region, "home": self.home,
                 **{f"{r}_store": self.buckets[r] for r in ROLES}, "service_account": self.service_account,
-                "data_dir": self.data_dir, "cache_dir": self.cache_dir, "runs_dir": self.runs_dir}
+                "data_dir": self.data_dir, "cache_dir": self.cache_dir, "runs_dir": self.runs_dir,
+                "credentials": self.credentials}
 
 # %% ../nbs/00_config.ipynb #aae43204
 def import_tensorflow():
-    "The `tensorflow` module, imported with its C++ start-up log lines silenced."
+    "The `tensorflow` module, imported with its C++ start-up lines silenced and its Python loggers at ERROR."
     import sys
-    if "tensorflow" in sys.modules: return sys.modules["tensorflow"]
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 2)
-        import tensorflow
-    finally:
-        os.dup2(saved, 2); os.close(saved); os.close(null)
-    return tensorflow
+    tf = sys.modules.get("tensorflow")
+    if tf is None:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # C++ INFO/WARNING lines later on (tf.data, oneDNN)
+        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, 2)
+            import tensorflow as tf
+        finally:
+            os.dup2(saved, 2); os.close(saved); os.close(null)
+    tf.get_logger().setLevel(logging.ERROR)  # WARNING:tensorflow: lines
+    logging.getLogger("absl").setLevel(logging.ERROR)  # WARNING:absl: lines
+    return tf
 
+# %% ../nbs/00_config.ipynb #4500c846
 def import_keras():
     "The `keras` module; with the TensorFlow backend, TensorFlow is imported quietly first."
     if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow": import_tensorflow()
@@ -213,6 +272,7 @@ def record(run_id: str,  # the run these figures belong to
     old = dev.read_json(rel) if dev.exists(rel) else {}
     return dev.write_json(rel, {**old, **figures})
 
+# %% ../nbs/00_config.ipynb #1c408a90
 def recorded(run_id: str, settings: Settings | None = None) -> dict[str, dict]:
     "All figures recorded for `run_id`, by stage."
     dev = (settings or Settings.from_env()).dev

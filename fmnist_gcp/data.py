@@ -1,4 +1,4 @@
-"""Where the real IDX files come from, how we know they are the right bytes, how they parse, and the seeded train/validation split.
+"""Where the real IDX files come from, how we know they are the right bytes (and which sha256 they had), how they parse, and the seeded train/validation split this stage writes for every later stage to read.
 
 Docs: https://fmnist-gcp.github.io/fmnist-gcp/data.html.md"""
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import secrets
-import shutil
 import struct
 import sys
 import urllib.request
@@ -24,9 +24,9 @@ import numpy as np
 from .config import Settings
 
 # %% auto #0
-__all__ = ['FILES', 'DEBIAN_DIR', 'MIRROR', 'CLASS_NAMES', 'SPLIT_SIZES', 'DataIntegrityError', 'read_verified', 'parse_idx',
-           'to_idx', 'data_dirs', 'download', 'locate', 'load_split', 'ensure_data', 'data_sha256', 'train_val_split',
-           'show_images']
+__all__ = ['FILES', 'DEBIAN_DIR', 'MIRROR', 'CLASS_NAMES', 'SPLIT_SIZES', 'SPLIT_PATH', 'SPLIT_FIX', 'DataIntegrityError',
+           'read_verified', 'parse_idx', 'to_idx', 'data_dirs', 'download', 'locate', 'load_file', 'load_split',
+           'ensure_data', 'data_sha256', 'train_val_split', 'write_split', 'read_split', 'split_params', 'show_images']
 
 # %% ../nbs/01_data.ipynb #f5d3ab90
 FILES: dict[str, tuple[str, str]] = {  # key -> (file name without .gz, sha256 of the decompressed bytes)
@@ -40,6 +40,7 @@ MIRROR = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 SPLIT_SIZES = {"train": 60_000, "test": 10_000}
 
+# %% ../nbs/01_data.ipynb #bf4f1635
 class DataIntegrityError(ValueError):
     "A data file is missing, truncated or does not hash to the published sha256."
 
@@ -50,8 +51,8 @@ def _fix_hint(path: Path) -> str:
 
 def read_verified(path: str | Path,  # a `.gz` or plain IDX file
                   expected_sha256: str,  # sha256 of the decompressed bytes
-                  ) -> bytes:  # the decompressed bytes
-    "Decompressed bytes of `path`, checked against `expected_sha256`."
+                  ) -> tuple[bytes, str]:  # the decompressed bytes and their sha256
+    "Decompressed bytes of `path` and their sha256, checked against `expected_sha256`."
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -63,7 +64,7 @@ def read_verified(path: str | Path,  # a `.gz` or plain IDX file
     if actual != expected_sha256:
         raise DataIntegrityError(f"{path}: sha256 of the decompressed bytes is {actual}, expected {expected_sha256}. "
                                  f"The file is corrupt, truncated or not Fashion-MNIST: {_fix_hint(path)}.")
-    return data
+    return data, actual
 
 # %% ../nbs/01_data.ipynb #ac7ec295
 def parse_idx(data: bytes) -> np.ndarray:
@@ -77,6 +78,7 @@ def parse_idx(data: bytes) -> np.ndarray:
         raise DataIntegrityError(f"IDX header says shape {shape} but holds {body.size} values")
     return body.reshape(shape)
 
+# %% ../nbs/01_data.ipynb #e5e8b4a8
 def to_idx(a: np.ndarray) -> bytes:
     "IDX bytes of uint8 array `a` (the inverse of `parse_idx`; used by tests and exports)."
     a = np.ascontiguousarray(a, np.uint8)
@@ -89,13 +91,7 @@ def data_dirs(settings: Settings | None = None) -> list[tuple[str, Path]]:
     dirs = [("FMNIST_DATA_DIR", Path(s.data_dir))] if s.data_dir else []
     return dirs + [("debian", Path(DEBIAN_DIR)), ("cache", Path(s.cache_dir))]
 
-def _find(key: str, dirs) -> tuple[str, Path] | None:
-    name = FILES[key][0]
-    for source, d in dirs:
-        for cand in (d / f"{name}.gz", d / name):
-            if cand.is_file(): return source, cand
-    return None
-
+# %% ../nbs/01_data.ipynb #2555446b
 def download(key: str,  # one of FILES
              dest_dir: str | Path,  # the cache directory
              base_url: str = MIRROR,  # mirror holding `<name>.gz`
@@ -122,7 +118,18 @@ def download(key: str,  # one of FILES
         if tmp.exists(): tmp.unlink()
     return final
 
-def locate(key: str, settings: Settings | None = None, fetch: bool = True) -> tuple[str, Path]:
+# %% ../nbs/01_data.ipynb #a9059107
+def _find(key: str, dirs) -> tuple[str, Path] | None:
+    name = FILES[key][0]
+    for source, d in dirs:
+        for cand in (d / f"{name}.gz", d / name):
+            if cand.is_file(): return source, cand
+    return None
+
+def locate(key: str,  # one of FILES
+           settings: Settings | None = None,
+           fetch: bool = True,  # download when no directory has it
+           ) -> tuple[str, Path]:
     "(source, path) of the file for `key`, downloading it into the cache when no source has it."
     s = settings or Settings.from_env()
     found = _find(key, data_dirs(s))
@@ -134,34 +141,41 @@ def locate(key: str, settings: Settings | None = None, fetch: bool = True) -> tu
 
 # %% ../nbs/01_data.ipynb #0db08ca9
 @lru_cache(maxsize=8)
-def _load_key(key: str, path: str) -> np.ndarray:
-    a = parse_idx(read_verified(path, FILES[key][1])); a.flags.writeable = False
-    return a
+def _parse_verified(key: str, path: str) -> tuple[np.ndarray, str]:
+    data, sha = read_verified(path, FILES[key][1])
+    a = parse_idx(data); a.flags.writeable = False
+    return a, sha
 
+def load_file(key: str,  # one of FILES
+              settings: Settings | None = None) -> tuple[np.ndarray, str]:
+    "The array in file `key` and the sha256 computed from its decompressed bytes; verified and parsed once per process."
+    return _parse_verified(key, str(locate(key, settings)[1]))
+
+# %% ../nbs/01_data.ipynb #ae4a5ed2
 def load_split(split: str = "train",  # "train" or "test"
                limit: int = 0,  # first `limit` examples (0 for all)
                settings: Settings | None = None) -> tuple[np.ndarray, np.ndarray]:
     "Images (n, 28, 28) uint8 and labels (n,) int64 of `split`."
     if split not in SPLIT_SIZES: raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     if limit < 0: raise ValueError(f"limit must be >= 0 (0 for all), not {limit}")
-    x = _load_key(f"{split}_images", str(locate(f"{split}_images", settings)[1]))
-    y = _load_key(f"{split}_labels", str(locate(f"{split}_labels", settings)[1]))
+    x, y = load_file(f"{split}_images", settings)[0], load_file(f"{split}_labels", settings)[0]
     if len(x) != len(y): raise DataIntegrityError(f"{split}: {len(x)} images but {len(y)} labels")
     n = len(x) if not limit else min(limit, len(x))
     return x[:n], y[:n].astype(np.int64)
 
+# %% ../nbs/01_data.ipynb #173d1fc0
 def ensure_data(settings: Settings | None = None) -> dict[str, dict]:
-    "Find (or download) and verify all four files; returns source, path and sha256 of each."
+    "Find (or download) and verify all four files; returns source, path and the computed sha256 of each."
     out = {}
-    for key, (name, sha) in FILES.items():
+    for key, (name, _) in FILES.items():
         source, path = locate(key, settings)
-        _load_key(key, str(path))  # verifies the hash; the parsed array stays cached for load_split
-        out[key] = {"file": name, "source": source, "path": str(path), "sha256": sha}
+        out[key] = {"file": name, "source": source, "path": str(path), "sha256": _parse_verified(key, str(path))[1]}
     return out
 
-def data_sha256() -> dict[str, str]:
-    "The sha256 of each file's decompressed bytes (what `ensure_data` verified against)."
-    return {FILES[k][0]: FILES[k][1] for k in FILES}
+# %% ../nbs/01_data.ipynb #466245cb
+def data_sha256(settings: Settings | None = None) -> dict[str, str]:
+    "File name -> sha256 computed from its decompressed bytes, for every file (what model metadata and run manifests record)."
+    return {f["file"]: f["sha256"] for f in ensure_data(settings).values()}
 
 # %% ../nbs/01_data.ipynb #da4c4c86
 def train_val_split(y: np.ndarray,  # training labels
@@ -174,6 +188,45 @@ def train_val_split(y: np.ndarray,  # training labels
     val = [rng.permutation(np.flatnonzero(y == c))[:int(round(val_fraction * (y == c).sum()))] for c in np.unique(y)]
     val = np.sort(np.concatenate(val)) if val else np.array([], np.int64)
     return np.setdiff1d(np.arange(len(y)), val), val
+
+# %% ../nbs/01_data.ipynb #cf88fdef
+SPLIT_PATH = "splits/train_val.json"  # in the datasets store
+SPLIT_FIX = "run the data stage: `fmnist run --stages 01_data`"
+
+def write_split(settings: Settings,
+                val_fraction: float = 0.1,  # share of each class held out
+                seed: int = 42,  # generator seed
+                **provenance) -> str:  # e.g. run_id; returns the URI written
+    "Split the training labels and write the indices, the parameters and the labels' sha256 to the datasets store."
+    y, labels_sha256 = load_file("train_labels", settings)
+    train_idx, val_idx = train_val_split(y, val_fraction, seed)
+    split = {"val_fraction": val_fraction, "seed": seed, "labels_file": FILES["train_labels"][0],
+             "labels_sha256": labels_sha256, **provenance, "train_idx": train_idx.tolist(), "val_idx": val_idx.tolist()}
+    return settings.datasets.write_text(SPLIT_PATH, json.dumps(split, sort_keys=True, separators=(",", ":")) + "\n")
+
+# %% ../nbs/01_data.ipynb #289e7ad3
+def _split_record(s: Settings) -> dict:
+    ds = s.datasets
+    if not ds.exists(SPLIT_PATH): raise FileNotFoundError(f"{ds.uri(SPLIT_PATH)} is missing: {SPLIT_FIX}")
+    split = ds.read_json(SPLIT_PATH)
+    y, sha = load_file("train_labels", s)
+    if split.get("labels_sha256") != sha:
+        raise DataIntegrityError(f"{ds.uri(SPLIT_PATH)} was made from training labels with sha256 "
+                                 f"{split.get('labels_sha256')}, not from these ({sha}): {SPLIT_FIX}")
+    seen = np.bincount(np.concatenate([split["train_idx"], split["val_idx"]]).astype(np.int64), minlength=len(y))
+    if len(seen) != len(y) or (seen != 1).any():
+        raise DataIntegrityError(f"{ds.uri(SPLIT_PATH)} does not hold each of the {len(y):,} training images once: {SPLIT_FIX}")
+    return split
+
+def read_split(settings: Settings | None = None) -> tuple[np.ndarray, np.ndarray]:  # train and validation indices
+    "Train and validation indices into the training file, as the data stage wrote them for these labels."
+    split = _split_record(settings or Settings.from_env())
+    return np.asarray(split["train_idx"], np.int64), np.asarray(split["val_idx"], np.int64)
+
+# %% ../nbs/01_data.ipynb #6d49da22
+def split_params(settings: Settings | None = None) -> dict:
+    "What the split was made from (fraction, seed, labels file and sha256, provenance), without the indices."
+    return {k: v for k, v in _split_record(settings or Settings.from_env()).items() if not k.endswith("_idx")}
 
 # %% ../nbs/01_data.ipynb #91ae17a3
 def show_images(images: np.ndarray,  # (n, 28, 28)

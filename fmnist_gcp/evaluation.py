@@ -1,4 +1,4 @@
-"""The metrics Vertex AI and Google's AutoML benchmark report, measured the same way on the 10,000 test images; per-class results, the confusion matrix, PR curves, calibration, the worst mistakes, a model card, and models side by side.
+"""The metrics Vertex AI and Google's AutoML benchmark report, measured the same way on the test images; per-class results, the confusion matrix, PR curves, calibration, the worst mistakes, a model card, and models side by side.
 
 Docs: https://fmnist-gcp.github.io/fmnist-gcp/evaluation.html.md"""
 
@@ -14,20 +14,22 @@ import numpy as np
 import pandas as pd
 
 from .data import CLASS_NAMES
+from .training import log_loss
 
 # %% auto #0
-__all__ = ['VERTEX_THRESHOLDS', 'REFERENCES', 'HEADLINE', 'one_hot', 'vertex_pr_curve', 'vertex_au_prc',
-           'expected_calibration_error', 'classification_metrics', 'per_class_report', 'confusion', 'plot_confusion',
-           'plot_pr_curves', 'plot_reliability', 'worst_misclassifications', 'compare', 'beats_references',
-           'model_card']
+__all__ = ['VERTEX_THRESHOLDS', 'AUTOML_VISION', 'VERTEX_AUTOML', 'REFERENCES', 'HEADLINE', 'one_hot', 'vertex_pr_curve',
+           'vertex_au_prc', 'calibration_bins', 'expected_calibration_error', 'classification_metrics',
+           'per_class_report', 'confusion', 'most_confused', 'plot_confusion', 'plot_pr_curves', 'plot_reliability',
+           'worst_misclassifications', 'compare', 'beats_references', 'model_card']
 
-# %% ../nbs/08_evaluation.ipynb #a44404a4
-VERTEX_THRESHOLDS = np.array([round(0.05 * i, 2) for i in range(19)] + [0.95, 0.96, 0.97, 0.98, 0.99])
-
-def one_hot(y: np.ndarray, k: int = 10) -> np.ndarray:
+# %% ../nbs/08_evaluation.ipynb #87e52a82
+def one_hot(y: np.ndarray, k: int = len(CLASS_NAMES)) -> np.ndarray:
     "(n, k) 0/1 matrix of integer labels `y`."
     out = np.zeros((len(y), k), np.int8); out[np.arange(len(y)), y] = 1
     return out
+
+# %% ../nbs/08_evaluation.ipynb #a44404a4
+VERTEX_THRESHOLDS = np.array([round(0.05 * i, 2) for i in range(19)] + [0.95, 0.96, 0.97, 0.98, 0.99])
 
 def vertex_pr_curve(y: np.ndarray, proba: np.ndarray, thresholds: np.ndarray = VERTEX_THRESHOLDS) -> pd.DataFrame:
     "Micro-averaged precision and recall at each confidence threshold, as Vertex's `confidenceMetrics` lists them."
@@ -39,28 +41,37 @@ def vertex_pr_curve(y: np.ndarray, proba: np.ndarray, thresholds: np.ndarray = V
         rows.append({"threshold": float(th), "precision": tp / (tp + fp) if tp + fp else 1.0, "recall": tp / t.sum()})
     return pd.DataFrame(rows)
 
+# %% ../nbs/08_evaluation.ipynb #a77fc3b5
 def vertex_au_prc(y: np.ndarray, proba: np.ndarray, thresholds: np.ndarray = VERTEX_THRESHOLDS) -> float:
     "Vertex AI's `auPrc`: trapezoidal area under the micro PR curve sampled at `thresholds`."
     c = vertex_pr_curve(y, proba, thresholds).sort_values("threshold", ascending=False)
     r = np.concatenate([[0.0], c["recall"].to_numpy()]); pr = np.concatenate([[c["precision"].iloc[0]], c["precision"].to_numpy()])
     return float(np.sum(np.diff(r) * (pr[1:] + pr[:-1]) / 2))
 
-# %% ../nbs/08_evaluation.ipynb #b8e5c58c
-def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = 15) -> float:
-    "Weighted mean |accuracy - confidence| over equal-width bins of the top-class confidence."
+# %% ../nbs/08_evaluation.ipynb #f00d23a2
+def calibration_bins(y: np.ndarray, proba: np.ndarray, bins: int = 15) -> pd.DataFrame:
+    "Per non-empty bin of top-class confidence: mean confidence, accuracy and count."
     conf, correct = proba.max(1), (proba.argmax(1) == y)
-    edges = np.linspace(0, 1, bins + 1); b = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
-    return float(sum(abs(correct[b == i].mean() - conf[b == i].mean()) * (b == i).mean() for i in range(bins) if (b == i).any()))
+    b = np.clip(np.digitize(conf, np.linspace(0, 1, bins + 1)[1:-1]), 0, bins - 1)
+    return pd.DataFrame([{"confidence": conf[b == i].mean(), "accuracy": correct[b == i].mean(), "count": int((b == i).sum())}
+                         for i in range(bins) if (b == i).any()])
 
+# %% ../nbs/08_evaluation.ipynb #6d3d2140
+def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = 15) -> float:
+    "Weighted mean |accuracy - confidence| over the calibration bins."
+    c = calibration_bins(y, proba, bins)
+    return float(((c["accuracy"] - c["confidence"]).abs() * c["count"]).sum() / c["count"].sum())
+
+# %% ../nbs/08_evaluation.ipynb #b8e5c58c
 def classification_metrics(y: np.ndarray,  # true labels (n,)
-                           proba: np.ndarray,  # class probabilities (n, 10), rows sum to 1
+                           proba: np.ndarray,  # class probabilities (n, k), rows sum to 1
                            ) -> dict[str, float]:
-    "accuracy, log_loss, au_prc (Vertex), micro_ap, macro_ap, macro_roc_auc and ece."
-    from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
+    "accuracy, log_loss, au_prc (Vertex), micro_ap, macro_ap, macro_roc_auc, ece and n."
+    from sklearn.metrics import average_precision_score, roc_auc_score
     if proba.ndim != 2 or len(proba) != len(y): raise ValueError(f"proba must be (n, k) for n={len(y)} labels, got {proba.shape}")
-    k, oh = proba.shape[1], one_hot(y, proba.shape[1])
+    oh = one_hot(y, proba.shape[1])
     return {"accuracy": float((proba.argmax(1) == y).mean()),
-            "log_loss": float(log_loss(y, np.clip(proba, 1e-7, 1), labels=list(range(k)))),
+            "log_loss": log_loss(y, proba),
             "au_prc": vertex_au_prc(y, proba),
             "micro_ap": float(average_precision_score(oh, proba, average="micro")),
             "macro_ap": float(average_precision_score(oh, proba, average="macro")),
@@ -71,14 +82,22 @@ def classification_metrics(y: np.ndarray,  # true labels (n,)
 def per_class_report(y: np.ndarray, proba: np.ndarray) -> pd.DataFrame:
     "Precision, recall, F1, average precision and support of each class."
     from sklearn.metrics import average_precision_score, precision_recall_fscore_support
-    pred = proba.argmax(1)
-    p, r, f, s = precision_recall_fscore_support(y, pred, labels=list(range(10)), zero_division=0)
-    ap = [average_precision_score(y == c, proba[:, c]) if (y == c).any() else float("nan") for c in range(10)]
+    classes = range(len(CLASS_NAMES))
+    p, r, f, s = precision_recall_fscore_support(y, proba.argmax(1), labels=list(classes), zero_division=0)
+    ap = [average_precision_score(y == c, proba[:, c]) if (y == c).any() else float("nan") for c in classes]
     return pd.DataFrame({"precision": p, "recall": r, "f1": f, "ap": ap, "support": s}, index=CLASS_NAMES)
 
-def confusion(y: np.ndarray, pred: np.ndarray, k: int = 10) -> np.ndarray:
+# %% ../nbs/08_evaluation.ipynb #ddd5ec55
+def confusion(y: np.ndarray, pred: np.ndarray, k: int = len(CLASS_NAMES)) -> np.ndarray:
     "(k, k) counts: row = true class, column = predicted class."
     return np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
+
+# %% ../nbs/08_evaluation.ipynb #33be1cd7
+def most_confused(cm: np.ndarray, k: int = 3) -> list[tuple[str, str, int]]:
+    "The `k` largest off-diagonal cells: (true class, predicted class, count), largest first."
+    off = cm * (1 - np.eye(len(cm), dtype=cm.dtype))
+    idx = np.argsort(-off, axis=None, kind="stable")[:k]
+    return [(CLASS_NAMES[i], CLASS_NAMES[j], int(off[i, j])) for i, j in zip(*np.unravel_index(idx, off.shape)) if off[i, j]]
 
 # %% ../nbs/08_evaluation.ipynb #560f5243
 def plot_confusion(cm: np.ndarray, title: str = "Confusion matrix (row-normalised)"):
@@ -90,42 +109,42 @@ def plot_confusion(cm: np.ndarray, title: str = "Confusion matrix (row-normalise
     ax.set(xlabel="predicted", ylabel="true", title=title); fig.tight_layout()
     return fig
 
+# %% ../nbs/08_evaluation.ipynb #d5ae984c
 def plot_pr_curves(y: np.ndarray, proba: np.ndarray, title: str = "Precision-recall per class"):
     "One PR curve per class, plus the micro curve at Vertex's thresholds."
     import matplotlib.pyplot as plt
     from sklearn.metrics import precision_recall_curve
     fig, ax = plt.subplots(figsize=(8, 6))
-    for c in range(10):
-        pr, rc, _ = precision_recall_curve(y == c, proba[:, c]); ax.plot(rc, pr, lw=1, label=CLASS_NAMES[c])
+    for c, name in enumerate(CLASS_NAMES):
+        pr, rc, _ = precision_recall_curve(y == c, proba[:, c]); ax.plot(rc, pr, lw=1, label=name)
     v = vertex_pr_curve(y, proba)
     ax.plot(v["recall"], v["precision"], "k.--", lw=1.5, label=f"micro, Vertex thresholds (auPrc {vertex_au_prc(y, proba):.4f})")
     ax.set(xlabel="recall", ylabel="precision", title=title, ylim=(0.5, 1.01)); ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig
 
+# %% ../nbs/08_evaluation.ipynb #a6e473d7
 def plot_reliability(y: np.ndarray, proba: np.ndarray, bins: int = 15):
     "Reliability diagram: accuracy against confidence of the top class."
     import matplotlib.pyplot as plt
-    conf, correct = proba.max(1), proba.argmax(1) == y
-    edges = np.linspace(0, 1, bins + 1); b = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
-    mids = [(conf[b == i].mean(), correct[b == i].mean(), (b == i).sum()) for i in range(bins) if (b == i).any()]
+    c = calibration_bins(y, proba, bins)
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], "k:", lw=1)
-    ax.scatter([m[0] for m in mids], [m[1] for m in mids], s=[max(4, 200 * m[2] / len(y)) for m in mids])
+    ax.scatter(c["confidence"], c["accuracy"], s=np.maximum(4, 200 * c["count"] / len(y)))
     ax.set(xlabel="confidence", ylabel="accuracy", title=f"Calibration (ECE {expected_calibration_error(y, proba, bins):.4f})")
     fig.tight_layout()
     return fig
 
+# %% ../nbs/08_evaluation.ipynb #f66c57c1
 def worst_misclassifications(y: np.ndarray, proba: np.ndarray, k: int = 16) -> np.ndarray:
     "Indices of the `k` wrong predictions made with the highest confidence."
     wrong = np.flatnonzero(proba.argmax(1) != y)
     return wrong[np.argsort(-proba[wrong].max(1))][:k]
 
 # %% ../nbs/08_evaluation.ipynb #b42bd970
-REFERENCES = {
-    "Google AutoML Vision (24 h, published)": {"accuracy": 0.939, "macro_roc_auc": 0.985},
-    "original project's Vertex AutoML (published)": {"au_prc": 0.972},
-}
+AUTOML_VISION = "Google AutoML Vision (24 h, published)"
+VERTEX_AUTOML = "original project's Vertex AutoML (published)"
+REFERENCES = {AUTOML_VISION: {"accuracy": 0.939, "macro_roc_auc": 0.985}, VERTEX_AUTOML: {"au_prc": 0.972}}
 HEADLINE = ["accuracy", "au_prc", "micro_ap", "macro_ap", "macro_roc_auc", "log_loss", "ece"]
 
 def compare(results: dict[str, dict], references: dict[str, dict] = REFERENCES) -> pd.DataFrame:
@@ -133,32 +152,45 @@ def compare(results: dict[str, dict], references: dict[str, dict] = REFERENCES) 
     rows = {**results, **references}
     return pd.DataFrame({k: {m: v.get(m, np.nan) for m in HEADLINE} for k, v in rows.items()}).T
 
+# %% ../nbs/08_evaluation.ipynb #616f89e2
 def beats_references(m: dict, references: dict[str, dict] = REFERENCES) -> dict[str, bool]:
     "For each reference, whether `m` is better on every figure it published."
     return {name: all(m.get(k, -math.inf) > v for k, v in ref.items()) for name, ref in references.items()}
 
-# %% ../nbs/08_evaluation.ipynb #24b1089d
-def model_card(name: str, version: str, metrics: dict, params: dict, data_sha256: dict, per_class: pd.DataFrame | None = None) -> str:
-    "Markdown model card."
-    lines = [f"# Model card: {name} v{version}", "",
-             "## Intended use",
-             "Classifying 28x28 greyscale images of clothing into the ten Fashion-MNIST classes, as a reproducible "
-             "baseline and a demonstration of the workflow. Inputs are raw 0-255 pixels, centred and scaled like "
-             "Fashion-MNIST.", "",
-             "## Limits",
-             "- Trained only on Fashion-MNIST's studio product photos: it is not a general clothing recogniser and will "
-             "misclassify real-world photos, other resolutions or non-centred items.",
-             "- Shirt, T-shirt/top, pullover and coat are confused most often (see the confusion matrix).",
-             "- Confidences are calibrated on this test set only (see ECE); do not treat them as probabilities elsewhere.", "",
-             "## Data (sha256 of the decompressed IDX files)", *[f"- `{k}`: `{v}`" for k, v in data_sha256.items()], "",
-             "## Training parameters", "```json", json.dumps(params, indent=2, sort_keys=True, default=str), "```", "",
-             "## Test metrics (10,000 Fashion-MNIST test images)",
-             *[f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in metrics.items()]]
-    if per_class is not None:
-        lines += ["", "## Per class", per_class.round(4).to_markdown() if _has_tabulate() else per_class.round(4).to_string()]
-    return "\n".join(lines) + "\n"
+# %% ../nbs/08_evaluation.ipynb #69ed591e
+def _calibration_line(meta: dict) -> str:
+    t, split = meta.get("temperature", 1.0), meta.get("temperature_split")
+    if t == 1.0 and not split: return "- Confidences are the network's softmax outputs, not calibrated (temperature 1.0)."
+    where = f"the {split} split" if split else "a split the model's metadata does not name"
+    return (f"- Confidences are divided by a temperature of {t:.3f} fitted on {where}; the ECE below shows how well that "
+            "holds on the test images. Do not treat them as probabilities on other data.")
 
 def _has_tabulate() -> bool:
     try: import tabulate  # noqa: F401
     except ImportError: return False
     return True
+
+# %% ../nbs/08_evaluation.ipynb #24b1089d
+def model_card(name: str, version: int | str,
+               meta: dict,  # the version's metadata.json: config, data_sha256, temperature, temperature_split, input
+               metrics: dict,  # classification_metrics on the test images (`n`: how many)
+               per_class: pd.DataFrame | None = None, cm: np.ndarray | None = None) -> str:
+    "Markdown model card."
+    confused = ", ".join(f"{t} as {p} ({c})" for t, p, c in most_confused(cm)) if cm is not None else ""
+    lines = [f"# Model card: {name} v{version}", "",
+             "## Intended use",
+             "Classifying 28x28 greyscale images of clothing into the classes " + ", ".join(CLASS_NAMES) + ", as a "
+             "reproducible baseline and a demonstration of the workflow.", f"Input: {meta.get('input', 'not recorded')}; "
+             f"output: {meta.get('output', 'not recorded')}.", "",
+             "## Limits",
+             "- Trained only on Fashion-MNIST's studio product photos: it is not a general clothing recogniser and will "
+             "misclassify real-world photos, other resolutions or non-centred items.",
+             *([f"- Most often confused on the test images: {confused}."] if confused else []),
+             _calibration_line(meta), "",
+             "## Data (sha256 of the decompressed IDX files)", *[f"- `{k}`: `{v}`" for k, v in meta.get("data_sha256", {}).items()], "",
+             "## Training parameters", "```json", json.dumps(meta.get("config", {}), indent=2, sort_keys=True, default=str), "```", "",
+             f"## Test metrics ({metrics['n']:,} Fashion-MNIST test images)",
+             *[f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in metrics.items() if k != "n"]]
+    if per_class is not None:
+        lines += ["", "## Per class", per_class.round(4).to_markdown() if _has_tabulate() else per_class.round(4).to_string()]
+    return "\n".join(lines) + "\n"

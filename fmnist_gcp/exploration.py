@@ -1,4 +1,4 @@
-"""What Fashion-MNIST looks like: every class side by side, how balanced the classes are, what an average image of each class is, and how the classes sit in two dimensions.
+"""What Fashion-MNIST looks like: every class side by side, how balanced the classes are, each class's mean image and where its members differ, and how the classes sit in two dimensions.
 
 Docs: https://fmnist-gcp.github.io/fmnist-gcp/exploration.html.md"""
 
@@ -16,7 +16,10 @@ from .data import CLASS_NAMES
 __all__ = ['class_grid', 'class_balance', 'mean_variance_images', 'show_mean_variance', 'embed_2d', 'show_embedding']
 
 # %% ../nbs/02_exploration.ipynb #27c757a5
-def class_grid(x: np.ndarray, y: np.ndarray, per_class: int = 10, seed: int = 0):
+def class_grid(x: np.ndarray,  # images (n, 28, 28) uint8
+               y: np.ndarray,  # labels (n,)
+               per_class: int = 10,  # images in each row
+               seed: int = 0):
     "A figure with one row per class of `per_class` randomly chosen images."
     import matplotlib.pyplot as plt
     rng = np.random.default_rng(seed)
@@ -31,6 +34,7 @@ def class_grid(x: np.ndarray, y: np.ndarray, per_class: int = 10, seed: int = 0)
     fig.subplots_adjust(wspace=0.05, hspace=0.05)
     return fig
 
+# %% ../nbs/02_exploration.ipynb #45af302b
 def class_balance(y: np.ndarray, **splits: np.ndarray) -> pd.DataFrame:
     "Count of each class in `y` (column 'train') and in any further labelled splits given by name."
     cols = {"train": y, **splits}
@@ -44,6 +48,7 @@ def mean_variance_images(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.n
     var = np.stack([f[y == c].var(0) if (y == c).any() else np.zeros(x.shape[1:], np.float32) for c in range(10)])
     return mean, var
 
+# %% ../nbs/02_exploration.ipynb #4b9df4d6
 def show_mean_variance(mean: np.ndarray, var: np.ndarray):
     "Two rows: the mean and the variance image of each class."
     import matplotlib.pyplot as plt
@@ -69,6 +74,7 @@ def embed_2d(x: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
         return TSNE(n_components=2, random_state=seed, init="pca").fit_transform(PCA(50, random_state=seed).fit_transform(f))
     raise ValueError(f"embedding must be 'pca' or 'tsne', not {method!r}")
 
+# %% ../nbs/02_exploration.ipynb #285d7d26
 def show_embedding(z: np.ndarray, y: np.ndarray, title: str = ""):
     "Scatter plot of 2-D points `z` coloured by class."
     import matplotlib.pyplot as plt, seaborn as sns

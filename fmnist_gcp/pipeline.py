@@ -1,4 +1,4 @@
-"""`fmnist run` executes the stage notebooks with papermill into `runs/<run_id>/`, renders each to HTML, and writes the run's manifest and an index of all runs.
+"""The stages declared once, the profiles, and `fmnist run`: papermill executes the stage notebooks into `runs/<run_id>/`, renders each as an HTML report, and writes the run's manifest and pages.
 
 Docs: https://fmnist-gcp.github.io/fmnist-gcp/pipeline.html.md"""
 
@@ -8,72 +8,99 @@ Docs: https://fmnist-gcp.github.io/fmnist-gcp/pipeline.html.md"""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from .config import Settings, write_bytes_atomic, recorded
 
 # %% auto #0
-__all__ = ['STAGES', 'PROFILES', 'PACKAGES', 'COMPARE_FIGURES', 'PipelineError', 'StageFailed', 'nbs_dir', 'resolve_stages',
-           'declared_parameters', 'coerce', 'parse_overrides', 'plan_run', 'package_versions', 'git_state',
+__all__ = ['STAGES', 'RESERVED', 'PROFILE_NAMES', 'PACKAGES', 'REPORT_TEMPLATE', 'HEADLINE', 'COMPARE_FIGURES', 'PipelineError',
+           'Stage', 'prerequisites', 'nbs_dir', 'resolve_stages', 'declared_parameters', 'typed', 'parse_overrides',
+           'profile_params', 'plan_run', 'package_versions', 'git_state', 'report_tag', 'tag_report_cells',
            'render_html', 'cell_seconds', 'execute_stage', 'run_page', 'list_runs', 'compare_runs', 'write_index',
-           'run_pipeline']
+           'StageFailed', 'run_pipeline']
 
 # %% ../nbs/pipeline.ipynb #e84afd3e
-STAGES: list[str] = ["00_config", "01_data", "02_exploration", "03_statistics", "04_preprocessing", "07_training",
-                     "08_evaluation", "09_registry", "09a_serving"]
-
-PROFILES: dict[str, dict[str, dict[str, Any]]] = {
-    "smoke": {"02_exploration": {"max_images": 1000, "per_class": 6, "embed_images": 500},
-              "03_statistics": {"max_images": 2000},
-              "04_preprocessing": {"max_images": 600, "shards": 2},
-              "08_evaluation": {"max_images": 1000}},
-    "quick": {"02_exploration": {"max_images": 0, "embed_images": 3000},
-              "03_statistics": {"max_images": 0},
-              "04_preprocessing": {"max_images": 0, "shards": 8, "erase_prob": 0.0},
-              "07_training": {"widths": "32,64,128", "convs": 2, "epochs": 12, "batch_size": 256, "lr": 0.004,
-                              "precision": "mixed_bfloat16", "max_train_images": 0, "deterministic": False,
-                              "saved_model": True},
-              "08_evaluation": {"max_images": 0}},
-    "full": {"02_exploration": {"max_images": 0, "embed_images": 5000, "embedding": "tsne"},
-             "03_statistics": {"max_images": 0},
-             "04_preprocessing": {"max_images": 0, "shards": 8, "erase_prob": 0.3},
-             "07_training": {"widths": "64,128,256", "convs": 2, "epochs": 30, "precision": "mixed_bfloat16",
-                             "max_train_images": 0, "deterministic": False, "saved_model": True, "warmup_frac": 0.1},
-             "08_evaluation": {"max_images": 0}},
-}
-
 class PipelineError(ValueError):
     "The run cannot start: an unknown stage, profile or parameter, or a bad value."
 
-class StageFailed(RuntimeError):
-    "A stage raised; `report` is the HTML page that shows the error."
-    def __init__(self, stage: str, report: Path, error: str):
-        super().__init__(f"stage {stage} failed: {error}\n  report: {report}")
-        self.stage, self.report, self.error = stage, report, error
+@dataclass(frozen=True)
+class Stage:
+    "One pipeline stage: its notebook, what it reads and writes in the stores, and its side effects."
+    notebook: str  # file stem in nbs/, e.g. "03_statistics"
+    summary: str  # what it does, one line (`fmnist run --help`, the run page)
+    reads: tuple[str, ...] = ()  # store artefacts it reads, "store:path"
+    writes: tuple[str, ...] = ()  # store artefacts it writes, "store:path" (a trailing / is a folder)
+    side_effects: str = ""  # what it changes beyond its outputs
+
+    @property
+    def name(self) -> str: return self.notebook.split("_", 1)[1]  # short name = figure key
+
+# %% ../nbs/pipeline.ipynb #a2c1e001
+_SPLIT, _NORM = "datasets:splits/train_val.json", "datasets:stats/normalisation.json"
+_PRE, _TFR = "datasets:exports/preprocessing.json", "datasets:exports/tfrecord/"
+_VERSION = "models:<model>/<version>/"
+
+STAGES: tuple[Stage, ...] = (
+    Stage("00_config", "the resolved settings and the three stores"),
+    Stage("01_data", "verified IDX files and the train/validation split", writes=(_SPLIT,)),
+    Stage("02_exploration", "class grids, class balance, mean images, a 2-D embedding"),
+    Stage("03_statistics", "pixel and class statistics, drift, duplicates; the normalisation",
+          reads=(_SPLIT,), writes=(_NORM,)),
+    Stage("04_preprocessing", "augmentation and the dataset exports: TFRecord, NPZ, PNG + AutoML CSV, JSONL",
+          reads=(_SPLIT, _NORM), writes=(_PRE, _TFR, "datasets:exports/npz/", "datasets:exports/png/",
+                                          "datasets:exports/automl/import.csv", "datasets:exports/batch/test_instances.jsonl")),
+    Stage("07_training", "the custom CNN trained, calibrated and exported as a new model version",
+          reads=(_PRE, _TFR), writes=(_VERSION, "models:checkpoints/<run_id>/", "dev:runs/<run_id>/tensorboard/")),
+    Stage("08_evaluation", "test metrics against the AutoML references, plots, the model card",
+          reads=(_VERSION,), writes=(_VERSION + "evaluation.json", _VERSION + "model_card.md")),
+    Stage("09_registry", "the version registered; `champion` moves only to a better model",
+          reads=(_VERSION + "evaluation.json",), writes=("models:<model>/registry.json",),
+          side_effects="moves the model's `default` and `champion` aliases"),
+    Stage("09a_serving", "the prediction server on loopback: real requests, rejected ones, latency",
+          reads=("models:<model>/registry.json", _VERSION),
+          side_effects="runs a prediction server on 127.0.0.1 while the stage runs"),
+)
+
+# %% ../nbs/pipeline.ipynb #a2c1e002
+def _covers(written: str, read: str) -> bool:
+    return read == written or (written.endswith("/") and read.startswith(written))
+
+def prerequisites(notebook: str) -> list[str]:
+    "Earlier stages whose outputs `notebook` reads, directly or through another stage, in run order."
+    names = [s.notebook for s in STAGES]
+    need, todo = set(), [s for s in STAGES if s.notebook == notebook]
+    while todo:
+        st = todo.pop()
+        for w in STAGES[:names.index(st.notebook)]:
+            if w.notebook not in need and any(_covers(o, i) for o in w.writes for i in st.reads):
+                need.add(w.notebook); todo.append(w)
+    return [n for n in names if n in need]
 
 # %% ../nbs/pipeline.ipynb #630c3b93
 def nbs_dir() -> Path:
     "Directory holding the stage notebooks."
+    import os
     d = Path(os.environ.get("FMNIST_NBS_DIR") or Path(__file__).resolve().parent.parent / "nbs")
     if not d.is_dir():
         raise PipelineError(f"no notebooks at {d}: run from a checkout of fmnist-gcp or set FMNIST_NBS_DIR")
     return d
 
+# %% ../nbs/pipeline.ipynb #a2c1e003
 def resolve_stages(names: list[str] | None) -> list[str]:
-    "Stage names in run order from full names (`03_statistics`), numbers (`03`) or short names (`statistics`)."
-    if not names: return list(STAGES)
-    out = []
+    "Stage notebooks in run order for `names` (all stages when empty)."
+    if not names: return [s.notebook for s in STAGES]
+    hit = set()
     for n in names:
-        hit = [s for s in STAGES if n in (s, s.split("_", 1)[0], s.split("_", 1)[1])]
-        if not hit: raise PipelineError(f"unknown stage {n!r}; stages are {', '.join(STAGES)}")
-        out += hit
-    return [s for s in STAGES if s in out]
+        found = {s.notebook for s in STAGES if n in (s.notebook, s.notebook.split("_", 1)[0], s.name)}
+        if not found: raise PipelineError(f"unknown stage {n!r}; stages are {', '.join(s.notebook for s in STAGES)}")
+        hit |= found
+    return [s.notebook for s in STAGES if s.notebook in hit]
 
 # %% ../nbs/pipeline.ipynb #71035032
 def declared_parameters(nb: str | Path) -> dict[str, dict]:
@@ -81,29 +108,38 @@ def declared_parameters(nb: str | Path) -> dict[str, dict]:
     import ast, nbformat, papermill as pm
     cells = [c for c in nbformat.read(nb, 4).cells if "parameters" in c.metadata.get("tags", [])]
     if not cells: raise PipelineError(f"{nb} has no cell tagged 'parameters'")
-    assigned = {t.id if isinstance(t, ast.Name) else None for node in ast.parse(cells[0].source).body
-                for t in (node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)])}
+    assigned = {t.id for node in ast.parse(cells[0].source).body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
     got = pm.inspect_notebook(str(nb))
-    if assigned - {None} - set(got):  # papermill skips a line it cannot parse, e.g. one with '=' in its comment
-        raise PipelineError(f"{nb}: papermill cannot read parameter(s) {', '.join(sorted(assigned - {None} - set(got)))}; "
+    if assigned - set(got):
+        raise PipelineError(f"{nb}: papermill cannot read parameter(s) {', '.join(sorted(assigned - set(got)))}; "
                             "write each as `name: type = value  # help` with no '=' in the help comment")
     return {k: {"type": v["inferred_type_name"], "default": v["default"], "help": v["help"]} for k, v in got.items()}
 
 # %% ../nbs/pipeline.ipynb #1fa29945
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+_IS = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool), "bool": lambda v: isinstance(v, bool),
+       "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "str": lambda v: isinstance(v, str)}
 
-def coerce(value: str, type_name: str, name: str = "value") -> Any:
-    "`value` converted to the declared `type_name` (int, float, bool, str)."
-    try:
-        if type_name == "int": return int(value)
-        if type_name == "float": return float(value)
-        if type_name == "bool":
-            v = value.strip().lower()
-            if v in _TRUE | _FALSE: return v in _TRUE
-            raise ValueError(value)
-    except ValueError:
-        raise PipelineError(f"parameter {name}={value!r} is not a valid {type_name}") from None
+def _parse(value: str, type_name: str):
+    if type_name == "int": return int(value)
+    if type_name == "float": return float(value)
+    if type_name == "bool" and value.strip().lower() in _TRUE | _FALSE: return value.strip().lower() in _TRUE
+    if type_name == "bool": raise ValueError(value)
     return value
+
+def typed(value: Any, type_name: str, name: str = "value") -> Any:
+    "`value` as the declared `type_name` (int, float, bool, str): parsed from a string, checked otherwise."
+    try:
+        v = _parse(value, type_name) if isinstance(value, str) else value
+    except ValueError:
+        v = None
+    if type_name in _IS and not _IS[type_name](v):
+        raise PipelineError(f"parameter {name}={value!r} is not a valid {type_name}")
+    return float(v) if type_name == "float" else v
+
+# %% ../nbs/pipeline.ipynb #a2c1e004
+RESERVED = {"run_id": "--run-id", "profile": "--profile"}  # parameters the run sets itself, and the option for each
 
 def parse_overrides(items: list[str]) -> list[tuple[str | None, str, str]]:
     "`name=value` / `stage.name=value` strings as (stage or None, name, value)."
@@ -113,33 +149,62 @@ def parse_overrides(items: list[str]) -> list[tuple[str | None, str, str]]:
         key, value = it.split("=", 1)
         stage, _, name = key.rpartition(".")
         if not name.isidentifier(): raise PipelineError(f"-p {it!r}: {name!r} is not a parameter name")
+        if name in RESERVED: raise PipelineError(f"-p {it!r}: set {name} with {RESERVED[name]}, not -p")
         out.append((resolve_stages([stage])[0] if stage else None, name, value))
     return out
+
+# %% ../nbs/pipeline.ipynb #a2c1e007
+PROFILE_NAMES = ("smoke", "quick", "full")
+
+def profile_params(profile: str) -> dict[str, dict[str, Any]]:
+    "Stage -> parameters that `profile` sets."
+    if profile not in PROFILE_NAMES: raise PipelineError(f"unknown profile {profile!r}; profiles are {', '.join(PROFILE_NAMES)}")
+    from fmnist_gcp.training import recipe_params
+    all_data = {s: {"max_images": 0} for s in ("02_exploration", "03_statistics", "04_preprocessing", "08_evaluation")}
+    run = {"max_train_images": 0, "deterministic": False, "saved_model": True}
+    return {
+        "smoke": {"02_exploration": {"max_images": 1000, "per_class": 6, "embed_images": 500},
+                  "03_statistics": {"max_images": 2000}, "04_preprocessing": {"max_images": 600, "shards": 2},
+                  "08_evaluation": {"max_images": 1000}},
+        "quick": {**all_data, "02_exploration": {"max_images": 0, "embed_images": 3000},
+                  "04_preprocessing": {"max_images": 0, "shards": 8, "erase_prob": 0.0},
+                  "07_training": {**recipe_params(), **run}},
+        "full": {**all_data, "02_exploration": {"max_images": 0, "embed_images": 5000, "embedding": "tsne"},
+                 "04_preprocessing": {"max_images": 0, "shards": 8, "erase_prob": 0.3},
+                 "07_training": {**recipe_params(widths=(64, 128, 256), epochs=30, batch_size=128, lr=0.003,
+                                                 warmup_frac=0.1), **run}},
+    }[profile]
 
 # %% ../nbs/pipeline.ipynb #3b3f7f5e
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
+def _stage_params(nb: Path, stage: str, base: dict, ovr: list, used: set) -> dict:
+    import ast
+    decl = declared_parameters(nb)
+    undeclared = sorted(set(base) - set(decl))
+    if undeclared:
+        raise PipelineError(f"{nb.name} does not declare {', '.join(undeclared)} in its parameters cell "
+                            f"(it declares {', '.join(decl)})")
+    params = {k: typed(base[k], decl[k]["type"], f"{stage}.{k}") if k in base else ast.literal_eval(d["default"])
+              for k, d in decl.items()}
+    for k, (scope, name, value) in enumerate(ovr):
+        if scope in (None, stage) and name in decl:
+            params[name] = typed(value, decl[name]["type"], name); used.add(k)
+    return params
+
+# %% ../nbs/pipeline.ipynb #a2c1e008
 def plan_run(profile: str = "quick", stages: list[str] | None = None, overrides: list[str] | None = None,
              run_id: str = "dev", nbs: Path | None = None) -> list[dict]:
     "[{stage, notebook, params}] for each selected stage, every parameter checked against the notebook."
-    if profile not in PROFILES: raise PipelineError(f"unknown profile {profile!r}; profiles are {', '.join(PROFILES)}")
+    prof = profile_params(profile)
     if not _RUN_ID.match(run_id): raise PipelineError(f"run id {run_id!r}: use letters, digits, '.', '_' or '-' (at most 64)")
     nbs = nbs or nbs_dir()
-    selected, ovr = resolve_stages(stages), parse_overrides(overrides or [])
-    plan, used = [], set()
+    selected, ovr, used, plan = resolve_stages(stages), parse_overrides(overrides or []), set(), []
     for stage in selected:
         nb = nbs / f"{stage}.ipynb"
         if not nb.exists(): raise PipelineError(f"{nb} is missing")
-        decl = declared_parameters(nb)
-        params = {"run_id": run_id, "profile": profile, **PROFILES[profile].get(stage, {})}
-        for k, (scope, name, value) in enumerate(ovr):
-            if scope not in (None, stage) or name not in decl: continue
-            params[name] = coerce(value, decl[name]["type"], name); used.add(k)
-        undeclared = sorted(set(params) - set(decl))
-        if undeclared:
-            raise PipelineError(f"{nb.name} does not declare {', '.join(undeclared)} in its parameters cell "
-                                f"(it declares {', '.join(decl)})")
-        plan.append({"stage": stage, "notebook": nb, "params": params})
+        base = {"run_id": run_id, "profile": profile, **prof.get(stage, {})}
+        plan.append({"stage": stage, "notebook": nb, "params": _stage_params(nb, stage, base, ovr, used)})
     unused = [f"{s + '.' if s else ''}{n}" for k, (s, n, _) in enumerate(ovr) if k not in used]
     if unused:
         raise PipelineError(f"parameter {', '.join(unused)} is not declared by any selected stage "
@@ -159,6 +224,7 @@ def package_versions(names: list[str] = PACKAGES) -> dict[str, str]:
         except PackageNotFoundError: pass
     return {"python": sys.version.split()[0], **out}
 
+# %% ../nbs/pipeline.ipynb #a2c1e009
 def git_state(path: Path) -> dict[str, Any]:
     "Commit sha and dirty flag of the git work tree containing `path` (None outside git)."
     def git(*a):
@@ -170,18 +236,72 @@ def git_state(path: Path) -> dict[str, Any]:
     except (OSError, subprocess.TimeoutExpired):
         return {"sha": None, "dirty": None}
 
-# %% ../nbs/pipeline.ipynb #09104c5c
+# %% ../nbs/pipeline.ipynb #a2c1e010
+def _defined_names(source: str) -> list[str]:
+    import ast
+    try: body = ast.parse(source).body
+    except SyntaxError: return []
+    return [n.name for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))] + \
+           [t.id for n in body if isinstance(n, (ast.Assign, ast.AnnAssign)) and n.col_offset == 0
+            for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name) and t.id.isupper()]
+
+def report_tag(cell) -> tuple[str, str] | None:
+    "(tag, summary) for a code cell whose input the report folds, or None to show it."
+    src, tags = cell.source.lstrip(), cell.metadata.get("tags", [])
+    if cell.cell_type != "code" or {"parameters", "injected-parameters"} & set(tags): return None
+    if src.startswith("#|"):
+        exp = re.search(r"^#\|\s*default_exp\s+(\S+)", src, re.M)
+        if exp: return "report-library", f"exports fmnist_gcp/{exp[1].replace('.', '/')}.py"
+        return "report-library", "library code: " + (", ".join(_defined_names(cell.source)) or "imports and setup")
+    if not cell.get("outputs") and re.search(r"^\s*(assert |test_\w+\()", cell.source, re.M): return "report-test", "test"
+    return "report-code", "code"
+
+# %% ../nbs/pipeline.ipynb #a2c1e012
+REPORT_TEMPLATE = r"""{%- extends 'lab/index.html.j2' -%}
+{% block extra_css %}{{ super() }}<style>
+details.fmnist-fold > summary { cursor: pointer; color: #57606a; font: 12px/1.6 monospace; padding-left: 1em; }
+details.fmnist-fold:not([open]) { margin: 0 0 .2em; }
+</style>{% endblock extra_css %}
+{% block input_group -%}
+{%- set fold = cell.metadata.get('tags', []) | select('in', ['report-library', 'report-test', 'report-code']) | list -%}
+{%- if fold -%}
+<details class="fmnist-fold {{ fold[0] }}"><summary>{{ cell.metadata.get('report_summary', 'code') | e }}</summary>
+{{ super() }}
+</details>
+{%- else -%}
+{{ super() }}
+{%- endif -%}
+{%- endblock input_group %}
+"""
+
+# %% ../nbs/pipeline.ipynb #a2c1e013
+def tag_report_cells(nb):
+    "A copy of notebook node `nb` whose foldable code cells carry their report tag and summary."
+    import copy
+    nb = copy.deepcopy(nb)
+    for cell in nb.cells:
+        tag = report_tag(cell)
+        if tag:
+            cell.metadata["tags"] = [*cell.metadata.get("tags", []), tag[0]]
+            cell.metadata["report_summary"] = tag[1]
+    return nb
+
 def render_html(nb, html: Path) -> Path:
-    "Render an executed notebook node to a standalone HTML page at `html` (written atomically)."
+    "Render an executed notebook node to a standalone HTML report at `html` (written atomically)."
+    from jinja2 import DictLoader
     from nbconvert import HTMLExporter
-    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+    exporter = HTMLExporter(template_name="lab", template_file="fmnist_report.html.j2",
+                            extra_loaders=[DictLoader({"fmnist_report.html.j2": REPORT_TEMPLATE})])
+    body, _ = exporter.from_notebook_node(tag_report_cells(nb))
     write_bytes_atomic(str(html), body.encode())
     return html
 
+# %% ../nbs/pipeline.ipynb #09104c5c
 def cell_seconds(nb) -> float:
     "Sum of the cells' execution times papermill recorded in an executed notebook node."
     return float(sum((c.metadata.get("papermill", {}).get("duration") or 0) for c in nb.cells))
 
+# %% ../nbs/pipeline.ipynb #a2c1e015
 def execute_stage(step: dict, run_dir: Path, cwd: Path) -> dict:
     "Run one planned stage with papermill; returns its manifest entry (status, seconds, paths, error)."
     import papermill as pm
@@ -207,8 +327,8 @@ def execute_stage(step: dict, run_dir: Path, cwd: Path) -> dict:
 # %% ../nbs/pipeline.ipynb #86ea25b4
 _CSS = """<style>body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:70em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
-th{background:#f3f3f3}.ok{color:#176f2c}.failed,.interrupted{color:#b00020;font-weight:bold}.running{color:#a66}
-code{font-size:90%}</style>"""
+th{background:#f3f3f3}.ok,.yes{color:#176f2c}.failed,.interrupted,.no{color:#b00020;font-weight:bold}.running{color:#a66}
+.big{font-size:130%;font-weight:bold}summary{cursor:pointer;margin:.6em 0}code{font-size:90%}</style>"""
 
 def _esc(s: Any) -> str:
     import html
@@ -217,71 +337,123 @@ def _esc(s: Any) -> str:
 def _link(href: str | None, text: str) -> str:
     return f"<a href='{_esc(href)}'>{_esc(text)}</a>" if href else _esc(text)
 
-def _figures_html(figs: dict) -> str:
-    rows = "".join(f"<tr><td>{_esc(st)}</td><td>{_esc(k)}</td><td><code>{_esc(json.dumps(v) if not isinstance(v, str) else v)}</code></td></tr>"
-                   for st, d in figs.items() for k, v in d.items())
-    return f"<table><tr><th>stage</th><th>figure</th><th>value</th></tr>{rows}</table>"
+# %% ../nbs/pipeline.ipynb #a2c1e016
+HEADLINE = [  # (stage, figure, label, format): the run page's first table
+    ("evaluation", "accuracy", "test accuracy", "{:.2%}"), ("evaluation", "au_prc", "Vertex auPrc", "{:.4f}"),
+    ("evaluation", "macro_roc_auc", "macro ROC AUC", "{:.4f}"), ("training", "train_minutes", "training minutes", "{:.1f}"),
+    ("serving", "p99_ms", "serving p99, one image (ms)", "{:.1f}")]
 
-def run_page(m: dict) -> str:
-    "HTML page for one run manifest."
-    stages = "".join(
-        f"<tr><td>{i}</td><td>{_link(s.get('report'), s['stage'])}</td>"
-        f"<td class={s['status']}>{s['status']}</td><td>{s.get('seconds', '')}</td><td>{s.get('overhead_seconds', '')}</td>"
-        f"<td><code>{_esc(json.dumps(s.get('params', {})))}</code></td><td>{_esc(s.get('error', ''))}</td></tr>"
+def _headline_html(figs: dict) -> str:
+    from fmnist_gcp.evaluation import REFERENCES
+    rows = []
+    for stage, key, label, fmt in HEADLINE:
+        v = figs.get(stage, {}).get(key)
+        refs = [(name, r[key]) for name, r in REFERENCES.items() if key in r]
+        ref = "; ".join(f"{fmt.format(x)} ({_esc(n)})" for n, x in refs)
+        beat = "" if v is None or not refs else ("<span class=yes>yes</span>" if all(v > x for _, x in refs) else "<span class=no>no</span>")
+        rows.append(f"<tr><td>{label}</td><td class=big>{fmt.format(v) if v is not None else '–'}</td><td>{ref}</td><td>{beat}</td></tr>")
+    return f"<table><tr><th>figure</th><th>this run</th><th>reference</th><th>beats it</th></tr>{''.join(rows)}</table>"
+
+# %% ../nbs/pipeline.ipynb #a2c1e017
+def _details(title: str, rows: dict) -> str:
+    body = "".join(f"<tr><td>{_esc(k)}</td><td><code>{_esc(v if isinstance(v, str) else json.dumps(v))}</code></td></tr>" for k, v in rows.items())
+    return f"<details><summary>{_esc(title)}</summary><table>{body}</table></details>"
+
+def _stage_rows(m: dict) -> str:
+    about = {s.notebook: s.summary for s in STAGES}
+    return "".join(
+        f"<tr><td>{i}</td><td>{_link(s.get('report'), s['stage'])}</td><td>{_esc(about.get(s['stage'], ''))}</td>"
+        f"<td class={s['status']}>{s['status']}</td><td>{s.get('seconds', '')}</td><td>{_esc(s.get('error', ''))}</td></tr>"
         for i, s in enumerate(m["stages"], 1))
-    data = "".join(f"<tr><td>{_esc(k)}</td><td><code>{_esc(v)}</code></td></tr>" for k, v in (m.get("data_sha256") or {}).items())
+
+# %% ../nbs/pipeline.ipynb #a2c1e018
+def run_page(m: dict) -> str:
+    "HTML page for one run manifest: headline figures first, then stages, then folded details."
+    git = m.get("git") or {}
     return (f"<!doctype html><html><head><meta charset=utf-8><title>run {_esc(m['run_id'])}</title>{_CSS}</head><body>"
             f"<p><a href=../index.html>all runs</a></p><h1>Run {_esc(m['run_id'])} <span class={m['status']}>{m['status']}</span></h1>"
             f"<p>profile <b>{_esc(m['profile'])}</b> · backend {_esc(m['backend'])} · started {_esc(m['started'])} · "
-            f"{m.get('seconds', '?')} s · git <code>{_esc((m['git'] or {}).get('sha'))}</code>{' (uncommitted changes)' if (m['git'] or {}).get('dirty') else ''}</p>"
-            f"<h2>Stages</h2><table><tr><th>#</th><th>stage</th><th>status</th><th>seconds</th><th>overhead s</th><th>parameters</th><th>error</th></tr>{stages}</table>"
-            f"<h2>Headline figures</h2>{_figures_html(m.get('figures', {}))}"
-            f"<h2>Data (sha256 of decompressed bytes)</h2><table>{data}</table>"
-            f"<h2>Packages</h2><p><code>{_esc(json.dumps(m.get('packages', {})))}</code></p>"
-            f"<p><a href=run.json>run.json</a></p></body></html>")
+            f"{m.get('seconds', '?')} s · git <code>{_esc((git.get('sha') or '')[:10])}</code>{' (uncommitted changes)' if git.get('dirty') else ''}</p>"
+            f"<h2>Results</h2>{_headline_html(m.get('figures', {}))}"
+            f"<h2>Stages</h2><table><tr><th>#</th><th>report</th><th>what it does</th><th>status</th><th>seconds</th><th>error</th></tr>{_stage_rows(m)}</table>"
+            + _details("Parameters of each stage", {s["stage"]: s.get("params", {}) for s in m["stages"]})
+            + _details("Every figure the stages recorded", {f"{st}.{k}": v for st, d in m.get("figures", {}).items() for k, v in d.items()})
+            + _details("Data (sha256 of the decompressed IDX files)", m.get("data_sha256") or {})
+            + _details("Stores, git and packages", {**(m.get("settings") or {}), "git": git, **(m.get("packages") or {})})
+            + "<p><a href=run.json>run.json</a></p></body></html>")
 
+# %% ../nbs/pipeline.ipynb #a2c1e020
 def list_runs(runs_dir: str | Path) -> list[dict]:
-    "Manifests of all runs under `runs_dir`, newest first (unreadable ones are skipped)."
+    "Manifests of all runs under `runs_dir`, newest first, each with `folder`, its directory name (unreadable ones are skipped)."
     out = []
     for p in Path(runs_dir).glob("*/run.json"):
-        try: out.append(json.loads(p.read_text()))
+        try: out.append({**json.loads(p.read_text()), "folder": p.parent.name})
         except (OSError, ValueError): continue
-    return sorted(out, key=lambda m: m.get("started", ""), reverse=True)
+    return sorted(out, key=lambda m: (m.get("started", ""), m["folder"]), reverse=True)
 
+# %% ../nbs/pipeline.ipynb #a2c1e021
 COMPARE_FIGURES = [("evaluation", "accuracy"), ("evaluation", "au_prc"), ("evaluation", "macro_ap"),
                    ("evaluation", "macro_roc_auc"), ("evaluation", "log_loss"), ("training", "train_minutes"),
                    ("training", "epochs"), ("training", "params"), ("training", "val_accuracy"), ("serving", "p99_ms")]
 
 def compare_runs(manifests: list[dict]):
-    "A table of headline figures, one column per run (experiment comparison)."
+    "A table of headline figures, one column per run folder (experiment comparison)."
     import pandas as pd
     cols = {}
     for m in manifests:
         figs = m.get("figures", {})
-        col = {"profile": m.get("profile"), "status": m.get("status"),
+        col = {"run_id": m.get("run_id"), "profile": m.get("profile"), "status": m.get("status"),
                "widths": (figs.get("training", {}).get("config") or {}).get("widths")}
         col.update({f"{st}.{k}": figs.get(st, {}).get(k) for st, k in COMPARE_FIGURES})
-        cols[m["run_id"]] = col
+        cols[m["folder"]] = col
     return pd.DataFrame(cols)
 
+# %% ../nbs/pipeline.ipynb #a2c1e022
 def write_index(runs_dir: str | Path) -> Path:
     "Rewrite `runs_dir/index.html`, a table of all runs with links to their pages."
     rows = "".join(
-        f"<tr><td><a href={_esc(m['run_id'])}/index.html>{_esc(m['run_id'])}</a></td><td class={m['status']}>{m['status']}</td>"
-        f"<td>{_esc(m['profile'])}</td><td>{_esc(m['started'])}</td><td>{m.get('seconds', '')}</td>"
-        f"<td>{' '.join(s['stage'] for s in m['stages'])}</td><td><code>{_esc(m.get('git', {}).get('sha') or '')[:10]}</code></td></tr>"
+        f"<tr><td>{_link(m['folder'] + '/index.html', m['folder'])}</td><td class={m.get('status')}>{m.get('status')}</td>"
+        f"<td>{_esc(m.get('profile'))}</td><td>{_esc(m.get('started'))}</td><td>{m.get('seconds', '')}</td>"
+        f"<td>{' '.join(s['stage'] for s in m.get('stages', []))}</td><td><code>{_esc((m.get('git') or {}).get('sha') or '')[:10]}</code></td></tr>"
         for m in list_runs(runs_dir))
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>fmnist-gcp runs</title>{_CSS}</head><body><h1>Runs</h1>"
             f"<table><tr><th>run</th><th>status</th><th>profile</th><th>started</th><th>seconds</th><th>stages</th><th>git</th></tr>{rows}</table></body></html>")
     return Path(write_bytes_atomic(str(Path(runs_dir) / "index.html"), page.encode()))
 
 # %% ../nbs/pipeline.ipynb #a8ece6ed
+class StageFailed(RuntimeError):
+    "A stage raised; `report` is the HTML page that shows the error."
+    def __init__(self, stage: str, report: Path, error: str):
+        super().__init__(f"stage {stage} failed: {error}\n  report: {report}")
+        self.stage, self.report, self.error = stage, report, error
+
 def _write_run(m: dict, run_dir: Path, settings: Settings) -> None:
     m["figures"] = recorded(m["run_id"], settings)
     write_bytes_atomic(str(run_dir / "run.json"), (json.dumps(m, indent=2, default=str) + "\n").encode())
     write_bytes_atomic(str(run_dir / "index.html"), run_page(m).encode())
     write_index(run_dir.parent)
 
+# %% ../nbs/pipeline.ipynb #a2c1e024
+def _manifest(run_id: str, profile: str, plan: list, overrides: list | None, settings: Settings, data: dict, nbs: Path) -> dict:
+    return {"run_id": run_id, "profile": profile, "status": "running", "backend": settings.backend,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "params": {s["stage"]: s["params"] for s in plan},
+            "overrides": overrides or [], "data_sha256": {d["file"]: d["sha256"] for d in data.values()},
+            "data_sources": sorted({d["source"] for d in data.values()}), "git": git_state(nbs),
+            "packages": package_versions(), "settings": settings.report(), "stages": [], "figures": {}}
+
+# %% ../nbs/pipeline.ipynb #a2c1e025
+def _execute(plan: list, m: dict, run_dir: Path, nbs: Path, settings: Settings, on_stage) -> None:
+    for i, step in enumerate(plan, 1):
+        if on_stage: on_stage(i, len(plan), step["stage"], None)
+        entry = execute_stage(step, run_dir, nbs)
+        m["stages"].append(entry)
+        if on_stage: on_stage(i, len(plan), step["stage"], entry)
+        if entry["status"] == "failed":
+            m["status"] = "failed"; return
+        _write_run(m, run_dir, settings)
+    m["status"] = "ok"
+
+# %% ../nbs/pipeline.ipynb #a2c1e026
 def run_pipeline(profile: str = "quick",  # smoke | quick | full
                  stages: list[str] | None = None,  # stage names; default all
                  overrides: list[str] | None = None,  # ["name=value", "stage.name=value"]
@@ -292,36 +464,20 @@ def run_pipeline(profile: str = "quick",  # smoke | quick | full
     "Execute the selected stages with papermill into `runs/<run_id>/`; returns the manifest."
     from fmnist_gcp.data import ensure_data
     settings = settings or Settings.from_env()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the kernels inherit it: no TensorFlow start-up chatter
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S") + f"-{profile}"
     nbs = nbs_dir()
     plan = plan_run(profile, stages, overrides, run_id, nbs)
     run_dir = Path(settings.runs_dir).resolve() / run_id
     if run_dir.exists(): raise PipelineError(f"{run_dir} already exists: pick another --run-id or delete that run")
-    data = ensure_data(settings)
+    m = _manifest(run_id, profile, plan, overrides, settings, ensure_data(settings), nbs)
     run_dir.mkdir(parents=True)
-    m = {"run_id": run_id, "profile": profile, "status": "running", "backend": settings.backend,
-         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "params": {s["stage"]: s["params"] for s in plan},
-         "overrides": overrides or [], "data_sha256": {d["file"]: d["sha256"] for d in data.values()},
-         "data_sources": sorted({d["source"] for d in data.values()}), "git": git_state(nbs),
-         "packages": package_versions(), "settings": settings.report(), "stages": [], "figures": {}}
     t0 = time.perf_counter()
     try:
-        for i, step in enumerate(plan, 1):
-            if on_stage: on_stage(i, len(plan), step["stage"], None)
-            entry = execute_stage(step, run_dir, nbs)
-            m["stages"].append(entry)
-            if on_stage: on_stage(i, len(plan), step["stage"], entry)
-            if entry["status"] == "failed":
-                m["status"] = "failed"; break
-            _write_run(m, run_dir, settings)
-        else:
-            m["status"] = "ok"
+        _execute(plan, m, run_dir, nbs, settings, on_stage)
     except KeyboardInterrupt:
         m["status"] = "interrupted"; raise
     finally:
-        m["seconds"] = round(time.perf_counter() - t0, 2)
-        m["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        m["seconds"], m["finished"] = round(time.perf_counter() - t0, 2), time.strftime("%Y-%m-%dT%H:%M:%S%z")
         m["stages"] += [{"stage": s["stage"], "status": "skipped", "params": s["params"]} for s in plan[len(m["stages"]):]]
         _write_run(m, run_dir, settings)
     if m["status"] == "failed":

@@ -1,4 +1,4 @@
-"""Normalisation from the statistics stage, named augmentation parameters, the seeded input pipeline, and the dataset exports every consumer reads: NPZ, sharded TFRecord, PNG + a Vertex AutoML import CSV, and JSONL for batch prediction.
+"""Normalisation from the statistics stage, named augmentation parameters, the seeded input pipeline, and the exports of the data stage's split that every consumer reads: NPZ, sharded TFRecord, PNG + a Vertex AutoML import CSV, and JSONL for batch prediction.
 
 Docs: https://fmnist-gcp.github.io/fmnist-gcp/preprocessing.html.md"""
 
@@ -21,9 +21,10 @@ from .config import Settings, import_tensorflow
 from .data import CLASS_NAMES
 
 # %% auto #0
-__all__ = ['AUTOML_LABEL_RE', 'AUTOML_LABELS', 'TFRECORD_DIR', 'ML_USE', 'PREPROCESSING_PATH', 'normalise', 'Augment',
-           'augment_batch', 'epoch_batches', 'make_dataset', 'automl_label', 'tfrecord_bytes', 'tfrecord_records',
-           'export_tfrecords', 'load_tfrecords', 'export_npz', 'png_bytes', 'export_png_automl', 'export_jsonl',
+__all__ = ['AUTOML_LABEL_RE', 'AUTOML_LABELS', 'TFRECORD_DIR', 'TFRECORD_MANIFEST', 'NPZ_PATH', 'ML_USE', 'PNG_DIR',
+           'AUTOML_CSV_PATH', 'BATCH_JSONL_PATH', 'PREPROCESSING_PATH', 'normalise', 'Augment', 'augment_batch',
+           'epoch_batches', 'make_dataset', 'automl_label', 'tfrecord_bytes', 'tfrecord_records', 'export_tfrecords',
+           'tfrecord_manifest', 'load_tfrecords', 'export_npz', 'png_bytes', 'export_png_automl', 'export_jsonl',
            'write_preprocessing', 'read_preprocessing']
 
 # %% ../nbs/04_preprocessing.ipynb #a86825eb
@@ -47,6 +48,7 @@ class Augment:
         if not 0 <= self.erase_prob <= 1: raise ValueError(f"erase_prob must be in [0, 1], not {self.erase_prob}")
         if not 0 < self.erase_max_frac <= 1: raise ValueError(f"erase_max_frac must be in (0, 1], not {self.erase_max_frac}")
 
+# %% ../nbs/04_preprocessing.ipynb #06e84ae6
 def augment_batch(x: np.ndarray,  # (n, 28, 28) uint8
                   rng: np.random.Generator,  # seeded generator
                   aug: Augment = Augment(),
@@ -80,6 +82,7 @@ def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0, 
         xb = x[idx]
         yield (augment_batch(xb, rng, aug) if aug else xb), y[idx].astype(np.int32)
 
+# %% ../nbs/04_preprocessing.ipynb #2c578b70
 def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0, epoch: int = 0,
                  aug: Augment | None = None, shuffle: bool = True):
     "A prefetching `tf.data.Dataset` over `epoch_batches`."
@@ -100,16 +103,6 @@ def automl_label(name: str) -> str:
 AUTOML_LABELS = [automl_label(n) for n in CLASS_NAMES]
 
 # %% ../nbs/04_preprocessing.ipynb #16bd21c9
-TFRECORD_DIR = "exports/tfrecord"
-
-def _example_bytes(image: np.ndarray, label: int, index: int) -> bytes:
-    tf = import_tensorflow()
-    f = tf.train.Feature
-    return tf.train.Example(features=tf.train.Features(feature={
-        "image": f(bytes_list=tf.train.BytesList(value=[np.ascontiguousarray(image, np.uint8).tobytes()])),
-        "label": f(int64_list=tf.train.Int64List(value=[int(label)])),
-        "index": f(int64_list=tf.train.Int64List(value=[int(index)]))})).SerializeToString()
-
 def _masked_crc(data: bytes) -> int:
     import google_crc32c
     crc = google_crc32c.value(data)
@@ -123,6 +116,7 @@ def tfrecord_bytes(records: list[bytes]) -> bytes:
         out.write(n + struct.pack("<I", _masked_crc(n)) + r + struct.pack("<I", _masked_crc(r)))
     return out.getvalue()
 
+# %% ../nbs/04_preprocessing.ipynb #4b4841e6
 def tfrecord_records(data: bytes) -> list[bytes]:
     "The records of a TFRecord file's bytes (framing checked; content is checked by the shard's sha256)."
     out, pos = [], 0
@@ -134,6 +128,18 @@ def tfrecord_records(data: bytes) -> list[bytes]:
         out.append(data[pos + 12:pos + 12 + n]); pos += 16 + n
     if pos != len(data): raise ValueError("TFRecord truncated in its last record")
     return out
+
+# %% ../nbs/04_preprocessing.ipynb #dcc03a68
+TFRECORD_DIR = "exports/tfrecord"  # in the datasets store
+TFRECORD_MANIFEST = f"{TFRECORD_DIR}/manifest.json"  # shards per split, data sha256, the split they came from
+
+def _example_bytes(image: np.ndarray, label: int, index: int) -> bytes:
+    tf = import_tensorflow()
+    f = tf.train.Feature
+    return tf.train.Example(features=tf.train.Features(feature={
+        "image": f(bytes_list=tf.train.BytesList(value=[np.ascontiguousarray(image, np.uint8).tobytes()])),
+        "label": f(int64_list=tf.train.Int64List(value=[int(label)])),
+        "index": f(int64_list=tf.train.Int64List(value=[int(index)]))})).SerializeToString()
 
 def export_tfrecords(settings: Settings, split: str, x: np.ndarray, y: np.ndarray, index: np.ndarray,
                      shards: int = 4) -> dict:
@@ -147,11 +153,21 @@ def export_tfrecords(settings: Settings, split: str, x: np.ndarray, y: np.ndarra
         entry["shards"].append({"file": name, "count": int(len(part)), "sha256": hashlib.sha256(blob).hexdigest()})
     return entry
 
+# %% ../nbs/04_preprocessing.ipynb #da19eb14
+def tfrecord_manifest(settings: Settings | None = None) -> dict:
+    "The manifest of the TFRecord exports: shards of each split, data sha256 and the split they were made from."
+    ds = (settings or Settings.from_env()).datasets
+    if not ds.exists(TFRECORD_MANIFEST):
+        raise FileNotFoundError(f"{ds.uri(TFRECORD_MANIFEST)} is missing: run the preprocessing stage first "
+                                "(`fmnist run --stages 04_preprocessing`)")
+    return ds.read_json(TFRECORD_MANIFEST)
+
+# %% ../nbs/04_preprocessing.ipynb #ac90d875
 def load_tfrecords(split: str, settings: Settings | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     "Images (n, 28, 28) uint8, labels int64 and source indices of `split`, read through the store and verified."
     tf = import_tensorflow()
     ds = (settings or Settings.from_env()).datasets
-    manifest = ds.read_json(f"{TFRECORD_DIR}/manifest.json")
+    manifest = tfrecord_manifest(settings)
     if split not in manifest["splits"]:
         raise KeyError(f"no {split!r} split in {ds.uri(TFRECORD_DIR)}; it has {', '.join(manifest['splits'])}")
     records = []
@@ -168,18 +184,23 @@ def load_tfrecords(split: str, settings: Settings | None = None) -> tuple[np.nda
     return x, p["label"].numpy(), p["index"].numpy()
 
 # %% ../nbs/04_preprocessing.ipynb #a392adc0
-def export_npz(settings: Settings, arrays: dict[str, np.ndarray], rel: str = "exports/npz/fashion_mnist.npz") -> str:
+NPZ_PATH = "exports/npz/fashion_mnist.npz"  # in the datasets store
+
+def export_npz(settings: Settings, arrays: dict[str, np.ndarray], rel: str = NPZ_PATH) -> str:
     "Write `arrays` as one compressed NPZ in the datasets store."
     buf = io.BytesIO(); np.savez_compressed(buf, **arrays)
     return settings.datasets.write_bytes(rel, buf.getvalue())
 
+# %% ../nbs/04_preprocessing.ipynb #db69a74e
 def png_bytes(image: np.ndarray) -> bytes:
     "A 28x28 uint8 image as grayscale PNG bytes."
     from PIL import Image
     buf = io.BytesIO(); Image.fromarray(np.asarray(image, np.uint8), mode="L").save(buf, format="PNG")
     return buf.getvalue()
 
-ML_USE = {"train": "training", "val": "validation", "test": "test"}
+# %% ../nbs/04_preprocessing.ipynb #dc6af471
+ML_USE = {"train": "training", "val": "validation", "test": "test"}  # our split -> AutoML's ml_use
+PNG_DIR, AUTOML_CSV_PATH = "exports/png", "exports/automl/import.csv"  # in the datasets store
 
 def export_png_automl(settings: Settings, splits: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
                       workers: int = 8) -> tuple[str, int]:
@@ -187,28 +208,33 @@ def export_png_automl(settings: Settings, splits: dict[str, tuple[np.ndarray, np
     ds, jobs, rows = settings.datasets, [], []
     for split, (x, y, index) in splits.items():
         for img, label, i in zip(x, y, index):
-            rel = f"exports/png/{split}/{AUTOML_LABELS[label]}/{split}_{int(i):05d}.png"
+            rel = f"{PNG_DIR}/{split}/{AUTOML_LABELS[label]}/{split}_{int(i):05d}.png"
             jobs.append((rel, img)); rows.append(f"{ML_USE[split]},{ds.uri(rel)},{AUTOML_LABELS[label]}")
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda j: ds.write_bytes(j[0], png_bytes(j[1])), jobs))
-    return ds.write_text("exports/automl/import.csv", "\n".join(rows) + "\n"), len(rows)
+    return ds.write_text(AUTOML_CSV_PATH, "\n".join(rows) + "\n"), len(rows)
 
-def export_jsonl(settings: Settings, x: np.ndarray, rel: str = "exports/batch/test_instances.jsonl") -> str:
+# %% ../nbs/04_preprocessing.ipynb #a02f9e32
+BATCH_JSONL_PATH = "exports/batch/test_instances.jsonl"  # in the datasets store
+
+def export_jsonl(settings: Settings, x: np.ndarray, rel: str = BATCH_JSONL_PATH) -> str:
     "One JSON line per image: its 28x28 raw pixel array (a batch-prediction instance)."
     return settings.datasets.write_text(rel, "".join(json.dumps(im.tolist(), separators=(",", ":")) + "\n" for im in x))
 
 # %% ../nbs/04_preprocessing.ipynb #47c4e1ec
-PREPROCESSING_PATH = "exports/preprocessing.json"
+PREPROCESSING_PATH = "exports/preprocessing.json"  # in the datasets store
 
 def write_preprocessing(settings: Settings, norm: dict, aug: Augment, **extra) -> str:
     "Record normalisation and augmentation for the stages after this one."
     return settings.datasets.write_json(PREPROCESSING_PATH, {"normalisation": {"mean": norm["mean"], "std": norm["std"]},
                                                               "augment": asdict(aug), **extra})
 
+# %% ../nbs/04_preprocessing.ipynb #bb914d6f
 def read_preprocessing(settings: Settings | None = None) -> tuple[dict, Augment]:
     "(normalisation, augmentation) written by the preprocessing stage."
     ds = (settings or Settings.from_env()).datasets
     if not ds.exists(PREPROCESSING_PATH):
-        raise FileNotFoundError(f"{ds.uri(PREPROCESSING_PATH)} is missing: run the preprocessing stage first")
+        raise FileNotFoundError(f"{ds.uri(PREPROCESSING_PATH)} is missing: run the preprocessing stage first "
+                                "(`fmnist run --stages 04_preprocessing`)")
     d = ds.read_json(PREPROCESSING_PATH)
     return d["normalisation"], Augment(**d["augment"])

@@ -10,18 +10,20 @@ from __future__ import annotations
 import re
 import time
 
-from .config import Settings, Store
+from fastcore.basics import patch
+
+from .config import DEFAULT_MODEL, Settings, Store
 
 # %% auto #0
-__all__ = ['ALIAS_RE', 'DEFAULT_MODEL', 'SERVING_ROUTES', 'RegistryError', 'check_alias', 'parse_ref', 'Registry', 'better',
-           'promote', 'upload_to_vertex', 'registry_table']
+__all__ = ['ALIAS_RE', 'RegistryError', 'check_alias', 'parse_ref', 'Registry', 'better', 'promote', 'run_version',
+           'upload_to_vertex', 'registry_table']
+
+# %% ../nbs/09_registry.ipynb #95945025
+class RegistryError(ValueError):
+    "A model, version or alias that does not exist or is not allowed."
 
 # %% ../nbs/09_registry.ipynb #7ff244b5
 ALIAS_RE = re.compile(r"^[a-z][a-zA-Z0-9-]{0,126}[a-z0-9]$")
-DEFAULT_MODEL = "fmnist-cnn"
-
-class RegistryError(ValueError):
-    "A model, version or alias that does not exist or is not allowed."
 
 def check_alias(alias: str) -> str:
     "`alias` if Vertex AI would accept it."
@@ -29,6 +31,7 @@ def check_alias(alias: str) -> str:
         raise RegistryError(f"alias {alias!r} must match [a-z][a-zA-Z0-9-]{{0,126}}[a-z0-9] (Vertex AI's rule)")
     return alias
 
+# %% ../nbs/09_registry.ipynb #04200b3e
 def parse_ref(ref: str) -> tuple[str, str]:
     "(name, version-or-alias) of 'name', 'name@3' or 'name@alias' ('default' when none is given)."
     name, _, tag = ref.partition("@")
@@ -56,39 +59,46 @@ class Registry:
     def aliases(self) -> dict[str, int]: return dict(self._read()["aliases"])
 
     def version_store(self, version: int) -> Store:
+        "The store of one version's files."
         return Store("models", self.store.uri(self.name, str(version)))
 
-    def register(self, version: int, aliases: tuple[str, ...] = ()) -> dict:
-        "Register a trained version (its folder must hold metadata.json); it becomes `default`."
-        vs = self.version_store(version)
-        if not vs.exists("metadata.json"):
-            raise RegistryError(f"{vs.root} has no metadata.json: train (and export) version {version} first")
-        meta = vs.read_json("metadata.json")
-        ev = vs.read_json("evaluation.json") if vs.exists("evaluation.json") else {}
-        rec = {"version": version, "uri": vs.root, "run_id": meta.get("run_id"), "data_sha256": meta.get("data_sha256"),
-               "metrics": ev.get("metrics", {}), "val_accuracy": meta.get("val_accuracy"),
-               "created": meta.get("created"), "registered": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        doc = self._read(); doc["versions"][str(version)] = rec; doc["aliases"]["default"] = version
-        for a in aliases: doc["aliases"][check_alias(a)] = version
-        self._write(doc)
-        return rec
+# %% ../nbs/09_registry.ipynb #60d44fc8
+@patch
+def register(self: Registry, version: int, aliases: tuple[str, ...] = ()) -> dict:
+    "Register a trained version (its folder must hold metadata.json); it becomes `default`."
+    vs = self.version_store(version)
+    if not vs.exists("metadata.json"):
+        raise RegistryError(f"{vs.root} has no metadata.json: train (and export) version {version} first")
+    meta = vs.read_json("metadata.json")
+    ev = vs.read_json("evaluation.json") if vs.exists("evaluation.json") else {}
+    rec = {"version": version, "uri": vs.root, "run_id": meta.get("run_id"), "data_sha256": meta.get("data_sha256"),
+           "metrics": ev.get("metrics", {}), "val_accuracy": meta.get("val_accuracy"),
+           "created": meta.get("created"), "registered": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    doc = self._read(); doc["versions"][str(version)] = rec; doc["aliases"]["default"] = version
+    for a in aliases: doc["aliases"][check_alias(a)] = version
+    self._write(doc)
+    return rec
 
-    def set_alias(self, alias: str, version: int) -> None:
-        "Point `alias` at a registered `version`."
-        doc = self._read()
-        if str(version) not in doc["versions"]: raise RegistryError(f"{self.name} has no registered version {version}")
-        doc["aliases"][check_alias(alias)] = version; self._write(doc)
+# %% ../nbs/09_registry.ipynb #bcf16959
+@patch
+def set_alias(self: Registry, alias: str, version: int) -> None:
+    "Point `alias` at a registered `version`."
+    doc = self._read()
+    if str(version) not in doc["versions"]: raise RegistryError(f"{self.name} has no registered version {version}")
+    doc["aliases"][check_alias(alias)] = version; self._write(doc)
 
-    def resolve(self, tag: str | int = "default") -> int:
-        "Version number for a version or alias."
-        doc = self._read()
-        if str(tag).isdigit():
-            if str(tag) not in doc["versions"]: raise RegistryError(f"{self.name} has no registered version {tag}")
-            return int(tag)
-        if tag not in doc["aliases"]:
-            known = ", ".join(sorted(doc["aliases"])) or "none"
-            raise RegistryError(f"{self.name} has no alias {tag!r} (aliases: {known}); register a model first")
-        return int(doc["aliases"][tag])
+# %% ../nbs/09_registry.ipynb #20d60601
+@patch
+def resolve(self: Registry, tag: str | int = "default") -> int:
+    "Version number for a version or alias."
+    doc = self._read()
+    if str(tag).isdigit():
+        if str(tag) not in doc["versions"]: raise RegistryError(f"{self.name} has no registered version {tag}")
+        return int(tag)
+    if tag not in doc["aliases"]:
+        known = ", ".join(sorted(doc["aliases"])) or "none"
+        raise RegistryError(f"{self.name} has no alias {tag!r} (aliases: {known}); register a model first")
+    return int(doc["aliases"][tag])
 
 # %% ../nbs/09_registry.ipynb #4c6c76a0
 def better(candidate: dict, current: dict, primary: str = "au_prc", guard: str = "accuracy") -> tuple[bool, str]:
@@ -101,6 +111,7 @@ def better(candidate: dict, current: dict, primary: str = "au_prc", guard: str =
         return False, f"{guard} {candidate.get(guard, 0):.4f} is below {current.get(guard, 0):.4f}"
     return True, f"{primary} {candidate[primary]:.4f} > {current[primary]:.4f}"
 
+# %% ../nbs/09_registry.ipynb #8887120b
 def promote(reg: Registry, version: int, alias: str = "champion", force: bool = False) -> dict:
     "Move `alias` to `version` if it is better than the current holder (or `force`); returns the decision."
     versions, aliases = reg.versions, reg.aliases
@@ -113,17 +124,31 @@ def promote(reg: Registry, version: int, alias: str = "champion", force: bool = 
     if ok: reg.set_alias(alias, version)
     return {"alias": alias, "version": version, "previous": holder, "promoted": bool(ok), "reason": why}
 
-# %% ../nbs/09_registry.ipynb #b0769045
-SERVING_ROUTES = {"health": "/health", "predict": "/predict", "port": 8080}
+# %% ../nbs/09_registry.ipynb #0d8eaf23
+def run_version(settings: Settings, name: str, run_id: str,
+                version: int = 0,  # a version to use as is; 0: the newest version whose metadata has `run_id`
+                ) -> int:
+    "The version of model `name` that run `run_id` trained (or `version`, checked to exist)."
+    from fmnist_gcp.training import model_versions, resolve_version
+    if version: return resolve_version(settings, name, version)
+    versions = model_versions(settings, name)
+    mine = [v for v in versions if settings.models.read_json(f"{name}/{v}/metadata.json").get("run_id") == run_id]
+    if not mine:
+        raise RegistryError(f"run {run_id!r} trained no version of {name!r} (no metadata.json under {settings.models.uri(name)} "
+                            f"has run_id {run_id!r}; versions: {versions or 'none'}): run the training stage in this run, "
+                            f"or name a version with -p version=N")
+    return mine[-1]
 
+# %% ../nbs/09_registry.ipynb #b0769045
 def upload_to_vertex(settings: Settings, name: str, version: int,
                      serving_image: str,  # serving image in Artifact Registry
                      parent_model: str | None = None,  # resource name of an existing Vertex model to add a version to
                      aliases: tuple[str, ...] | None = None,  # default: this version's aliases in our registry
                      ):
     "Upload a registered version to the Vertex AI Model Registry; returns the `aiplatform.Model`."
-    from google.cloud import aiplatform
     settings.require_vertex("Uploading to the Vertex AI Model Registry")
+    from google.cloud import aiplatform
+    from fmnist_gcp.serving import SERVING_CONTRACT as c
     reg = Registry(settings, name)
     rec = reg.versions.get(version) or reg.register(version)
     if aliases is None: aliases = tuple(a for a, v in reg.aliases.items() if v == version and a != "default")
@@ -132,8 +157,8 @@ def upload_to_vertex(settings: Settings, name: str, version: int,
         display_name=name, artifact_uri=rec["uri"], parent_model=parent_model,
         is_default_version=reg.aliases.get("default") == version, version_aliases=list(aliases),
         version_description=f"run {rec.get('run_id')}, au_prc {rec['metrics'].get('au_prc', 'n/a')}",
-        serving_container_image_uri=serving_image, serving_container_ports=[SERVING_ROUTES["port"]],
-        serving_container_health_route=SERVING_ROUTES["health"], serving_container_predict_route=SERVING_ROUTES["predict"],
+        serving_container_image_uri=serving_image, serving_container_ports=[c.port],
+        serving_container_health_route=c.health_route, serving_container_predict_route=c.predict_route,
         labels={"app": "fmnist-gcp", "fmnist-version": str(version)})
 
 # %% ../nbs/09_registry.ipynb #e5c6ecab

@@ -11,34 +11,56 @@ import base64
 import binascii
 import io
 import json
-import math
 import os
 import secrets
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from http import HTTPStatus
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from fastapi import Request  # at module level: FastAPI resolves the handler's annotation here
+from fastcore.basics import patch
 
+from .config import DEFAULT_MODEL
 from .preprocessing import AUTOML_LABELS
 
 # %% auto #0
-__all__ = ['MAX_BODY_BYTES', 'MAX_INSTANCES', 'DEFAULT_PARAMETERS', 'InstanceError', 'parse_instance', 'parse_request',
-           'format_prediction', 'Predictor', 'create_app', 'free_port', 'BackgroundServer', 'model_source', 'serve',
-           'predict_jsonl']
+__all__ = ['SERVING_CONTRACT', 'MAX_BODY_BYTES', 'MAX_INSTANCES', 'DEFAULT_PARAMETERS', 'ALL_CLASSES', 'ServingContract',
+           'InstanceError', 'parse_instance', 'parse_request', 'format_prediction', 'Predictor', 'ModelSlot',
+           'error_body', 'prediction_body', 'predict_answer', 'create_app', 'free_port', 'BackgroundServer',
+           'model_source', 'serve', 'predict_lines', 'predict_jsonl', 'request_latency']
 
-# %% ../nbs/09a_serving.ipynb #137172f6
+# %% ../nbs/09a_serving.ipynb #2e03e1ac
+class ServingContract(NamedTuple):
+    "Health route, predict route and port of the prediction server."
+    health_route: str = "/health"
+    predict_route: str = "/predict"
+    port: int = 8080  # Vertex AI's default AIP_HTTP_PORT
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> "ServingContract":
+        "The contract with Vertex's AIP_HEALTH_ROUTE, AIP_PREDICT_ROUTE and AIP_HTTP_PORT applied."
+        env, d = os.environ if env is None else env, SERVING_CONTRACT
+        return cls(env.get("AIP_HEALTH_ROUTE", d.health_route), env.get("AIP_PREDICT_ROUTE", d.predict_route),
+                   int(env.get("AIP_HTTP_PORT", d.port)))
+
+SERVING_CONTRACT = ServingContract()
+
+# %% ../nbs/09a_serving.ipynb #a7badefc
 MAX_BODY_BYTES = 1_500_000  # Vertex AI's request limit on shared public endpoints
 MAX_INSTANCES = 512  # instances per request
 
 class InstanceError(ValueError):
-    "An instance the server cannot use; `index` says which."
-    def __init__(self, index: int | None, message: str):
-        super().__init__(message if index is None else f"instance {index}: {message}")
-        self.index = index
+    "A request or instance the server cannot use: `index` says which instance (None: the envelope), `status` the answer."
+    def __init__(self, index: int | None, reason: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST):
+        super().__init__(reason if index is None else f"instance {index}: {reason}")
+        self.index, self.reason, self.status = index, reason, status
 
+# %% ../nbs/09a_serving.ipynb #d35148d8
 def _from_png(content, index: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
     if not isinstance(content, str): raise InstanceError(index, "'content' must be a base64 string")
@@ -49,6 +71,7 @@ def _from_png(content, index: int) -> np.ndarray:
     if img.size != (28, 28): raise InstanceError(index, f"image is {img.size[0]}x{img.size[1]}; send a 28x28 image")
     return np.asarray(img.convert("L"), np.float32)
 
+# %% ../nbs/09a_serving.ipynb #137172f6
 def parse_instance(inst, index: int = 0) -> np.ndarray:
     "A (28, 28) float32 array of raw 0-255 pixels from a pixel array or a {'content': base64 PNG} instance."
     if isinstance(inst, dict):
@@ -74,10 +97,12 @@ def parse_instance(inst, index: int = 0) -> np.ndarray:
 # %% ../nbs/09a_serving.ipynb #87727de4
 DEFAULT_PARAMETERS = {"confidenceThreshold": 0.5, "maxPredictions": 10}  # AutoML image classification's defaults
 
+def _too_large(n: int) -> InstanceError:
+    return InstanceError(None, f"request body is {n:,} bytes; the limit is {MAX_BODY_BYTES:,} (1.5 MB)", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+
 def parse_request(body: bytes, max_instances: int = MAX_INSTANCES) -> tuple[np.ndarray, dict]:
     "Images (n, 28, 28) float32 and parameters from a request body; raises InstanceError (index None for the envelope)."
-    if len(body) > MAX_BODY_BYTES:
-        raise InstanceError(None, f"request body is {len(body):,} bytes; the limit is {MAX_BODY_BYTES:,} (1.5 MB)")
+    if len(body) > MAX_BODY_BYTES: raise _too_large(len(body))
     try: req = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e: raise InstanceError(None, f"body is not valid JSON ({e})") from None
     if not isinstance(req, dict) or "instances" not in req:
@@ -89,9 +114,12 @@ def parse_request(body: bytes, max_instances: int = MAX_INSTANCES) -> tuple[np.n
     th, k = params["confidenceThreshold"], params["maxPredictions"]
     if isinstance(th, bool) or not isinstance(th, (int, float)) or not 0 <= th <= 1:
         raise InstanceError(None, f"parameters.confidenceThreshold must be a number in [0, 1], not {th!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or k != int(k) or k < 1:
         raise InstanceError(None, f"parameters.maxPredictions must be a positive integer, not {k!r}")
-    return np.stack([parse_instance(x, i) for i, x in enumerate(inst)]), {"confidenceThreshold": float(th), "maxPredictions": k}
+    return np.stack([parse_instance(x, i) for i, x in enumerate(inst)]), {"confidenceThreshold": float(th), "maxPredictions": int(k)}
+
+# %% ../nbs/09a_serving.ipynb #2e459340
+ALL_CLASSES = {"confidenceThreshold": 0.0, "maxPredictions": len(AUTOML_LABELS)}  # parameters that return every class
 
 def format_prediction(p: np.ndarray, confidenceThreshold: float = 0.5, maxPredictions: int = 10) -> dict:
     "AutoML's image-classification prediction for one probability vector."
@@ -114,67 +142,92 @@ class Predictor:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self._fn(np.asarray(x, np.float32)))
 
+# %% ../nbs/09a_serving.ipynb #39731101
+class ModelSlot:
+    "The predictor, once `load` has returned it in a background thread, or the error that stopped it."
+    def __init__(self, load):  # callable returning a Predictor
+        self.load, self.predictor, self.error = load, None, None
+
+    def start(self) -> threading.Thread:
+        t = threading.Thread(target=self._load, daemon=True, name="model-loader"); t.start()
+        return t
+
+    def _load(self):
+        try: self.predictor = self.load()
+        except Exception as e:  # reported by the health route
+            self.error = f"{type(e).__name__}: {e}"
+
+    def health(self) -> tuple[HTTPStatus, dict]:
+        "The health route's status and body."
+        if self.predictor is not None:
+            return HTTPStatus.OK, {"status": "ok", "model": self.predictor.name, "version": self.predictor.version}
+        if self.error: return HTTPStatus.SERVICE_UNAVAILABLE, {"status": "failed", "error": self.error}
+        return HTTPStatus.SERVICE_UNAVAILABLE, {"status": "loading"}
+
+# %% ../nbs/09a_serving.ipynb #e79b1b2f
+def error_body(status: HTTPStatus, message: str, index: int | None = None) -> dict:
+    "The JSON body of an error answer."
+    return {"error": {"code": int(status), "message": message, **({"instance": index} if index is not None else {})}}
+
+# %% ../nbs/09a_serving.ipynb #62276703
+def prediction_body(predictor, probs: np.ndarray, params: dict, deployed_model_id: str) -> dict:
+    "The JSON body of a prediction answer."
+    return {"predictions": [format_prediction(p, **params) for p in probs], "deployedModelId": deployed_model_id,
+            "model": predictor.name, "modelVersionId": predictor.version}
+
+# %% ../nbs/09a_serving.ipynb #334d955a
+async def predict_answer(slot: ModelSlot, request: Request, max_instances: int = MAX_INSTANCES,
+                         deployed_model_id: str = "local") -> tuple[HTTPStatus, dict]:
+    "Status and JSON body of the answer to one predict request."
+    from starlette.concurrency import run_in_threadpool
+    p = slot.predictor
+    if p is None:
+        s = HTTPStatus.SERVICE_UNAVAILABLE; return s, error_body(s, "the model is not loaded; retry when the health route answers 200")
+    declared = request.headers.get("content-length")
+    try:
+        if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES: raise _too_large(int(declared))
+        x, params = parse_request(await request.body(), max_instances)
+    except InstanceError as e: return e.status, error_body(e.status, str(e), e.index)
+    probs = await run_in_threadpool(p, x)  # keep the event loop free (health checks) while the model runs
+    return HTTPStatus.OK, prediction_body(p, probs, params, deployed_model_id)
+
 # %% ../nbs/09a_serving.ipynb #d3a4f3c5
 def create_app(load,  # callable returning a Predictor (called once, in a background thread)
                health_route: str | None = None, predict_route: str | None = None,
                deployed_model_id: str | None = None, max_instances: int = MAX_INSTANCES):
     "FastAPI app serving the Vertex custom-container contract."
-    from fastapi import FastAPI
-    from starlette.concurrency import run_in_threadpool
-    from fastapi.responses import JSONResponse
     from contextlib import asynccontextmanager
-    health_route = health_route or os.environ.get("AIP_HEALTH_ROUTE", "/health")
-    predict_route = predict_route or os.environ.get("AIP_PREDICT_ROUTE", "/predict")
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+    contract = ServingContract.from_env()
     deployed = deployed_model_id or os.environ.get("AIP_DEPLOYED_MODEL_ID", "local")
-    state: dict = {"predictor": None, "error": None}
-
-    def _load():
-        try: state["predictor"] = load()
-        except Exception as e:  # reported by the health route
-            state["error"] = f"{type(e).__name__}: {e}"
+    slot = ModelSlot(load)
 
     @asynccontextmanager
     async def lifespan(app):
-        threading.Thread(target=_load, daemon=True, name="model-loader").start()
-        yield
-
+        slot.start(); yield
     app = FastAPI(title="fmnist-gcp prediction server", lifespan=lifespan)
-    app.state.model = state
+    app.state.model = slot
 
-    def error(code: int, message: str, index: int | None = None):
-        return JSONResponse({"error": {"code": code, "message": message, **({"instance": index} if index is not None else {})}}, status_code=code)
-
-    @app.get(health_route)
+    @app.get(health_route or contract.health_route)
     def health():
-        p = state["predictor"]
-        if p is None:
-            return JSONResponse({"status": "failed" if state["error"] else "loading", **({"error": state["error"]} if state["error"] else {})}, status_code=503)
-        return {"status": "ok", "model": p.name, "version": p.version}
+        status, body = slot.health()
+        return JSONResponse(body, status_code=status)
 
-    @app.post(predict_route)
+    @app.post(predict_route or contract.predict_route)
     async def predict(request: Request):
-        p = state["predictor"]
-        if p is None: return error(503, "the model is still loading; retry when the health route answers 200")
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            return error(413, f"request body is {int(declared):,} bytes; the limit is {MAX_BODY_BYTES:,} (1.5 MB)")
-        body = await request.body()
-        try: x, params = parse_request(body, max_instances)
-        except InstanceError as e:
-            return error(413 if "limit is" in str(e) else 400, str(e), e.index)
-        probs = await run_in_threadpool(p, x)  # keep the event loop free (health checks) while the model runs
-        return {"predictions": [format_prediction(pr, **params) for pr in probs], "deployedModelId": deployed,
-                "model": p.name, "modelVersionId": p.version}
-
+        status, body = await predict_answer(slot, request, max_instances, deployed)
+        return JSONResponse(body, status_code=status)
     return app
 
-# %% ../nbs/09a_serving.ipynb #be732a51
+# %% ../nbs/09a_serving.ipynb #9816c531
 def free_port(host: str = "127.0.0.1") -> int:
     "A free TCP port on `host`."
     import socket
     with socket.socket() as s:
         s.bind((host, 0)); return s.getsockname()[1]
 
+# %% ../nbs/09a_serving.ipynb #be732a51
 class BackgroundServer:
     "uvicorn serving `app` in a thread; `url`, `wait_ready()`, `stop()`; also a context manager."
     def __init__(self, app, host: str = "127.0.0.1", port: int | None = None):
@@ -195,83 +248,110 @@ class BackgroundServer:
             time.sleep(0.02)
         return self
 
-    def wait_ready(self, health_route: str = "/health", timeout: float = 120) -> dict:
-        "Block until the health route answers 200; returns its JSON."
-        import httpx
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            r = httpx.get(self.url + health_route, timeout=5)
-            if r.status_code == 200: return r.json()
-            if r.json().get("status") == "failed": raise RuntimeError(f"model failed to load: {r.json().get('error')}")
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.url}{health_route} not ready after {timeout} s")
-
     def stop(self) -> None:
         self.server.should_exit = True; self.thread.join(timeout=10)
 
     def __enter__(self): return self.start()
     def __exit__(self, *exc): self.stop()
 
+# %% ../nbs/09a_serving.ipynb #ffd065f2
+@patch
+def wait_ready(self: BackgroundServer, health_route: str = SERVING_CONTRACT.health_route, timeout: float = 120) -> dict:
+    "Block until the health route answers 200; returns its JSON."
+    import httpx
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        r = httpx.get(self.url + health_route, timeout=5)
+        if r.status_code == HTTPStatus.OK: return r.json()
+        if r.json().get("status") == "failed": raise RuntimeError(f"model failed to load: {r.json().get('error')}")
+        time.sleep(0.05)
+    raise TimeoutError(f"{self.url}{health_route} not ready after {timeout} s")
+
+# %% ../nbs/09a_serving.ipynb #5ce04a7a
 def model_source(ref: str | None = None, settings=None) -> tuple[str, str, str]:
     "(model.keras URI, name, version): from AIP_STORAGE_URI on Vertex, else from the registry (`NAME@ALIAS`)."
     if os.environ.get("AIP_STORAGE_URI") and not ref:
         uri = os.environ["AIP_STORAGE_URI"].rstrip("/")
-        return f"{uri}/model.keras", os.environ.get("AIP_MODEL_NAME", "fmnist-cnn"), os.environ.get("AIP_MODEL_VERSION", "vertex")
+        return f"{uri}/model.keras", os.environ.get("AIP_MODEL_NAME", DEFAULT_MODEL), os.environ.get("AIP_MODEL_VERSION", "vertex")
     from fmnist_gcp.config import Settings
-    from fmnist_gcp.registry import DEFAULT_MODEL, Registry, parse_ref
+    from fmnist_gcp.registry import Registry, parse_ref
     settings = settings or Settings.from_env()
     name, tag = parse_ref(ref or f"{DEFAULT_MODEL}@default")
     reg = Registry(settings, name)
     v = reg.resolve(tag)
     return reg.version_store(v).uri("model.keras"), name, str(v)
 
+# %% ../nbs/09a_serving.ipynb #b9ec15ef
 def serve(ref: str | None = None, host: str = "127.0.0.1", port: int | None = None) -> None:
     "Serve a model in the foreground until interrupted."
     import uvicorn
     uri, name, version = model_source(ref)
-    port = port or int(os.environ.get("AIP_HTTP_PORT", "8080"))
+    c = ServingContract.from_env()
     app = create_app(lambda: Predictor(uri, name, version))
-    print(f"serving {name} v{version} on http://{host}:{port} (health {os.environ.get('AIP_HEALTH_ROUTE', '/health')}, "
-          f"predict {os.environ.get('AIP_PREDICT_ROUTE', '/predict')})", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    print(f"serving {name} v{version} on http://{host}:{port or c.port} (health {c.health_route}, "
+          f"predict {c.predict_route})", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port or c.port, log_level="info")
+
+# %% ../nbs/09a_serving.ipynb #75e3ae2e
+def predict_lines(predictor, lines, out, batch_size: int = 256, parameters: dict | None = None) -> tuple[int, list[dict]]:
+    "Write one {instance, prediction} line to `out` per usable JSONL line; returns (predictions, errors)."
+    params, errors, batch, n = {**DEFAULT_PARAMETERS, **(parameters or {})}, [], [], 0
+    def flush():
+        nonlocal n
+        if not batch: return
+        for (inst, _), pr in zip(batch, predictor(np.stack([b[1] for b in batch]))):
+            out.write(json.dumps({"instance": inst, "prediction": format_prediction(pr, **params)}, separators=(",", ":")) + "\n")
+        n += len(batch); batch.clear()
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip(): continue
+        try: inst = json.loads(line)
+        except json.JSONDecodeError as e: errors.append({"line": lineno, "error": f"line {lineno}: not valid JSON ({e})"}); continue
+        try: batch.append((inst, parse_instance(inst, lineno)))
+        except InstanceError as e: errors.append({"line": lineno, "error": f"line {lineno}: {e.reason}"})
+        if len(batch) >= batch_size: flush()
+    flush()
+    return n, errors
 
 # %% ../nbs/09a_serving.ipynb #0033fa26
-def predict_jsonl(predictor, input_uri: str, output_uri: str, batch_size: int = 256,
-                  parameters: dict | None = None, progress: bool = True) -> dict:
-    "Predict every line of `input_uri` into `output_uri`; returns counts of predictions and errors."
-    from tqdm.auto import tqdm
-    from fmnist_gcp.config import filesystem, is_local, write_bytes_atomic
-    params = {**DEFAULT_PARAMETERS, **(parameters or {})}
-    fs_in, p_in = filesystem(input_uri)
+@contextmanager
+def _atomic_text(uri: str):
+    "A text file to write that appears at `uri` only when the block finishes."
+    from fmnist_gcp.config import is_local, write_bytes_atomic
     import shutil, tempfile
-    out_local = Path(output_uri) if is_local(output_uri) else None
-    tmp_dir = out_local.parent if out_local else Path(tempfile.mkdtemp())
+    local = Path(uri) if is_local(uri) else None
+    tmp_dir = local.parent if local else Path(tempfile.mkdtemp())
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f".{Path(output_uri).name}.tmp-{secrets.token_hex(4)}"
-    errors, n_ok, batch = [], 0, []
-    def flush(out):
-        nonlocal n_ok, batch
-        if not batch: return
-        probs = predictor(np.stack([b[1] for b in batch]))
-        for (inst, _), pr in zip(batch, probs):
-            out.write(json.dumps({"instance": inst, "prediction": format_prediction(pr, **params)}, separators=(",", ":")) + "\n")
-        n_ok += len(batch); batch = []
+    tmp = tmp_dir / f".{Path(uri).name}.tmp-{secrets.token_hex(4)}"
     try:
-        with fs_in.open(p_in, "rt") as f, open(tmp, "w") as out:
-            for lineno, line in enumerate(tqdm(f, desc="batch prediction", unit=" lines", disable=not progress, file=sys.stderr), 1):
-                if not line.strip(): continue
-                try:
-                    inst = json.loads(line)
-                    batch.append((inst, parse_instance(inst, lineno)))
-                except (json.JSONDecodeError, InstanceError) as e:
-                    errors.append({"line": lineno, "error": str(e).replace(f"instance {lineno}: ", f"line {lineno}: ") if isinstance(e, InstanceError) else f"line {lineno}: not valid JSON ({e})"})
-                if len(batch) >= batch_size: flush(out)
-            flush(out)
-        if out_local: os.replace(tmp, out_local)
-        else: write_bytes_atomic(output_uri, tmp.read_bytes())
+        with open(tmp, "w") as out: yield out
+        if local: os.replace(tmp, local)
+        else: write_bytes_atomic(uri, tmp.read_bytes())
     finally:
         if tmp.exists(): tmp.unlink()
-        if not out_local: shutil.rmtree(tmp_dir, ignore_errors=True)
+        if not local: shutil.rmtree(tmp_dir, ignore_errors=True)
+
+# %% ../nbs/09a_serving.ipynb #3c06f6ce
+def predict_jsonl(predictor, input_uri: str, output_uri: str, batch_size: int = 256,
+                  parameters: dict | None = None, progress: bool = True) -> dict:
+    "Predict every line of `input_uri` into `output_uri` (errors into `<output>.errors.jsonl`); returns the counts."
+    from tqdm.auto import tqdm
+    from fmnist_gcp.config import filesystem, write_bytes_atomic
+    fs_in, p_in = filesystem(input_uri)
+    with fs_in.open(p_in, "rt") as f, _atomic_text(output_uri) as out:
+        lines = tqdm(f, desc="batch prediction", unit=" lines", disable=not progress, file=sys.stderr)
+        n, errors = predict_lines(predictor, lines, out, batch_size, parameters)
     err_uri = output_uri + ".errors.jsonl"
     if errors: write_bytes_atomic(err_uri, "".join(json.dumps(e) + "\n" for e in errors).encode())
-    return {"predictions": n_ok, "errors": len(errors), "output": output_uri, **({"errors_file": err_uri} if errors else {})}
+    return {"predictions": n, "errors": len(errors), "output": output_uri, **({"errors_file": err_uri} if errors else {})}
+
+# %% ../nbs/09a_serving.ipynb #a798c465
+def request_latency(client,  # an httpx.Client with the server's base_url
+                    body: bytes,  # the JSON request body, sent `n` times
+                    n: int, route: str = SERVING_CONTRACT.predict_route) -> np.ndarray:
+    "Seconds each of `n` sequential POSTs took; raises if any answer is not 200."
+    out = np.empty(n)
+    for i in range(n):
+        t = time.perf_counter()
+        client.post(route, content=body, headers={"content-type": "application/json"}).raise_for_status()
+        out[i] = time.perf_counter() - t
+    return out

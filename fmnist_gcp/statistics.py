@@ -1,4 +1,4 @@
-"""Pixel and class statistics of Fashion-MNIST, train/test drift, duplicates, and the normalisation parameters preprocessing reads.
+"""Pixel and class statistics of Fashion-MNIST, train/test drift, exact and near-duplicates, and the normalisation parameters preprocessing reads, computed on the training part of the data stage's split.
 
 Docs: https://fmnist-gcp.github.io/fmnist-gcp/statistics.html.md"""
 
@@ -27,8 +27,9 @@ def pixel_stats(x: np.ndarray) -> dict[str, float]:
     return {"mean": float(f.mean()), "std": float(f.std()), "min": float(f.min()), "max": float(f.max()),
             "ink": float((x > 0).mean())}
 
+# %% ../nbs/03_statistics.ipynb #a59c4a6d
 def class_stats(x: np.ndarray, y: np.ndarray) -> pd.DataFrame:
-    "Per-class count, share and pixel statistics."
+    "Per-class count, share and pixel statistics (classes without images are left out)."
     rows = [{"class": CLASS_NAMES[c], "count": int((y == c).sum()), **pixel_stats(x[y == c])} for c in range(10) if (y == c).any()]
     df = pd.DataFrame(rows).set_index("class")
     df.insert(1, "share", df["count"] / df["count"].sum())
@@ -40,12 +41,14 @@ def intensity_histogram(x: np.ndarray, bins: int = 32) -> np.ndarray:
     h = np.bincount((x.ravel().astype(np.int64) * bins) // 256, minlength=bins)
     return h / max(h.sum(), 1)
 
+# %% ../nbs/03_statistics.ipynb #6765b9e6
 def js_distance(p: np.ndarray, q: np.ndarray) -> float:
     "Jensen-Shannon distance (base 2, in [0, 1]) between two histograms."
     p, q = p / p.sum(), q / q.sum(); m = (p + q) / 2
     kl = lambda a, b: float(np.sum(np.where(a > 0, a * np.log2(np.where(a > 0, a, 1) / np.where(b > 0, b, 1)), 0)))
     return float(np.sqrt(max(0.0, (kl(p, m) + kl(q, m)) / 2)))
 
+# %% ../nbs/03_statistics.ipynb #d2497f31
 def class_drift(x_a: np.ndarray, y_a: np.ndarray, x_b: np.ndarray, y_b: np.ndarray, bins: int = 32) -> pd.DataFrame:
     "Per-class share, mean brightness and JS distance of intensity histograms, `a` (train) against `b` (test)."
     rows = []
@@ -63,6 +66,7 @@ def image_hashes(x: np.ndarray) -> np.ndarray:
     "sha1 hex digest of each image's bytes."
     return np.array([hashlib.sha1(im.tobytes()).hexdigest() for im in np.ascontiguousarray(x)])
 
+# %% ../nbs/03_statistics.ipynb #d43d15ac
 def exact_duplicates(x_a: np.ndarray, x_b: np.ndarray | None = None) -> list[tuple[int, int]]:
     "Index pairs (i in a, j in b) of byte-identical images; within `a` (i < j) when `b` is None."
     ha = image_hashes(x_a)
@@ -76,11 +80,13 @@ def exact_duplicates(x_a: np.ndarray, x_b: np.ndarray | None = None) -> list[tup
     for i, h in enumerate(ha): where.setdefault(h, []).append(i)
     return [(i, j) for j, h in enumerate(image_hashes(x_b)) for i in where.get(h, [])]
 
+# %% ../nbs/03_statistics.ipynb #d6d8a2b5
 def rms_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     "RMS pixel difference (0-255 scale) between paired images."
     d = a.reshape(len(a), -1).astype(np.float32) - b.reshape(len(b), -1).astype(np.float32)
     return np.sqrt((d * d).mean(1))
 
+# %% ../nbs/03_statistics.ipynb #3f6c9059
 def near_duplicates(x_a: np.ndarray, x_b: np.ndarray | None = None, max_rms: float = 6.0, dims: int = 40,
                     seed: int = 0) -> pd.DataFrame:
     "Pairs (i, j, rms) with RMS difference <= `max_rms` that are not byte-identical; within `a` when `b` is None."
@@ -102,12 +108,13 @@ def near_duplicates(x_a: np.ndarray, x_b: np.ndarray | None = None, max_rms: flo
     return pd.DataFrame({"i": p[keep, 0], "j": p[keep, 1], "rms": rms[keep]}).sort_values("rms", ignore_index=True)
 
 # %% ../nbs/03_statistics.ipynb #725d623a
-NORMALISATION_PATH = "stats/normalisation.json"
-
 def normalisation(x: np.ndarray) -> dict[str, float]:
     "Mean and std of uint8 images `x` in 0-1 units."
     f = x.astype(np.float64) / 255.0
     return {"mean": float(f.mean()), "std": float(f.std())}
+
+# %% ../nbs/03_statistics.ipynb #1627b0c3
+NORMALISATION_PATH = "stats/normalisation.json"  # in the datasets store
 
 def write_normalisation(settings: Settings, params: dict, **provenance) -> str:
     "Write the normalisation `params` (mean, std) and their provenance to the datasets store."
@@ -115,6 +122,7 @@ def write_normalisation(settings: Settings, params: dict, **provenance) -> str:
         raise ValueError(f"normalisation {params} is not a 0-1 mean with a positive std")
     return settings.datasets.write_json(NORMALISATION_PATH, {**params, **provenance})
 
+# %% ../nbs/03_statistics.ipynb #0dd1e958
 def read_normalisation(settings: Settings | None = None) -> dict:
     "The normalisation written by the statistics stage."
     ds = (settings or Settings.from_env()).datasets

@@ -12,37 +12,57 @@ import json
 import os
 import sys
 import time
+from dataclasses import fields, replace
+from typing import get_origin, get_type_hints
+
+from .config import DEFAULT_MODEL, Settings, Store, write_bytes_atomic
+from .training import Checkpoints, TrainConfig, is_chief, parse_widths, train_and_export
 
 # %% auto #0
-__all__ = ['parse_args', 'cluster_size', 'make_strategy', 'main']
+__all__ = ['add_config_flags', 'task_parser', 'parse_args', 'cluster_size', 'make_strategy', 'task_settings',
+           'experiment_tracker', 'main']
+
+# %% ../nbs/task.ipynb #ec9869ae
+def add_config_flags(p):  # an argparse parser or argument group
+    "Add one flag per `TrainConfig` field but `augment` to `p`, with the field's type, default, choices and help."
+    hints = get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        if f.name == "augment": continue
+        kw = {"default": f.default, "help": f.metadata["help"]} | ({"choices": f.metadata["choices"]} if "choices" in f.metadata else {})
+        if hints[f.name] is bool: kw["action"] = argparse.BooleanOptionalAction
+        elif get_origin(hints[f.name]) is tuple:  # a comma list; argparse parses a string default with `type` too
+            kw |= {"type": parse_widths, "default": ",".join(map(str, f.default)), "help": kw["help"] + ", comma-separated"}
+        else: kw["type"] = hints[f.name]
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 # %% ../nbs/task.ipynb #ff495540
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    "Command-line flags of the training task."
-    p = argparse.ArgumentParser(prog="python -m fmnist_gcp.task", description="Train the Fashion-MNIST CNN "
-                                "(reads AIP_MODEL_DIR, AIP_CHECKPOINT_DIR, AIP_TENSORBOARD_LOG_DIR and TF_CONFIG).")
-    p.add_argument("--widths", default="32,64,128", help="channels per stage, comma-separated")
-    p.add_argument("--convs", type=int, default=2, help="conv layers per stage after the first")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=128, help="global batch size")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--warmup-frac", type=float, default=0.15)
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--precision", default="mixed_bfloat16", choices=["float32", "mixed_bfloat16"])
-    p.add_argument("--no-tta-flip", dest="tta_flip", action="store_false", help="no mirror averaging in the exported model")
-    p.add_argument("--no-calibrate", dest="calibrate", action="store_false", help="no temperature fitted on the validation split")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--deterministic", action="store_true", help="TensorFlow op determinism")
+def task_parser() -> argparse.ArgumentParser:
+    "The training task's flags: the recipe (`add_config_flags`) and where things are."
+    p = argparse.ArgumentParser(prog="python -m fmnist_gcp.task", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Train the Fashion-MNIST CNN (reads AIP_MODEL_DIR, AIP_CHECKPOINT_DIR, "
+                                "AIP_TENSORBOARD_LOG_DIR and TF_CONFIG).")
+    add_config_flags(p.add_argument_group("recipe (fmnist_gcp.training.TrainConfig)"))
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                   help="fit a temperature on the validation split and build it into the exported model")
+    p.add_argument("--saved-model", action=argparse.BooleanOptionalAction, default=False,
+                   help="also export a TensorFlow SavedModel (Vertex's prebuilt TF serving container)")
     p.add_argument("--max-train-images", type=int, default=0, help="use the first N training images (0 for all)")
     p.add_argument("--max-val-images", type=int, default=0, help="use the first N validation images (0 for all)")
-    p.add_argument("--model-dir", default=os.environ.get("AIP_MODEL_DIR"), help="where the model goes (default: $AIP_MODEL_DIR)")
-    p.add_argument("--checkpoint-dir", default=os.environ.get("AIP_CHECKPOINT_DIR"), help="default: $AIP_CHECKPOINT_DIR")
-    p.add_argument("--tensorboard-dir", default=os.environ.get("AIP_TENSORBOARD_LOG_DIR"), help="default: $AIP_TENSORBOARD_LOG_DIR")
-    p.add_argument("--datasets-uri", default=None, help="datasets store holding exports/ (default: from FMNIST_* settings)")
+    p.add_argument("--model-dir", default=os.environ.get("AIP_MODEL_DIR"), help="where the model goes; $AIP_MODEL_DIR when set")
+    p.add_argument("--checkpoint-dir", default=os.environ.get("AIP_CHECKPOINT_DIR"), help="checkpoints, one per epoch; $AIP_CHECKPOINT_DIR when set")
+    p.add_argument("--tensorboard-dir", default=os.environ.get("AIP_TENSORBOARD_LOG_DIR"), help="TensorBoard logs; $AIP_TENSORBOARD_LOG_DIR when set")
+    p.add_argument("--datasets-uri", default=None, help="datasets store holding exports/ (None: the FMNIST_* settings' store)")
+    p.add_argument("--model-name", default=DEFAULT_MODEL, help="the model's name in its metadata")
+    p.add_argument("--run-id", default=None, help="the run id stored in the model's metadata")
     p.add_argument("--experiment", default=None, help="Vertex AI experiment to log to (vertex backend)")
     p.add_argument("--experiment-run", default=None, help="run name in that experiment")
-    p.add_argument("--metrics-file", default=None, help="also write the final history and metrics as JSON here")
+    p.add_argument("--metrics-file", default=None, help="also write the model's metadata (history, temperature) as JSON here")
+    return p
+
+# %% ../nbs/task.ipynb #64f196ad
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    "The task's parsed flags; exits with status 2 when no model directory is given or set."
+    p = task_parser()
     a = p.parse_args(argv)
     if not a.model_dir: p.error("no model directory: set AIP_MODEL_DIR or pass --model-dir")
     return a
@@ -53,6 +73,7 @@ def cluster_size(tf_config: str | None = None) -> int:
     conf = json.loads((tf_config if tf_config is not None else os.environ.get("TF_CONFIG")) or "{}")
     return sum(len(v) for k, v in conf.get("cluster", {}).items() if k in ("chief", "worker")) or 1
 
+# %% ../nbs/task.ipynb #0ce64752
 def make_strategy():
     "The tf.distribute strategy this process should train under."
     from fmnist_gcp.config import import_tensorflow
@@ -60,54 +81,39 @@ def make_strategy():
     if cluster_size() > 1: return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
 
+# %% ../nbs/task.ipynb #b0c7ad5f
+def task_settings(datasets_uri: str | None = None) -> Settings:
+    "Settings from the environment, with the datasets store at `datasets_uri` when given."
+    s = Settings.from_env()
+    return replace(s, buckets={**s.buckets, "datasets": datasets_uri}) if datasets_uri else s
+
+# %% ../nbs/task.ipynb #9f550193
+def experiment_tracker(settings: Settings, experiment: str | None, run: str | None):
+    "A Vertex AI Experiments run for the chief of a vertex-backend job with an experiment; else None."
+    if not (experiment and settings.backend == "vertex" and is_chief()): return None
+    from fmnist_gcp.vertex_training import ExperimentRun
+    return ExperimentRun(settings, experiment, run or f"run-{int(time.time())}")
+
 # %% ../nbs/task.ipynb #a2f41def
 def main(argv: list[str] | None = None) -> int:
-    "Entry point of the training task."
+    "Entry point of the training task: train, calibrate and (the chief) export one model; 0 when done."
     a = parse_args(argv)
     strategy = make_strategy()  # first: MultiWorkerMirroredStrategy must exist before other TF work
-    from fmnist_gcp.config import Settings, Store
-    from fmnist_gcp.data import data_sha256
-    from fmnist_gcp.preprocessing import load_tfrecords, read_preprocessing
-    from fmnist_gcp.training import Checkpoints, TrainConfig, export_model, fit, is_chief
-    settings = Settings.from_env()
-    if a.datasets_uri:
-        settings = Settings(**{**settings.__dict__, "buckets": {**settings.buckets, "datasets": a.datasets_uri}})
-    norm, aug = read_preprocessing(settings)
-    x_tr, y_tr, _ = load_tfrecords("train", settings)
-    x_va, y_va, _ = load_tfrecords("val", settings)
-    if a.max_train_images: x_tr, y_tr = x_tr[:a.max_train_images], y_tr[:a.max_train_images]
-    if a.max_val_images: x_va, y_va = x_va[:a.max_val_images], y_va[:a.max_val_images]
-    cfg = TrainConfig(widths=tuple(int(w) for w in a.widths.split(",")), convs=a.convs, epochs=a.epochs,
-                      batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, warmup_frac=a.warmup_frac,
-                      label_smoothing=a.label_smoothing, precision=a.precision, tta_flip=a.tta_flip, seed=a.seed,
-                      deterministic=a.deterministic, augment=aug)
-    chief = is_chief()
-    tracker = None
-    if a.experiment and chief and settings.backend == "vertex":
-        from fmnist_gcp.vertex_training import ExperimentRun
-        tracker = ExperimentRun(settings, a.experiment, a.experiment_run or f"run-{int(time.time())}")
-        tracker.log_params({k: str(v) for k, v in cfg.to_dict().items()})
-    print(f"task: {strategy.num_replicas_in_sync} replica(s), chief={chief}, {len(x_tr)} training images", flush=True)
-    t0 = time.perf_counter()
-    model, history = fit(cfg, x_tr, y_tr, x_va, y_va, norm["mean"], norm["std"],
-                         checkpoints=Checkpoints(Store("models", a.checkpoint_dir)) if a.checkpoint_dir else None,
-                         strategy=strategy, tensorboard_dir=a.tensorboard_dir,
-                         log=lambda m: print(m, flush=True),
-                         on_epoch=(lambda h: tracker.log_metrics({k: h[k] for k in ("loss", "val_loss", "val_accuracy")}, step=h["epoch"])) if tracker else None)
-    seconds = time.perf_counter() - t0
-    result = {"history": history, "train_seconds": round(seconds, 2), "replicas": strategy.num_replicas_in_sync,
-              "final": history[-1] if history else {}}
-    if chief:
-        from fmnist_gcp.training import fit_temperature, predict, serving_model
-        temperature = fit_temperature(predict(serving_model(model, cfg.tta_flip), x_va), y_va) if a.calibrate and len(y_va) else 1.0
-        export_model(model, cfg, {"data_sha256": data_sha256(), "normalisation": norm, "history": history,
-                                  "train_seconds": round(seconds, 1), "train_images": len(x_tr)},
-                     Store("models", a.model_dir), temperature=temperature)
-        print(f"task: model written to {a.model_dir}", flush=True)
-    if tracker: tracker.log_metrics({"val_accuracy": history[-1]["val_accuracy"]}); tracker.end()
+    settings = task_settings(a.datasets_uri)
+    tracker = experiment_tracker(settings, a.experiment, a.experiment_run)
+    print(f"task: {strategy.num_replicas_in_sync} replica(s), chief={is_chief()}", flush=True)
+    on_epoch = (lambda h: tracker.log_metrics({k: h[k] for k in ("loss", "val_loss", "val_accuracy")})) if tracker else None
+    meta = train_and_export(TrainConfig.from_params(vars(a)), settings, a.model_dir, run_id=a.run_id,
+                            model_name=a.model_name, max_train_images=a.max_train_images, max_val_images=a.max_val_images,
+                            checkpoints=Checkpoints(Store("models", a.checkpoint_dir)) if a.checkpoint_dir else None,
+                            tensorboard_dir=a.tensorboard_dir, strategy=strategy, calibrate=a.calibrate,
+                            saved_model=a.saved_model, log=lambda m: print(m, flush=True), on_epoch=on_epoch)
+    if meta["model_uri"]: print(f"task: model written to {meta['model_uri']}", flush=True)
+    if tracker:
+        tracker.log_params({k: str(v) for k, v in meta["config"].items()})
+        tracker.log_metrics({k: meta[k] for k in ("val_accuracy", "val_log_loss_calibrated", "temperature")}); tracker.end()
     if a.metrics_file:
-        from fmnist_gcp.config import write_bytes_atomic
-        write_bytes_atomic(a.metrics_file, json.dumps(result, indent=2).encode())
+        write_bytes_atomic(a.metrics_file, json.dumps({**meta, "replicas": strategy.num_replicas_in_sync}, indent=2).encode())
     return 0
 
 # %% ../nbs/task.ipynb #07450d61

@@ -1,4 +1,4 @@
-"""The custom model and its training loop: one loop for one process or many workers, a checkpoint every epoch that a restarted run resumes from, a deterministic mode, and an exported model that takes raw pixels.
+"""The training recipe (`TrainConfig`), the custom CNN and its training loop, temperature calibration, and `train_and_export`: the one function the pipeline stage and `python -m fmnist_gcp.task` both run.
 
 Docs: https://fmnist-gcp.github.io/fmnist-gcp/training.html.md"""
 
@@ -11,54 +11,111 @@ import io
 import json
 import math
 import os
+import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Mapping, Sequence
 
 import numpy as np
+from fastcore.basics import patch
 
-from .config import Settings, Store, filesystem, import_keras, import_tensorflow, is_local
-from .preprocessing import Augment, augment_batch, epoch_batches
+from .config import DEFAULT_MODEL, Settings, Store, filesystem, import_keras, import_tensorflow, is_local
+from .data import data_sha256
+from .preprocessing import Augment, load_tfrecords, make_dataset, read_preprocessing
 
 # %% auto #0
-__all__ = ['TrainConfig', 'build_model', 'serving_model', 'load_model', 'soften', 'fit_temperature', 'one_cycle',
-           'make_optimizer', 'CheckpointMismatch', 'Checkpoints', 'is_chief', 'predict', 'fit', 'model_versions',
-           'resolve_version', 'export_model']
+__all__ = ['PRECISIONS', 'RECIPE_RESULTS', 'TrainConfig', 'parse_widths', 'recipe_params', 'resolve_precision', 'build_model',
+           'serving_model', 'load_model', 'log_loss', 'soften', 'fit_temperature', 'one_cycle', 'make_optimizer',
+           'CheckpointMismatch', 'Checkpoints', 'is_chief', 'predict', 'make_train_step', 'epoch_dataset',
+           'validation_metrics', 'fit', 'model_versions', 'resolve_version', 'export_model', 'calibration',
+           'train_and_export']
 
 # %% ../nbs/07_training.ipynb #833f9af4
+PRECISIONS = ("auto", "float32", "mixed_bfloat16")  # "auto" is resolved when training starts (`resolve_precision`)
+
+def _knob(default, help: str, **more):
+    return field(default=default, metadata={"help": help, **more})
+
 @dataclass(frozen=True)
 class TrainConfig:
-    widths: tuple[int, ...] = (32, 64, 128)  # channels of each stage
-    convs: int = 2  # conv-BN-ReLU layers per stage after the first
-    epochs: int = 12  # training epochs
-    batch_size: int = 128  # global batch size
-    lr: float = 3e-3  # peak learning rate
-    weight_decay: float = 5e-4  # AdamW weight decay
-    warmup_frac: float = 0.15  # warm-up share of the one-cycle schedule
-    label_smoothing: float = 0.0  # label smoothing
-    precision: str = "float32"  # float32 | mixed_bfloat16
-    tta_flip: bool = True  # mirror averaging in the exported model
-    seed: int = 0  # seed of everything random
-    deterministic: bool = False  # TensorFlow op determinism
-    augment: Augment = field(default_factory=Augment)  # augmentation (from the preprocessing stage)
+    "The training recipe. The defaults are the quick recipe; profiles and flags change single fields."
+    widths: tuple[int, ...] = _knob((32, 64, 128), "channels of each stage")
+    convs: int = _knob(2, "3x3 conv-BN-ReLU layers per stage after the first (the first stage has one)")
+    epochs: int = _knob(12, "training epochs")
+    batch_size: int = _knob(256, "global batch size (all workers together)")
+    lr: float = _knob(0.004, "peak learning rate of the one-cycle schedule")
+    weight_decay: float = _knob(5e-4, "AdamW decoupled weight decay")
+    warmup_frac: float = _knob(0.15, "share of training spent warming the learning rate up")
+    label_smoothing: float = _knob(0.0, "label smoothing of the cross-entropy")
+    precision: str = _knob("auto", "mixed_bfloat16 (bf16 convolutions, float32 weights), float32, or auto: "
+                           "bf16 where the CPU computes it natively or a GPU is present", choices=PRECISIONS)
+    tta_flip: bool = _knob(True, "average predictions over the image and its mirror, inside the exported model")
+    seed: int = _knob(0, "seed of initialisation, data order and augmentation")
+    deterministic: bool = _knob(False, "TensorFlow op determinism: two runs give identical metrics")
+    augment: Augment = field(default_factory=Augment, metadata={"help": "augmentation (the preprocessing stage's record)"})
 
     def __post_init__(self):
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         if not self.widths or min(self.widths) < 1: raise ValueError(f"widths must be positive channel counts, not {self.widths}")
-        if self.precision not in ("float32", "mixed_bfloat16"): raise ValueError(f"precision must be float32 or mixed_bfloat16, not {self.precision!r}")
+        if self.precision not in PRECISIONS: raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.epochs < 1 or self.batch_size < 1: raise ValueError("epochs and batch_size must be >= 1")
 
     def to_dict(self) -> dict:
         d = asdict(self); d["widths"] = list(self.widths); return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
+        "Inverse of `to_dict`; keys that are not fields are ignored."
         d = {k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}
-        return cls(**{**d, "widths": tuple(d.get("widths", cls.widths)), "augment": Augment(**d.get("augment", {}))})
+        return cls(**{**d, "augment": Augment(**d.get("augment", {}))})
+
+# %% ../nbs/07_training.ipynb #c8d9b838
+def parse_widths(widths: str | Sequence[int]) -> tuple[int, ...]:
+    "Channel counts from a comma list such as '32,64,128' (or a sequence of numbers)."
+    parts = widths.split(",") if isinstance(widths, str) else widths
+    try: return tuple(int(w) for w in parts)
+    except ValueError: raise ValueError(f"widths must be comma-separated channel counts such as 32,64,128, not {widths!r}") from None
+
+# %% ../nbs/07_training.ipynb #120596cb
+@patch(cls_method=True)
+def from_params(cls: TrainConfig, params: Mapping, augment: Augment | None = None) -> TrainConfig:
+    "The config whose fields are in `params` (other keys are ignored, missing fields keep their defaults)."
+    names = {f.name for f in fields(cls)} - {"augment"}
+    d = {k: v for k, v in params.items() if k in names}
+    if "widths" in d: d["widths"] = parse_widths(d["widths"])
+    return cls(**d, augment=augment or Augment())
+
+# %% ../nbs/07_training.ipynb #9d382ba6
+def recipe_params(**changes) -> dict:
+    "The training notebook's parameters for `TrainConfig(**changes)`: every field but `augment`, widths as '32,64,128'."
+    if "augment" in changes: raise ValueError("augmentation is a parameter of the preprocessing stage, not of training")
+    d = TrainConfig(**changes).to_dict()
+    del d["augment"]
+    return {**d, "widths": ",".join(map(str, d["widths"]))}
+
+# %% ../nbs/07_training.ipynb #44b5ae20
+RECIPE_RESULTS = "bench/train_recipe.jsonl"  # dev store: one JSON line per bench/train_recipe.py run
+
+# %% ../nbs/07_training.ipynb #fe4d5b86
+def resolve_precision(precision: str = "auto",  # one of PRECISIONS
+                      cpu_flags: str | None = None,  # /proc/cpuinfo's text (default: read it)
+                      gpu: bool | None = None,  # whether a GPU is visible (default: ask TensorFlow)
+                      ) -> str:  # float32 or mixed_bfloat16
+    "`precision` with 'auto' made mixed_bfloat16 where the CPU computes bf16 natively or a GPU is present, else float32."
+    if precision != "auto": return precision
+    if cpu_flags is None:
+        try:
+            with open("/proc/cpuinfo") as f: cpu_flags = f.read()
+        except OSError: cpu_flags = ""
+    if re.search(r"\b(avx512_bf16|amx_bf16)\b", cpu_flags): return "mixed_bfloat16"
+    if gpu is None: gpu = bool(import_tensorflow().config.list_physical_devices("GPU"))
+    return "mixed_bfloat16" if gpu else "float32"
 
 # %% ../nbs/07_training.ipynb #be67790e
 def build_model(cfg: TrainConfig, mean: float, std: float, name: str = "fmnist_cnn"):
     "Keras model: raw pixels (n, 28, 28) -> class probabilities (n, 10)."
     keras = import_keras(); from keras import layers
-    dt = cfg.precision
+    dt = resolve_precision(cfg.precision)
     def conv_bn_relu(x, c):
         x = layers.Conv2D(c, 3, padding="same", use_bias=False, dtype=dt)(x)
         x = layers.BatchNormalization(momentum=0.9, dtype=dt)(x)  # statistics settle within a short run
@@ -82,15 +139,6 @@ def _register():
         def call(self, x): return keras.ops.flip(x, axis=2)
     return MirrorImage
 
-def serving_model(model, tta_flip: bool = True, temperature: float = 1.0):
-    "`model`, optionally averaged with its prediction on the mirrored image, then softened by `temperature`."
-    if not tta_flip and temperature == 1.0: return model
-    keras = import_keras(); from keras import layers
-    inp = keras.Input((28, 28), name="pixels")
-    out = layers.Average(name="probs_tta")([model(inp), model(_register()(name="mirror")(inp))]) if tta_flip else model(inp)
-    if temperature != 1.0: out = _temperature_layer()(temperature, name="temperature")(out)
-    return keras.Model(inp, out, name=f"{model.name}_serving")
-
 def _temperature_layer():
     keras = import_keras()
     @keras.saving.register_keras_serializable(package="fmnist_gcp")
@@ -103,6 +151,16 @@ def _temperature_layer():
         def get_config(self): return {**super().get_config(), "temperature": self.temperature}
     return Temperature
 
+def serving_model(model, tta_flip: bool = True, temperature: float = 1.0):
+    "`model`, optionally averaged with its prediction on the mirrored image, then softened by `temperature`."
+    if not tta_flip and temperature == 1.0: return model
+    keras = import_keras(); from keras import layers
+    inp = keras.Input((28, 28), name="pixels")
+    out = layers.Average(name="probs_tta")([model(inp), model(_register()(name="mirror")(inp))]) if tta_flip else model(inp)
+    if temperature != 1.0: out = _temperature_layer()(temperature, name="temperature")(out)
+    return keras.Model(inp, out, name=f"{model.name}_serving")
+
+# %% ../nbs/07_training.ipynb #00e79bd8
 def load_model(path: str):
     "Load a saved `.keras` model (local path or URI) with safe deserialisation."
     keras = import_keras(); _register(); _temperature_layer()
@@ -112,6 +170,15 @@ def load_model(path: str):
         local = os.path.join(tempfile.mkdtemp(), "model.keras"); fs.get(p, local); path = local
     return keras.saving.load_model(path, safe_mode=True)
 
+# %% ../nbs/07_training.ipynb #33f4b2c4
+def log_loss(y: np.ndarray,  # true labels (n,)
+             proba: np.ndarray,  # class probabilities (n, k)
+             eps: float = 1e-7,  # probabilities are clipped to [eps, 1] first
+             ) -> float:
+    "Mean negative log-probability of the true class (NaN without examples)."
+    if not len(y): return float("nan")
+    return float(-np.mean(np.log(np.clip(proba[np.arange(len(y)), y], eps, 1.0))))
+
 # %% ../nbs/07_training.ipynb #ac214903
 def soften(p: np.ndarray, temperature: float) -> np.ndarray:
     "Probabilities `p` (n, k) with their logits divided by `temperature`."
@@ -119,9 +186,10 @@ def soften(p: np.ndarray, temperature: float) -> np.ndarray:
     z -= z.max(1, keepdims=True); e = np.exp(z)
     return e / e.sum(1, keepdims=True)
 
+# %% ../nbs/07_training.ipynb #4b7fd010
 def fit_temperature(p_val: np.ndarray, y_val: np.ndarray, lo: float = 0.25, hi: float = 8.0) -> float:
     "The temperature in [lo, hi] that minimises the log loss of `p_val` (golden-section search in log T)."
-    nll = lambda lt: -float(np.mean(np.log(np.clip(soften(p_val, math.exp(lt))[np.arange(len(y_val)), y_val], 1e-12, 1))))
+    nll = lambda lt: log_loss(y_val, soften(p_val, math.exp(lt)))
     a, b, g = math.log(lo), math.log(hi), (math.sqrt(5) - 1) / 2
     c, d = b - g * (b - a), a + g * (b - a)
     for _ in range(60):
@@ -139,6 +207,7 @@ def one_cycle(step, total_steps: int, peak: float, warmup_frac: float):
     cos = peak * (1e-3 + (1 - 1e-3) * 0.5 * (1 + ops.cos(math.pi * q)))
     return ops.where(p < warmup_frac, warm, cos)
 
+# %% ../nbs/07_training.ipynb #8848bfbe
 def make_optimizer(cfg: TrainConfig, total_steps: int):
     "AdamW on the one-cycle schedule."
     keras = import_keras()
@@ -148,10 +217,11 @@ def make_optimizer(cfg: TrainConfig, total_steps: int):
         def get_config(self): return {}
     return keras.optimizers.AdamW(OneCycle(), weight_decay=cfg.weight_decay)
 
-# %% ../nbs/07_training.ipynb #2152bcc9
+# %% ../nbs/07_training.ipynb #e8a2e1da
 class CheckpointMismatch(ValueError):
     "The checkpoint directory holds a checkpoint of a different configuration."
 
+# %% ../nbs/07_training.ipynb #2152bcc9
 @dataclass
 class Checkpoints:
     store: Store  # where checkpoints live (AIP_CHECKPOINT_DIR on Vertex)
@@ -184,11 +254,47 @@ def is_chief(tf_config: str | None = None) -> bool:
     if task.get("type") == "chief": return True
     return task.get("type") == "worker" and task.get("index", 0) == 0 and "chief" not in conf.get("cluster", {})
 
+# %% ../nbs/07_training.ipynb #d63845eb
 def predict(model, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     "Class probabilities of raw-pixel images `x`, batch by batch."
     return np.concatenate([np.asarray(model(np.asarray(x[i:i + batch_size], np.float32), training=False))
                            for i in range(0, len(x), batch_size)]) if len(x) else np.zeros((0, 10), np.float32)
 
+# %% ../nbs/07_training.ipynb #effc03f4
+def make_train_step(model, optimizer, cfg: TrainConfig, strategy):
+    "A `tf.function` taking one global batch (uint8 images, int labels) through `strategy`; returns its mean loss."
+    tf = import_tensorflow(); keras = import_keras()
+    def replica_step(x, y):
+        with tf.GradientTape() as tape:
+            p = model(tf.cast(x, tf.float32), training=True)
+            per_example = keras.losses.categorical_crossentropy(tf.one_hot(y, 10), p, label_smoothing=cfg.label_smoothing)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=cfg.batch_size)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    @tf.function
+    def train_step(x, y):
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_step, args=(x, y)), axis=None)
+    return train_step
+
+# %% ../nbs/07_training.ipynb #704bf8a1
+def epoch_dataset(x: np.ndarray, y: np.ndarray, cfg: TrainConfig, epoch: int, strategy):
+    "Epoch `epoch`'s shuffled, augmented batches, distributed by `strategy`."
+    tf = import_tensorflow()
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    ds = make_dataset(x, y, cfg.batch_size, cfg.seed, epoch, cfg.augment).with_options(options)
+    return strategy.experimental_distribute_dataset(ds)
+
+# %% ../nbs/07_training.ipynb #300e4ac1
+def validation_metrics(model, x_va: np.ndarray, y_va: np.ndarray) -> dict[str, float]:
+    "val_loss and val_accuracy of `model` on the validation images (NaN without any)."
+    if not len(y_va): return {"val_loss": float("nan"), "val_accuracy": float("nan")}
+    p = predict(model, x_va)
+    return {"val_loss": log_loss(y_va, p), "val_accuracy": float((p.argmax(1) == y_va).mean())}
+
+# %% ../nbs/07_training.ipynb #e5110898
 def fit(cfg: TrainConfig, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray,
         mean: float, std: float, checkpoints: Checkpoints | None = None, strategy=None,
         tensorboard_dir: str | None = None, log=print,
@@ -196,49 +302,24 @@ def fit(cfg: TrainConfig, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, 
         ) -> tuple[object, list[dict]]:
     "Train (or resume) a model; returns (trained model, per-epoch history)."
     tf = import_tensorflow(); keras = import_keras()
-    strategy = strategy or tf.distribute.get_strategy()
+    cfg, strategy = replace(cfg, precision=resolve_precision(cfg.precision)), strategy or tf.distribute.get_strategy()
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic: tf.config.experimental.enable_op_determinism()
-    steps_per_epoch = math.ceil(len(x_tr) / cfg.batch_size)
     with strategy.scope():
         model = build_model(cfg, mean, std)
-        opt = make_optimizer(cfg, steps_per_epoch * cfg.epochs)
+        opt = make_optimizer(cfg, math.ceil(len(x_tr) / cfg.batch_size) * cfg.epochs)
         opt.build(model.trainable_variables)
     start, history = checkpoints.load(model, opt, cfg) if checkpoints else (0, [])
     if start: log(f"resuming after epoch {start} from {checkpoints.store.root}")
-    chief = is_chief()
+    chief, train_step = is_chief(), make_train_step(model, opt, cfg, strategy)
     writer = tf.summary.create_file_writer(tensorboard_dir) if tensorboard_dir and chief else None
-
-    def replica_step(x, y):
-        with tf.GradientTape() as tape:
-            p = model(tf.cast(x, tf.float32), training=True)
-            per_example = keras.losses.categorical_crossentropy(tf.one_hot(y, 10), p, label_smoothing=cfg.label_smoothing)
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=cfg.batch_size)
-        grads = tape.gradient(loss, model.trainable_variables)
-        opt.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
-
-    @tf.function
-    def train_step(x, y):
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_step, args=(x, y)), axis=None)
-
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        sig = (tf.TensorSpec((None, 28, 28), tf.uint8), tf.TensorSpec((None,), tf.int32))
-        ds = tf.data.Dataset.from_generator(lambda: epoch_batches(x_tr, y_tr, cfg.batch_size, cfg.seed, epoch, cfg.augment),
-                                            output_signature=sig).prefetch(2).with_options(options)
-        total, n = 0.0, 0
-        for xb, yb in strategy.experimental_distribute_dataset(ds):
+        t0, total, n = time.perf_counter(), 0.0, 0
+        for xb, yb in epoch_dataset(x_tr, y_tr, cfg, epoch, strategy):
             total += float(train_step(xb, yb)); n += 1
-        train_s = time.perf_counter() - t0
-        p_va = predict(model, x_va)
-        val_loss = float(-np.mean(np.log(np.clip(p_va[np.arange(len(y_va)), y_va], 1e-7, 1)))) if len(y_va) else float("nan")
-        h = {"epoch": epoch + 1, "loss": total / max(n, 1), "val_loss": val_loss,
-             "val_accuracy": float((p_va.argmax(1) == y_va).mean()) if len(y_va) else float("nan"),
-             "lr": float(np.asarray(opt.learning_rate)), "seconds": round(train_s, 2),
-             "images_per_s": round(len(x_tr) / train_s, 1)}
+        s = time.perf_counter() - t0
+        h = {"epoch": epoch + 1, "loss": total / max(n, 1), **validation_metrics(model, x_va, y_va),
+             "lr": float(np.asarray(opt.learning_rate)), "seconds": round(s, 2), "images_per_s": round(len(x_tr) / s, 1)}
         history.append(h)
         log(f"epoch {h['epoch']:>3}/{cfg.epochs}  loss {h['loss']:.4f}  val_loss {h['val_loss']:.4f}  "
             f"val_acc {h['val_accuracy']:.4f}  {h['seconds']:.1f} s ({h['images_per_s']:.0f} img/s)")
@@ -256,6 +337,7 @@ def model_versions(settings: Settings, name: str) -> list[int]:
     m = settings.models
     return sorted(int(v) for v in m.ls(name) if v.isdigit() and m.exists(f"{name}/{v}/metadata.json"))
 
+# %% ../nbs/07_training.ipynb #11789d4d
 def resolve_version(settings: Settings, name: str, version: str | int = "latest") -> int:
     "A version number from a number or 'latest'."
     versions = model_versions(settings, name)
@@ -264,6 +346,7 @@ def resolve_version(settings: Settings, name: str, version: str | int = "latest"
     if int(version) not in versions: raise FileNotFoundError(f"model {name!r} has no version {version}; it has {versions}")
     return int(version)
 
+# %% ../nbs/07_training.ipynb #d593de26
 def _upload_dir(local: str, dest: Store, prefix: str) -> None:
     for root, _, files in os.walk(local):
         for f in files:
@@ -271,10 +354,11 @@ def _upload_dir(local: str, dest: Store, prefix: str) -> None:
             with open(os.path.join(root, f), "rb") as fh: dest.write_bytes(f"{prefix}/{rel}", fh.read())
 
 def export_model(model, cfg: TrainConfig, metadata: dict, dest: Store, saved_model: bool = False,
-                 temperature: float = 1.0) -> str:
-    "Write the serving model (mirror averaging, temperature) and its metadata into `dest`; returns its URI."
+                 temperature: float = 1.0) -> dict:
+    "Write the serving model and `metadata.json` into `dest`; returns the metadata and `model_uri`."
     import tempfile
     keras = import_keras()
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision))
     served = serving_model(model, cfg.tta_flip, temperature)
     with tempfile.TemporaryDirectory() as tmp:
         served.save(os.path.join(tmp, "model.keras"))
@@ -282,7 +366,45 @@ def export_model(model, cfg: TrainConfig, metadata: dict, dest: Store, saved_mod
         if saved_model:
             served.export(os.path.join(tmp, "saved_model"), verbose=False)
             _upload_dir(os.path.join(tmp, "saved_model"), dest, "saved_model")
-    dest.write_json("metadata.json", {**metadata, "config": cfg.to_dict(), "params": int(model.count_params()), "temperature": temperature,
-                                      "keras": keras.__version__, "backend": keras.backend.backend(),
-                                      "input": "raw pixels, float32 (n, 28, 28) in 0-255", "output": "probabilities (n, 10)"})
-    return dest.root
+    meta = {**metadata, "config": cfg.to_dict(), "precision": cfg.precision, "params": int(model.count_params()),
+            "temperature": temperature, "keras": keras.__version__, "backend": keras.backend.backend(),
+            "input": "raw pixels, float32 (n, 28, 28) in 0-255", "output": "probabilities (n, 10)"}
+    dest.write_json("metadata.json", meta)
+    return {**meta, "model_uri": dest.root}
+
+# %% ../nbs/07_training.ipynb #b8a2f63a
+def calibration(model, cfg: TrainConfig, x_va: np.ndarray, y_va: np.ndarray, fit: bool = True) -> tuple[float, np.ndarray]:
+    "(temperature fitted on the validation images, or 1.0 without `fit`; the uncalibrated served model's probabilities)."
+    p_va = predict(serving_model(model, cfg.tta_flip), x_va)
+    return (fit_temperature(p_va, y_va) if fit and len(y_va) else 1.0), p_va
+
+# %% ../nbs/07_training.ipynb #e239e735
+def train_and_export(cfg: TrainConfig,  # the recipe; augmentation comes from the preprocessing record
+                     settings: Settings,  # its datasets store holds the TFRecord splits
+                     dest: Store | str | None = None,  # where the model goes (None: next version of `model_name`)
+                     *, run_id: str | None = None, model_name: str = DEFAULT_MODEL,
+                     max_train_images: int = 0, max_val_images: int = 0,  # first N images of each split (0: all)
+                     checkpoints: Checkpoints | None = None, tensorboard_dir: str | None = None, strategy=None,
+                     calibrate: bool = True,  # fit a temperature on the validation split and build it in
+                     saved_model: bool = False, log=print, on_epoch=None) -> dict:
+    "Train, calibrate on validation and (the chief only) export one model; its metadata and `model_uri`."
+    norm, aug = read_preprocessing(settings)
+    x_tr, y_tr = (a[:max_train_images or None] for a in load_tfrecords("train", settings)[:2])
+    x_va, y_va = (a[:max_val_images or None] for a in load_tfrecords("val", settings)[:2])
+    cfg = replace(cfg, augment=aug, precision=resolve_precision(cfg.precision))
+    t0 = time.perf_counter()
+    model, history = fit(cfg, x_tr, y_tr, x_va, y_va, norm["mean"], norm["std"], checkpoints=checkpoints, strategy=strategy,
+                         tensorboard_dir=tensorboard_dir, log=log, on_epoch=on_epoch)
+    train_seconds = time.perf_counter() - t0
+    temperature, p_va = calibration(model, cfg, x_va, y_va, fit=calibrate)
+    meta = {"run_id": run_id, "name": model_name, "history": history, "train_seconds": round(train_seconds, 1),
+            "train_images": len(x_tr), "val_images": len(x_va), "val_accuracy": float((p_va.argmax(1) == y_va).mean()),
+            "val_log_loss": log_loss(y_va, p_va), "val_log_loss_calibrated": log_loss(y_va, soften(p_va, temperature)),
+            "temperature_split": "val" if calibrate else None,  # the TFRecord split it was fitted on
+            "normalisation": norm, "data_sha256": data_sha256(settings), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if not is_chief():
+        return {**meta, "config": cfg.to_dict(), "precision": cfg.precision, "temperature": temperature, "model_uri": None}
+    if dest is None:
+        meta["version"] = (model_versions(settings, model_name) or [0])[-1] + 1
+        dest = settings.models.uri(model_name, str(meta["version"]))
+    return export_model(model, cfg, meta, dest if isinstance(dest, Store) else Store("models", dest), saved_model, temperature)

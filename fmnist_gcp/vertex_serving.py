@@ -7,18 +7,20 @@ Docs: https://fmnist-gcp.github.io/fmnist-gcp/vertex_serving.html.md"""
 # %% ../nbs/vertex_serving.ipynb #365ac2c8
 from __future__ import annotations
 
-from .config import ConfigError, Settings
+from .config import Settings
+from .preprocessing import BATCH_JSONL_PATH
 
 # %% auto #0
 __all__ = ['deploy', 'undeploy_and_delete', 'batch_predict']
 
-# %% ../nbs/vertex_serving.ipynb #0fdfe7a2
+# %% ../nbs/vertex_serving.ipynb #fe865bf7
 def _init(settings: Settings):
-    from google.cloud import aiplatform
     settings.require_vertex("Vertex AI serving")
+    from google.cloud import aiplatform
     aiplatform.init(project=settings.project, location=settings.region)
     return aiplatform
 
+# %% ../nbs/vertex_serving.ipynb #0fdfe7a2
 def deploy(settings: Settings,
            model: str,  # Vertex model resource name (optionally @version or @alias)
            endpoint: str | None = None,  # existing endpoint resource name; default: create one
@@ -34,6 +36,7 @@ def deploy(settings: Settings,
              service_account=settings.service_account, sync=True)
     return ep
 
+# %% ../nbs/vertex_serving.ipynb #ee1fdf0e
 def undeploy_and_delete(settings: Settings, endpoint: str) -> None:
     "Undeploy every model from `endpoint` and delete it."
     ai = _init(settings)
@@ -41,10 +44,13 @@ def undeploy_and_delete(settings: Settings, endpoint: str) -> None:
     ep.undeploy_all(sync=True)
     ep.delete(sync=True)
 
+# %% ../nbs/vertex_serving.ipynb #242f258a
 def batch_predict(settings: Settings, model: str,
-                  source: str = "exports/batch/test_instances.jsonl",  # JSONL path in the datasets store
-                  machine_type: str = "n1-standard-4", max_replicas: int = 2, parameters: dict | None = None):
+                  source: str = BATCH_JSONL_PATH,  # JSONL path in the datasets store
+                  machine_type: str = "n1-standard-4", max_replicas: int = 2,
+                  parameters: dict | None = None):  # default: every class, most confident first
     "Start a Vertex batch prediction job over a JSONL file in the datasets bucket; returns the job (not waited for)."
+    from fmnist_gcp.serving import ALL_CLASSES
     ai = _init(settings)
     m = ai.Model(model)
     # `submit` returns once the job exists; `Model.batch_predict(sync=False)` would keep a thread polling until the
@@ -52,6 +58,6 @@ def batch_predict(settings: Settings, model: str,
     return ai.BatchPredictionJob.submit(
         job_display_name=f"{m.display_name}-batch", model_name=m, gcs_source=settings.datasets.uri(source),
         instances_format="jsonl", predictions_format="jsonl", gcs_destination_prefix=settings.dev.uri("batch-predictions"),
-        model_parameters=parameters or {"confidenceThreshold": 0.0, "maxPredictions": 10},
+        model_parameters=parameters or ALL_CLASSES,
         machine_type=machine_type, starting_replica_count=1, max_replica_count=max_replicas,
         service_account=settings.service_account, labels={"app": "fmnist-gcp"})

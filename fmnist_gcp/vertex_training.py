@@ -35,11 +35,12 @@ def worker_pool_specs(image_uri: str,  # training image, e.g. europe-docker.pkg.
     pool = {"machine_spec": machine, "replica_count": 1, "container_spec": container}
     return [pool] + ([{**pool, "replica_count": workers}] if workers else [])
 
-# %% ../nbs/vertex_training.ipynb #6b62acf2
+# %% ../nbs/vertex_training.ipynb #e9a1aee2
 def job_name(prefix: str = "fmnist-train") -> str:
     "A display name with a UTC time stamp, valid for Vertex resources."
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
+# %% ../nbs/vertex_training.ipynb #6b62acf2
 def submit_custom_job(settings: Settings,
                       image_uri: str,  # training image in Artifact Registry
                       task_args: list[str],  # flags for `python -m fmnist_gcp.task`
@@ -73,8 +74,9 @@ def experiment_run_name(name: str) -> str:
     "A run name Vertex accepts: lowercase letters, digits and hyphens, at most 128 characters."
     return _RUN_RE.sub("-", name.lower()).strip("-")[:128] or "run"
 
+# %% ../nbs/vertex_training.ipynb #799bc5a7
 class ExperimentRun:
-    "A Vertex AI Experiments run: params once, metrics per step, then end."
+    "A Vertex AI Experiments run: params once, summary metrics (latest value kept), then end."
     def __init__(self, settings: Settings, experiment: str, run: str):
         from google.cloud import aiplatform
         s = settings.require_vertex("Vertex AI Experiments")
@@ -83,7 +85,7 @@ class ExperimentRun:
         self.run = aiplatform.start_run(experiment_run_name(run), resume=False)
 
     def log_params(self, params: dict) -> None: self._ai.log_params(params)
-    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+    def log_metrics(self, metrics: dict) -> None:
         "Summary metrics; Vertex keeps the latest value of each (per-epoch curves are in the TensorBoard logs)."
         self._ai.log_metrics(metrics)
     def end(self) -> None: self._ai.end_run()

@@ -41,26 +41,44 @@ SMALL = ["--widths", "8,16", "--convs", "1", "--batch-size", "64", "--lr", "0.01
          "--deterministic", "--seed", "1"]
 
 
-def test_task_learns_and_writes_the_model(datasets, tmp_path):
+def test_task_learns_calibrates_and_writes_the_model(datasets, tmp_path):
     env = {**datasets, "AIP_MODEL_DIR": str(tmp_path / "model"), "AIP_CHECKPOINT_DIR": str(tmp_path / "ckpt"),
            "AIP_TENSORBOARD_LOG_DIR": str(tmp_path / "tb")}
-    p = task([*SMALL, "--epochs", "3", "--metrics-file", str(tmp_path / "m.json")], env)
+    p = task([*SMALL, "--epochs", "3", "--run-id", "r1", "--metrics-file", str(tmp_path / "m.json")], env)
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out
     h = json.loads((tmp_path / "m.json").read_text())["history"]
     assert len(h) == 3 and h[-1]["loss"] < h[0]["loss"] and h[-1]["val_accuracy"] > 0.5, h
     meta = json.loads((tmp_path / "model/metadata.json").read_text())
     assert meta["normalisation"] == {"mean": 0.286, "std": 0.353} and meta["config"]["widths"] == [8, 16]
-    assert 0.25 <= meta["temperature"] <= 8  # fitted on the validation split and built into the model
-    assert (tmp_path / "model/model.keras").stat().st_size > 0
+    assert (meta["run_id"], meta["precision"], meta["config"]["augment"]["erase_prob"]) == ("r1", "float32", 0.3)
     assert json.loads((tmp_path / "ckpt/state.json").read_text())["epoch"] == 3
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
-    # the exported model takes raw pixels and agrees with the validation accuracy the task reported
+    # the exported model takes raw pixels, and its temperature was fitted on the validation split and built in:
+    # its probabilities are the uncalibrated model's, softened by the T that minimises the validation log loss
+    from fmnist_gcp.config import import_keras
     from fmnist_gcp.preprocessing import load_tfrecords
-    from fmnist_gcp.training import load_model, predict
+    from fmnist_gcp.training import fit_temperature, load_model, predict, soften
     x, y, _ = load_tfrecords("val")
-    acc = float((predict(load_model(str(tmp_path / "model/model.keras")), x).argmax(1) == y).mean())
-    assert acc > 0.5
+    served = load_model(str(tmp_path / "model/model.keras"))
+    layer, t = served.get_layer("temperature"), meta["temperature"]
+    uncalibrated = import_keras().Model(served.input, layer.input)
+    p, p_unc = predict(served, x), predict(uncalibrated, x)
+    assert t != 1.0 and layer.temperature == t
+    np.testing.assert_allclose(p, soften(p_unc, t), atol=1e-5)
+    assert fit_temperature(p_unc, y) == pytest.approx(t, abs=0.01)
+    assert (p.argmax(1) == y).mean() > 0.5
+
+
+def test_no_calibrate_exports_the_model_without_a_temperature(datasets, tmp_path):
+    env = {**datasets, "AIP_MODEL_DIR": str(tmp_path / "model")}
+    p = task([*SMALL, "--epochs", "1", "--max-train-images", "256", "--no-calibrate"], env)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    from fmnist_gcp.training import load_model
+    meta = json.loads((tmp_path / "model/metadata.json").read_text())
+    served = load_model(str(tmp_path / "model/model.keras"))
+    assert meta["temperature"] == 1.0 and "temperature" not in [l.name for l in served.layers]
 
 
 def test_killed_run_resumes_and_matches_an_uninterrupted_run(datasets, tmp_path):

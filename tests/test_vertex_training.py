@@ -4,7 +4,7 @@ from unittest import mock
 import pytest
 
 from conftest import VERTEX_ENV
-from fmnist_gcp.config import ConfigError, Settings
+from fmnist_gcp.config import Settings
 
 
 def _create_custom_job_patch():
@@ -56,22 +56,19 @@ def test_single_machine_job_has_one_pool(anonymous):
     assert req.display_name.startswith("fmnist-train-") and not req.job_spec.worker_pool_specs[0].machine_spec.accelerator_count
 
 
-def test_vertex_job_needs_vertex_backend():
-    from fmnist_gcp.vertex_training import submit_custom_job
-    with pytest.raises(ConfigError, match="FMNIST_BACKEND=vertex"):
-        submit_custom_job(Settings.from_env({}), "img", [])
-
-
 def test_experiment_run_calls_the_documented_sdk_api(anonymous):
-    # Experiments go through many metadata-service calls; here the SDK's public functions are patched and the
-    # arguments our wrapper passes are checked (the gapic-level check is the CustomJob test above).
+    # Experiments go through many metadata-service calls; here the SDK's public functions are patched with their own
+    # signatures (autospec: an argument the SDK does not take fails the call) and the arguments our wrapper passes
+    # are checked (the gapic-level check is the CustomJob test above).
     from google.cloud import aiplatform
     from fmnist_gcp.vertex_training import ExperimentRun
     names = ["init", "start_run", "log_params", "log_metrics", "end_run"]
-    with mock.patch.multiple(aiplatform, **{n: mock.DEFAULT for n in names}) as m:
+    with mock.patch.multiple(aiplatform, **{n: mock.DEFAULT for n in names}, autospec=True) as m:
         run = ExperimentRun(Settings.from_env(VERTEX_ENV), "fmnist-custom", "20261126-093000_Quick")
         run.log_params({"epochs": "12"})
-        run.log_metrics({"val_accuracy": 0.93}, step=3)
+        run.log_metrics({"val_accuracy": 0.93})
+        with pytest.raises(TypeError):  # a step would be dropped: Vertex keeps summary metrics only
+            run.log_metrics({"val_accuracy": 0.94}, step=3)
         run.end()
     m["init"].assert_called_once_with(project="acme-ml", location="europe-west4", experiment="fmnist-custom",
                                       experiment_tensorboard=False)
