@@ -105,12 +105,15 @@ class Store:
     def write_json(self, rel: str, obj: Any) -> str:
         return self.write_text(rel, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
-    def read_bytes(self, rel: str) -> bytes:
+    def read_bytes(self, rel: str, made_by: str | None = None) -> bytes:
+        "The bytes of `rel`; when it is missing, the error names the stage that writes it (`made_by`)."
         fs, path = filesystem(self.uri(rel))
         try: return fs.cat_file(path)
-        except FileNotFoundError: raise FileNotFoundError(f"{self.uri(rel)} does not exist in the {self.role} store") from None
-    def read_text(self, rel: str) -> str: return self.read_bytes(rel).decode()
-    def read_json(self, rel: str) -> Any: return json.loads(self.read_text(rel))
+        except FileNotFoundError:
+            fix = f": run the {made_by} stage first (`fmnist run --stages {made_by}`)" if made_by else ""
+            raise FileNotFoundError(f"{self.uri(rel)} does not exist in the {self.role} store{fix}") from None
+    def read_text(self, rel: str, made_by: str | None = None) -> str: return self.read_bytes(rel, made_by).decode()
+    def read_json(self, rel: str, made_by: str | None = None) -> Any: return json.loads(self.read_text(rel, made_by))
 
     def open(self, rel: str, mode: str = "rb"):
         "Open a file in the store for streaming (reads; use `write_bytes` for atomic writes)."

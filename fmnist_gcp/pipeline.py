@@ -29,6 +29,7 @@ __all__ = ['STAGES', 'RESERVED', 'PROFILE_NAMES', 'PACKAGES', 'REPORT_TEMPLATE',
 class PipelineError(ValueError):
     "The run cannot start: an unknown stage, profile or parameter, or a bad value."
 
+# %% ../nbs/pipeline.ipynb #a2c1e030
 @dataclass(frozen=True)
 class Stage:
     "One pipeline stage: its notebook, what it reads and writes in the stores, and its side effects."
@@ -286,6 +287,7 @@ def tag_report_cells(nb):
             cell.metadata["report_summary"] = tag[1]
     return nb
 
+# %% ../nbs/pipeline.ipynb #a2c1e031
 def render_html(nb, html: Path) -> Path:
     "Render an executed notebook node to a standalone HTML report at `html` (written atomically)."
     from jinja2 import DictLoader

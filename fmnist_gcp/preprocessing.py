@@ -156,11 +156,7 @@ def export_tfrecords(settings: Settings, split: str, x: np.ndarray, y: np.ndarra
 # %% ../nbs/04_preprocessing.ipynb #da19eb14
 def tfrecord_manifest(settings: Settings | None = None) -> dict:
     "The manifest of the TFRecord exports: shards of each split, data sha256 and the split they were made from."
-    ds = (settings or Settings.from_env()).datasets
-    if not ds.exists(TFRECORD_MANIFEST):
-        raise FileNotFoundError(f"{ds.uri(TFRECORD_MANIFEST)} is missing: run the preprocessing stage first "
-                                "(`fmnist run --stages 04_preprocessing`)")
-    return ds.read_json(TFRECORD_MANIFEST)
+    return (settings or Settings.from_env()).datasets.read_json(TFRECORD_MANIFEST, made_by="04_preprocessing")
 
 # %% ../nbs/04_preprocessing.ipynb #ac90d875
 def load_tfrecords(split: str, settings: Settings | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -232,9 +228,5 @@ def write_preprocessing(settings: Settings, norm: dict, aug: Augment, **extra) -
 # %% ../nbs/04_preprocessing.ipynb #bb914d6f
 def read_preprocessing(settings: Settings | None = None) -> tuple[dict, Augment]:
     "(normalisation, augmentation) written by the preprocessing stage."
-    ds = (settings or Settings.from_env()).datasets
-    if not ds.exists(PREPROCESSING_PATH):
-        raise FileNotFoundError(f"{ds.uri(PREPROCESSING_PATH)} is missing: run the preprocessing stage first "
-                                "(`fmnist run --stages 04_preprocessing`)")
-    d = ds.read_json(PREPROCESSING_PATH)
+    d = (settings or Settings.from_env()).datasets.read_json(PREPROCESSING_PATH, made_by="04_preprocessing")
     return d["normalisation"], Augment(**d["augment"])

@@ -125,8 +125,4 @@ def write_normalisation(settings: Settings, params: dict, **provenance) -> str:
 # %% ../nbs/03_statistics.ipynb #0dd1e958
 def read_normalisation(settings: Settings | None = None) -> dict:
     "The normalisation written by the statistics stage."
-    ds = (settings or Settings.from_env()).datasets
-    if not ds.exists(NORMALISATION_PATH):
-        raise FileNotFoundError(f"{ds.uri(NORMALISATION_PATH)} is missing: run the statistics stage first "
-                                "(`fmnist run --stages 03_statistics`)")
-    return ds.read_json(NORMALISATION_PATH)
+    return (settings or Settings.from_env()).datasets.read_json(NORMALISATION_PATH, made_by="03_statistics")

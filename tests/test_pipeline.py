@@ -115,7 +115,7 @@ def test_training_evaluation_registry_and_serving_hand_on(smoke):
         assert isinstance(ev[k], float), k
     assert figs["registry"]["version"] == 1 and figs["registry"]["promoted"] and figs["registry"]["champion"] == 1
     sv = figs["serving"]
-    assert sv["version"] == "1" and 0 < sv["p50_ms"] <= sv["p99_ms"]
+    assert sv["version"] == 1 and 0 < sv["p50_ms"] <= sv["p99_ms"]
     assert sv["bad_requests_rejected"] == sv["bad_requests_sent"] > 0
 
 
