@@ -6,12 +6,13 @@ BIN := $(VENV)/bin
 PROFILE ?= quick
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 
-.PHONY: run test lab data install check-sync clean-runs help
+.PHONY: run test lab kernel data install check-sync clean-runs help
 
 help:
 	@echo "make run    - install, fetch/verify the data, run the pipeline (PROFILE=$(PROFILE)); reports under runs/"
 	@echo "make test   - install and run the test suite"
 	@echo "make lab    - open the notebooks in JupyterLab"
+	@echo "make kernel - register this venv as the Jupyter kernel 'fmnist-gcp' (with the FMNIST_* variables set now)"
 	@echo "make data   - install Debian's dataset-fashion-mnist (as root) or download, then verify sha256"
 
 $(VENV)/.installed: pyproject.toml
@@ -38,6 +39,17 @@ test: data
 
 lab: install
 	$(BIN)/jupyter lab nbs/
+
+# A user kernelspec for another JupyterLab (Vertex AI Workbench's own): this venv's python, and the FMNIST_*
+# variables exported now written into the spec's env, so notebooks opened there see the same settings.
+KERNEL_NAME ?= fmnist-gcp
+kernel: install
+	$(BIN)/python -m ipykernel install --user --name $(KERNEL_NAME) \
+	  --display-name "fmnist-gcp (Python $$($(BIN)/python -c 'import sys; print(*sys.version_info[:2], sep=".")'))"
+	$(BIN)/python -c 'import json, os; from jupyter_client.kernelspec import KernelSpecManager; \
+	  p = os.path.join(KernelSpecManager().get_kernel_spec("$(KERNEL_NAME)").resource_dir, "kernel.json"); \
+	  spec = json.load(open(p)); spec["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("FMNIST_")}; \
+	  json.dump(spec, open(p, "w"), indent=1); print(p, "env:", ", ".join(spec["env"]) or "no FMNIST_* variables set")'
 
 # CI: the exported package and the cleaned notebooks must be exactly what is committed.
 check-sync: install

@@ -30,6 +30,7 @@ def _add_run(sub) -> None:
     r.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
                    help="set a parameter of every selected stage that declares it, or of one stage with STAGE.NAME=VALUE")
     r.add_argument("--run-id", help="run folder name (default: time stamp and profile)")
+    r.add_argument("--no-check", action="store_true", help="skip the Google Cloud preflight check (vertex backend)")
 
 # %% ../nbs/cli.ipynb #b1c2d002
 def _add_runs(sub) -> None:
@@ -69,7 +70,27 @@ def _add_submit_training(sub) -> None:
     tv.add_argument("--workers", type=int, default=0, help="replicas in worker pool 1 (multi-worker training)")
     tv.add_argument("--experiment", help="Vertex AI experiment to attach")
     tv.add_argument("--experiment-run", help="run name in the experiment")
+    tv.add_argument("--no-check", action="store_true", help="skip the preflight (credentials, buckets, quota for this job)")
     tv.add_argument("task_args", nargs=argparse.REMAINDER, help="after --: flags for python -m fmnist_gcp.task")
+
+# %% ../nbs/cli.ipynb #b1c2d020
+def _add_gcp(sub) -> None:
+    g = sub.add_parser("gcp", help="provision and check the Google Cloud project").add_subparsers(dest="gcp_verb", required=True, metavar="ACTION")
+    plan = g.add_parser("plan", help="what `apply` would change (reads the project; --offline calls nothing)")
+    plan.add_argument("--offline", action="store_true", help="the whole desired state, without calling Google")
+    plan.add_argument("--json", action="store_true", help="with --offline: the desired state as JSON")
+    apply = g.add_parser("apply", help="enable the APIs; create the buckets, repository, service account and its roles")
+    for p in (plan, apply):
+        p.add_argument("--submitter", action="append", default=[], metavar="MEMBER",
+                       help="who submits jobs (user:a@b.c); gets roles/iam.serviceAccountUser on the service account")
+    destroy = g.add_parser("destroy", help="remove what apply created (the APIs stay enabled)")
+    destroy.add_argument("--force", action="store_true", help="also delete buckets and repositories that still hold something")
+    g.add_parser("check", help="the preflight: credentials, project, region, buckets, service account, image repository")
+    b = g.add_parser("build", help="build the images and push them to Artifact Registry (Cloud Build, or local docker with --local)")
+    b.add_argument("--targets", nargs="+", choices=["train", "train-gpu", "serve"], default=["train", "serve"], help="Dockerfile targets")
+    b.add_argument("--local", action="store_true", help="build with this machine's docker and push (no Cloud Build)")
+    b.add_argument("--tag", help="image tag (default: the git commit, -dirty with uncommitted changes)")
+    b.add_argument("--no-wait", dest="wait", action="store_false", help="submit the Cloud Build and return")
 
 # %% ../nbs/cli.ipynb #b1c2d006
 def _parser() -> argparse.ArgumentParser:
@@ -79,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_run(sub); _add_runs(sub)
     sub.add_parser("data", help="find (or download) the Fashion-MNIST files and verify their sha256")
     sub.add_parser("config", help="show the resolved settings (no credentials)")
-    _add_serving(sub); _add_models(sub); _add_submit_training(sub)
+    _add_serving(sub); _add_models(sub); _add_submit_training(sub); _add_gcp(sub)
     return p
 
 # %% ../nbs/cli.ipynb #b1c2d007
@@ -96,7 +117,7 @@ def _cmd_run(a) -> int:
     from fmnist_gcp.config import Settings
     from fmnist_gcp.pipeline import StageFailed, run_pipeline
     try:
-        m = run_pipeline(a.profile, a.stages, a.param, a.run_id, on_stage=_progress)
+        m = run_pipeline(a.profile, a.stages, a.param, a.run_id, on_stage=_progress, check=not a.no_check)
     except StageFailed as e:
         print(f"\nrun failed in {e.stage}: {e.error}\nreport: {e.report}", file=sys.stderr)
         return 1
@@ -177,15 +198,39 @@ def _cmd_submit_training(a) -> int:
     from fmnist_gcp.config import Settings
     from fmnist_gcp.vertex_training import submit_custom_job
     args = a.task_args[1:] if a.task_args[:1] == ["--"] else a.task_args
-    job = submit_custom_job(Settings.from_env(), a.image, args, machine_type=a.machine_type,
+    s = Settings.from_env().require_vertex("fmnist submit-training")
+    if a.no_check: print("skipped the Google Cloud preflight check (--no-check)", file=sys.stderr)
+    else:
+        from fmnist_gcp.cloud.preflight import preflight
+        preflight(s, machine_type=a.machine_type, accelerator_type=a.accelerator_type,
+                  accelerator_count=a.accelerator_count, replicas=1 + a.workers)
+    job = submit_custom_job(s, a.image, args, machine_type=a.machine_type,
                             accelerator_type=a.accelerator_type, accelerator_count=a.accelerator_count,
                             workers=a.workers, experiment=a.experiment, experiment_run=a.experiment_run)
     print(f"submitted {job.resource_name}")
     return 0
 
+# %% ../nbs/cli.ipynb #b1c2d021
+def _cmd_gcp(a) -> int:
+    from fmnist_gcp.config import ConfigError, Settings
+    from fmnist_gcp.cloud import preflight as pf, provision as pv
+    s = Settings.from_env()
+    if a.gcp_verb == "check":
+        for line in pf.preflight(s): print(f"ok  {line}")
+    elif a.gcp_verb == "build":
+        from fmnist_gcp.cloud.build import build_images
+        for target, uri in build_images(s, a.targets, tag=a.tag, local=a.local, wait=a.wait).items(): print(f"{target}: {uri}")
+    elif a.gcp_verb == "plan" and a.json:
+        if not a.offline: raise ConfigError("--json prints the desired state: use it with --offline")
+        print(pv.plan_json(s, submitters=a.submitter))
+    elif a.gcp_verb == "plan": print(pv.format_plan(pv.plan(s, offline=a.offline, submitters=a.submitter)))
+    elif a.gcp_verb == "apply": print(pv.format_plan(pv.apply(s, submitters=a.submitter)))
+    else: print(pv.format_plan(pv.destroy(s, force=a.force)) + "\n" + pv.APIS_KEPT)
+    return 0
+
 # %% ../nbs/cli.ipynb #b1c2d018
 _COMMANDS = {"run": _cmd_run, "runs": _cmd_runs, "data": _cmd_data, "config": _cmd_config, "serve": _cmd_serve,
-             "predict": _cmd_predict, "models": _cmd_models, "submit-training": _cmd_submit_training}
+             "predict": _cmd_predict, "models": _cmd_models, "submit-training": _cmd_submit_training, "gcp": _cmd_gcp}
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `fmnist` command."

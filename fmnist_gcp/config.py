@@ -18,8 +18,9 @@ from typing import Any, Mapping
 
 # %% auto #0
 __all__ = ['DEFAULT_HOME', 'DEFAULT_CACHE_DIR', 'DEFAULT_RUNS_DIR', 'ENV_VARS', 'BACKENDS', 'ROLES', 'DEFAULT_MODEL',
-           'filesystem', 'is_local', 'write_bytes_atomic', 'Store', 'ConfigError', 'check_vertex', 'store_uris',
-           'credentials_summary', 'env_settings', 'Settings', 'import_tensorflow', 'import_keras', 'record', 'recorded']
+           'TF_INSTALL_HINT', 'filesystem', 'is_local', 'write_bytes_atomic', 'Store', 'ConfigError', 'check_vertex',
+           'store_uris', 'credentials_summary', 'env_settings', 'Settings', 'create_local_stores', 'import_tensorflow',
+           'import_keras', 'record', 'recorded']
 
 # %% ../nbs/00_config.ipynb #1f69a9c7
 DEFAULT_HOME = "~/.fmnist-gcp"  # root of the local stores
@@ -48,8 +49,9 @@ def filesystem(uri: str):  # a local path or a `gs://` URI
     "The fsspec filesystem and the path inside it for `uri`."
     import fsspec
     if uri.startswith("gs://"):
-        opts = {"token": "anon"} if os.environ.get("STORAGE_EMULATOR_HOST") else {}
-        return fsspec.filesystem("gs", **opts), uri[len("gs://"):]
+        from fmnist_gcp.cloud.preflight import storage_options  # explicit credentials, never silently anonymous
+        # no listing cache: the stages are other processes, and a cached listing would hide what they wrote
+        return fsspec.filesystem("gs", use_listings_cache=False, **storage_options()), uri[len("gs://"):]
     return fsspec.filesystem("file"), str(Path(uri).expanduser())
 
 # %% ../nbs/00_config.ipynb #f3e6758a
@@ -240,7 +242,17 @@ class Settings:
                 "data_dir": self.data_dir, "cache_dir": self.cache_dir, "runs_dir": self.runs_dir,
                 "credentials": self.credentials}
 
+# %% ../nbs/00_config.ipynb #2c2629fb
+def create_local_stores(settings: Settings) -> list[str]:
+    "Create the folders of the stores that are local paths; their URIs (`gs://` stores are buckets, left alone)."
+    local = [settings.buckets[r] for r in ROLES if is_local(settings.buckets[r])]
+    for uri in local:
+        fs, path = filesystem(uri); fs.makedirs(path, exist_ok=True)
+    return local
+
 # %% ../nbs/00_config.ipynb #aae43204
+TF_INSTALL_HINT = "pip install 'fmnist-gcp[cpu]' (or 'fmnist-gcp[gpu]' on a machine with an NVIDIA GPU)"
+
 def import_tensorflow():
     "The `tensorflow` module, imported with its C++ start-up lines silenced and its Python loggers at ERROR."
     import sys
@@ -251,6 +263,9 @@ def import_tensorflow():
         try:
             os.dup2(null, 2)
             import tensorflow as tf
+        except ModuleNotFoundError as e:
+            if e.name != "tensorflow": raise
+            raise ConfigError(f"TensorFlow is not installed: {TF_INSTALL_HINT}") from None
         finally:
             os.dup2(saved, 2); os.close(saved); os.close(null)
     tf.get_logger().setLevel(logging.ERROR)  # WARNING:tensorflow: lines

@@ -23,7 +23,7 @@ __all__ = ['STAGES', 'RESERVED', 'PROFILE_NAMES', 'PACKAGES', 'REPORT_TEMPLATE',
            'Stage', 'prerequisites', 'nbs_dir', 'resolve_stages', 'declared_parameters', 'typed', 'parse_overrides',
            'profile_params', 'plan_run', 'package_versions', 'git_state', 'report_tag', 'tag_report_cells',
            'render_html', 'cell_seconds', 'execute_stage', 'run_page', 'list_runs', 'compare_runs', 'write_index',
-           'StageFailed', 'run_pipeline']
+           'StageFailed', 'check_cloud', 'run_pipeline']
 
 # %% ../nbs/pipeline.ipynb #e84afd3e
 class PipelineError(ValueError):
@@ -455,6 +455,15 @@ def _execute(plan: list, m: dict, run_dir: Path, nbs: Path, settings: Settings, 
         _write_run(m, run_dir, settings)
     m["status"] = "ok"
 
+# %% ../nbs/pipeline.ipynb #c7ecf1a1
+def check_cloud(settings: Settings, check: bool = True) -> None:
+    "On the vertex backend, the Google Cloud preflight (a PreflightError lists every problem), or one line saying it was skipped."
+    if settings.backend != "vertex": return
+    if not check:
+        print("skipped the Google Cloud preflight check (--no-check)", file=sys.stderr); return
+    from fmnist_gcp.cloud.preflight import preflight
+    preflight(settings)
+
 # %% ../nbs/pipeline.ipynb #a2c1e026
 def run_pipeline(profile: str = "quick",  # smoke | quick | full
                  stages: list[str] | None = None,  # stage names; default all
@@ -462,6 +471,7 @@ def run_pipeline(profile: str = "quick",  # smoke | quick | full
                  run_id: str | None = None,  # default: time stamp and profile
                  settings: Settings | None = None,
                  on_stage: Callable[[int, int, str, dict | None], None] | None = None,  # progress callback
+                 check: bool = True,  # run the Google Cloud preflight first (vertex backend); False skips it
                  ) -> dict:
     "Execute the selected stages with papermill into `runs/<run_id>/`; returns the manifest."
     from fmnist_gcp.data import ensure_data
@@ -469,6 +479,7 @@ def run_pipeline(profile: str = "quick",  # smoke | quick | full
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S") + f"-{profile}"
     nbs = nbs_dir()
     plan = plan_run(profile, stages, overrides, run_id, nbs)
+    check_cloud(settings, check)  # before any data or run folder: a PreflightError lists what to fix
     run_dir = Path(settings.runs_dir).resolve() / run_id
     if run_dir.exists(): raise PipelineError(f"{run_dir} already exists: pick another --run-id or delete that run")
     m = _manifest(run_id, profile, plan, overrides, settings, ensure_data(settings), nbs)

@@ -7,6 +7,7 @@ Docs: https://fmnist-gcp.github.io/fmnist-gcp/training.html.md"""
 # %% ../nbs/07_training.ipynb #cbbbad58
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -24,11 +25,11 @@ from .data import data_sha256
 from .preprocessing import Augment, load_tfrecords, make_dataset, read_preprocessing
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'RECIPE_RESULTS', 'TrainConfig', 'parse_widths', 'recipe_params', 'resolve_precision', 'build_model',
-           'serving_model', 'load_model', 'log_loss', 'soften', 'fit_temperature', 'one_cycle', 'make_optimizer',
-           'CheckpointMismatch', 'Checkpoints', 'is_chief', 'predict', 'make_train_step', 'epoch_dataset',
-           'validation_metrics', 'fit', 'model_versions', 'resolve_version', 'export_model', 'calibration',
-           'train_and_export']
+__all__ = ['PRECISIONS', 'RECIPE_RESULTS', 'TENSORBOARD_SCALARS', 'TrainConfig', 'parse_widths', 'recipe_params',
+           'resolve_precision', 'build_model', 'serving_model', 'load_model', 'log_loss', 'soften', 'fit_temperature',
+           'one_cycle', 'make_optimizer', 'CheckpointMismatch', 'Checkpoints', 'is_chief', 'predict', 'make_train_step',
+           'epoch_dataset', 'validation_metrics', 'upload_dir', 'TensorBoardLog', 'fit', 'model_versions',
+           'resolve_version', 'export_model', 'calibration', 'train_and_export']
 
 # %% ../nbs/07_training.ipynb #833f9af4
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")  # "auto" is resolved when training starts (`resolve_precision`)
@@ -164,11 +165,11 @@ def serving_model(model, tta_flip: bool = True, temperature: float = 1.0):
 def load_model(path: str):
     "Load a saved `.keras` model (local path or URI) with safe deserialisation."
     keras = import_keras(); _register(); _temperature_layer()
-    if not is_local(path):
-        import tempfile
-        fs, p = filesystem(path)
-        local = os.path.join(tempfile.mkdtemp(), "model.keras"); fs.get(p, local); path = local
-    return keras.saving.load_model(path, safe_mode=True)
+    if is_local(path): return keras.saving.load_model(path, safe_mode=True)
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="fmnist-model-") as d:  # a copy through the store layer, then removed
+        fs, p = filesystem(path); local = os.path.join(d, "model.keras"); fs.get(p, local)
+        return keras.saving.load_model(local, safe_mode=True)
 
 # %% ../nbs/07_training.ipynb #33f4b2c4
 def log_loss(y: np.ndarray,  # true labels (n,)
@@ -294,6 +295,45 @@ def validation_metrics(model, x_va: np.ndarray, y_va: np.ndarray) -> dict[str, f
     p = predict(model, x_va)
     return {"val_loss": log_loss(y_va, p), "val_accuracy": float((p.argmax(1) == y_va).mean())}
 
+# %% ../nbs/07_training.ipynb #b3c6f7e9
+def upload_dir(local: str,  # a local folder
+               dest: Store,  # the store it is copied into
+               prefix: str = "",  # folder inside `dest`
+               sent: Mapping[str, int] | None = None,  # relative path -> size already copied (skipped if unchanged)
+               ) -> dict[str, int]:  # relative path -> size of every file now in `dest`
+    "Copy the files of `local` into `dest` under `prefix`, each atomically; returns their sizes."
+    sizes, sent = {}, sent or {}
+    for root, _, files in os.walk(local):
+        for f in files:
+            path = os.path.join(root, f)
+            rel = os.path.relpath(path, local).replace(os.sep, "/")
+            sizes[rel] = os.path.getsize(path)
+            if sent.get(rel) == sizes[rel]: continue
+            with open(path, "rb") as fh: dest.write_bytes("/".join(p for p in (prefix, rel) if p), fh.read())
+    return sizes
+
+# %% ../nbs/07_training.ipynb #0c7cd7c1
+TENSORBOARD_SCALARS = ("loss", "val_loss", "val_accuracy", "lr", "images_per_s")  # each epoch's curves
+
+class TensorBoardLog:
+    "TensorBoard scalars written locally and copied into the store at `uri` after each step; a context manager."
+    def __init__(self, uri: str):  # the log folder: a local path or a gs:// URI
+        import tempfile
+        self.store, self._tmp, self._sent = Store("dev", uri), tempfile.TemporaryDirectory(prefix="fmnist-tb-"), {}
+        self._writer = import_tensorflow().summary.create_file_writer(self._tmp.name)
+
+    def log(self, step: int, scalars: Mapping[str, float]) -> None:
+        "Write `scalars` at `step`, then copy the event files that changed into the store."
+        tf = import_tensorflow()
+        with self._writer.as_default(step=step):
+            for k, v in scalars.items(): tf.summary.scalar(k, v)
+        self._writer.flush()
+        self._sent = upload_dir(self._tmp.name, self.store, sent=self._sent)
+
+    def close(self) -> None: self._writer.close(); self._tmp.cleanup()
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
+
 # %% ../nbs/07_training.ipynb #e5110898
 def fit(cfg: TrainConfig, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray,
         mean: float, std: float, checkpoints: Checkpoints | None = None, strategy=None,
@@ -312,23 +352,20 @@ def fit(cfg: TrainConfig, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, 
     start, history = checkpoints.load(model, opt, cfg) if checkpoints else (0, [])
     if start: log(f"resuming after epoch {start} from {checkpoints.store.root}")
     chief, train_step = is_chief(), make_train_step(model, opt, cfg, strategy)
-    writer = tf.summary.create_file_writer(tensorboard_dir) if tensorboard_dir and chief else None
-    for epoch in range(start, cfg.epochs):
-        t0, total, n = time.perf_counter(), 0.0, 0
-        for xb, yb in epoch_dataset(x_tr, y_tr, cfg, epoch, strategy):
-            total += float(train_step(xb, yb)); n += 1
-        s = time.perf_counter() - t0
-        h = {"epoch": epoch + 1, "loss": total / max(n, 1), **validation_metrics(model, x_va, y_va),
-             "lr": float(np.asarray(opt.learning_rate)), "seconds": round(s, 2), "images_per_s": round(len(x_tr) / s, 1)}
-        history.append(h)
-        log(f"epoch {h['epoch']:>3}/{cfg.epochs}  loss {h['loss']:.4f}  val_loss {h['val_loss']:.4f}  "
-            f"val_acc {h['val_accuracy']:.4f}  {h['seconds']:.1f} s ({h['images_per_s']:.0f} img/s)")
-        if writer:
-            with writer.as_default(step=epoch + 1):
-                for k in ("loss", "val_loss", "val_accuracy", "lr", "images_per_s"): tf.summary.scalar(k, h[k])
-            writer.flush()
-        if checkpoints and chief: checkpoints.save(model, opt, epoch + 1, history, cfg)
-        if on_epoch: on_epoch(h)
+    with TensorBoardLog(tensorboard_dir) if tensorboard_dir and chief else contextlib.nullcontext() as tb:
+        for epoch in range(start, cfg.epochs):
+            t0, total, n = time.perf_counter(), 0.0, 0
+            for xb, yb in epoch_dataset(x_tr, y_tr, cfg, epoch, strategy):
+                total += float(train_step(xb, yb)); n += 1
+            s = time.perf_counter() - t0
+            h = {"epoch": epoch + 1, "loss": total / max(n, 1), **validation_metrics(model, x_va, y_va),
+                 "lr": float(np.asarray(opt.learning_rate)), "seconds": round(s, 2), "images_per_s": round(len(x_tr) / s, 1)}
+            history.append(h)
+            log(f"epoch {h['epoch']:>3}/{cfg.epochs}  loss {h['loss']:.4f}  val_loss {h['val_loss']:.4f}  "
+                f"val_acc {h['val_accuracy']:.4f}  {h['seconds']:.1f} s ({h['images_per_s']:.0f} img/s)")
+            if tb: tb.log(epoch + 1, {k: h[k] for k in TENSORBOARD_SCALARS})
+            if checkpoints and chief: checkpoints.save(model, opt, epoch + 1, history, cfg)
+            if on_epoch: on_epoch(h)
     return model, history
 
 # %% ../nbs/07_training.ipynb #15c1e138
@@ -347,12 +384,6 @@ def resolve_version(settings: Settings, name: str, version: str | int = "latest"
     return int(version)
 
 # %% ../nbs/07_training.ipynb #d593de26
-def _upload_dir(local: str, dest: Store, prefix: str) -> None:
-    for root, _, files in os.walk(local):
-        for f in files:
-            rel = os.path.relpath(os.path.join(root, f), local).replace(os.sep, "/")
-            with open(os.path.join(root, f), "rb") as fh: dest.write_bytes(f"{prefix}/{rel}", fh.read())
-
 def export_model(model, cfg: TrainConfig, metadata: dict, dest: Store, saved_model: bool = False,
                  temperature: float = 1.0) -> dict:
     "Write the serving model and `metadata.json` into `dest`; returns the metadata and `model_uri`."
@@ -365,7 +396,7 @@ def export_model(model, cfg: TrainConfig, metadata: dict, dest: Store, saved_mod
         with open(os.path.join(tmp, "model.keras"), "rb") as fh: dest.write_bytes("model.keras", fh.read())
         if saved_model:
             served.export(os.path.join(tmp, "saved_model"), verbose=False)
-            _upload_dir(os.path.join(tmp, "saved_model"), dest, "saved_model")
+            upload_dir(os.path.join(tmp, "saved_model"), dest, "saved_model")
     meta = {**metadata, "config": cfg.to_dict(), "precision": cfg.precision, "params": int(model.count_params()),
             "temperature": temperature, "keras": keras.__version__, "backend": keras.backend.backend(),
             "input": "raw pixels, float32 (n, 28, 28) in 0-255", "output": "probabilities (n, 10)"}

@@ -4,14 +4,16 @@ Each image's build is replayed from docker/Dockerfile: the files its COPY lines 
 scratch build context; its RUN commands run there; its ENTRYPOINT runs with `--help` in a bare environment (the
 Dockerfile's ENV, nothing of ours) that imports the package from the context, not from this checkout.
 
-`pip install .` is the one step not run as written: the venv's setuptools (65) cannot build this pyproject.toml
-(a PEP 639 license string) and offline it cannot fetch a newer one, as the image's pip does. So the replay checks
-what that build needs from the context (the readme, the package, the version attribute) and puts the copied
-package on PYTHONPATH, and a console script runs as pip's wrapper runs it: the `[project.scripts]` entry of the
-copied pyproject.toml.
+`pip install ".[extras]"` is the one step not run as written: the venv's setuptools (65) cannot build this
+pyproject.toml (a PEP 639 license string) and offline it cannot fetch a newer one, as the image's pip does. So the
+replay checks what that build needs from the context (the readme, the package, the version attribute, the extras
+it names) and puts the copied package on PYTHONPATH, and a console script runs as pip's wrapper runs it: the
+`[project.scripts]` entry of the copied pyproject.toml. The serving image installs no `pipeline` extra; its check
+serves a model with the modules of that extra made unimportable.
 """
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -46,6 +48,8 @@ def parse_dockerfile(text: str) -> dict[str, dict]:
 
 
 STAGES = parse_dockerfile((ROOT / "docker/Dockerfile").read_text())
+TARGETS = ("train", "train-gpu", "serve")  # the images; fmnist_gcp.cloud.build.IMAGE_TARGETS names the same
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
 class Image:
@@ -60,15 +64,20 @@ class Image:
                 target = root / dest / (ROOT / s).name if dest.endswith("/") or len(src) > 1 else root / dest
                 target.parent.mkdir(parents=True, exist_ok=True); shutil.copy(ROOT / s, target)
         self.env = {"PATH": os.environ["PATH"], "HOME": str(root), **self.spec["env"], "PYTHONPATH": str(root)}
-        for cmd in (c.strip() for r in self.spec["runs"] for c in r.split("&&")):
-            if cmd == "pip install .": self.check_installable()
-            else: self.run(*shlex.split(cmd))
+        self.extras = None  # the extras its `pip install` names
+        for cmd in (shlex.split(c) for r in self.spec["runs"] for c in r.split("&&")):
+            m = re.fullmatch(r"\.(?:\[([\w,-]+)\])?", cmd[2]) if cmd[:2] == ["pip", "install"] and len(cmd) == 3 else None
+            if m: self.check_installable(m[1].split(",") if m[1] else [])
+            else: self.run(*cmd)
 
-    def check_installable(self) -> None:
-        "What building the package from the context needs: the pyproject's readme, package and version attribute."
+    def check_installable(self, extras: list[str]) -> None:
+        "What building the package from the context needs: the pyproject's readme, package, version attribute, extras."
         proj = tomllib.loads((self.root / "pyproject.toml").read_text())
+        missing = set(extras) - set(proj["project"].get("optional-dependencies", {}))
+        assert not missing, f"pip install names extras pyproject.toml does not define: {sorted(missing)}"
+        self.extras = extras
         assert (self.root / proj["project"]["readme"]).exists(), "COPY misses the readme pyproject.toml names"
-        for pkg in proj["tool"]["setuptools"]["packages"]["find"]["include"]:
+        for pkg in (p for p in proj["tool"]["setuptools"]["packages"]["find"]["include"] if "*" not in p):  # globs name subpackages
             assert (self.root / pkg / "__init__.py").exists(), f"COPY misses the package {pkg}"
         mod, _, attr = proj["tool"]["setuptools"]["dynamic"]["version"]["attr"].rpartition(".")
         self.run("python", "-c", f"import {mod}; print({mod}.{attr})")
@@ -92,7 +101,7 @@ class Image:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
-    return {s: Image(s, root / s) for s in ("train", "serve")}
+    return {s: Image(s, root / s) for s in TARGETS}
 
 
 def test_build_context_holds_only_what_copy_names_and_imports_from_there(images):
@@ -117,3 +126,57 @@ def test_serve_image_runs_fmnist_serve_on_all_interfaces_on_the_serving_port(ima
     out = img.entrypoint("--help").stdout
     assert "usage: fmnist serve" in out and "--host" in out, out
     assert img.spec["entrypoint"][img.spec["entrypoint"].index("--host") + 1] == "0.0.0.0"  # reachable from outside
+
+
+def test_the_targets_are_the_ones_fmnist_gcp_build_builds():
+    from fmnist_gcp.cloud.build import IMAGE_TARGETS
+    assert set(IMAGE_TARGETS) == set(TARGETS) <= set(STAGES)
+
+
+def test_each_image_installs_one_tensorflow(images):
+    assert images["train"].extras == ["cpu", "pipeline"] and images["serve"].extras == ["cpu"]
+    assert images["train-gpu"].extras == ["gpu", "pipeline"]
+    extras = PROJECT["optional-dependencies"]
+    assert [r.split(";")[0] for r in extras["gpu"]] == ["tensorflow[and-cuda]>=2.18"]
+    assert all(r.startswith(("tensorflow-cpu", "tensorflow>")) for r in extras["cpu"])
+    assert not [r for r in PROJECT["dependencies"] if r.startswith("tensorflow")]  # only through an extra
+    assert "fmnist-gcp[cpu,pipeline]" in extras["dev"]  # make install and CI: unchanged
+
+
+def test_gpu_image_runs_the_training_task_like_the_cpu_one(images):
+    gpu, cpu = images["train-gpu"], images["train"]
+    assert gpu.spec["entrypoint"] == cpu.spec["entrypoint"]
+    assert gpu.spec["env"]["NVIDIA_VISIBLE_DEVICES"] == "all" and "compute" in gpu.spec["env"]["NVIDIA_DRIVER_CAPABILITIES"]
+    assert "usage: python -m fmnist_gcp.task" in gpu.entrypoint("--help").stdout
+
+
+SERVE_CHECK = """
+import sys, tempfile, importlib.util
+import numpy as np
+blocked = set(sys.argv[1].split(","))
+class NotInImage:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked: raise ModuleNotFoundError(f"{name} is not in the serving image", name=name)
+sys.meta_path.insert(0, NotInImage())
+from fmnist_gcp.config import Store
+from fmnist_gcp.serving import Predictor, create_app, format_prediction
+from fmnist_gcp.training import TrainConfig, build_model, export_model
+d = tempfile.mkdtemp()
+cfg = TrainConfig(widths=(4,), convs=1, epochs=1, precision="float32", tta_flip=False)
+export_model(build_model(cfg, 0.3, 0.3), cfg, {"name": "m"}, Store("models", d))
+p = Predictor(d + "/model.keras", "m", "1")
+print(format_prediction(p(np.zeros((1, 28, 28)))[0])["displayNames"][:1], create_app(lambda: p).title)
+"""
+
+
+def test_serve_image_serves_without_the_notebook_tooling(images):
+    from importlib.metadata import packages_distributions
+    img = images["serve"]
+    pipeline = {re.split(r"[\[<>=; ]", r)[0].lower() for r in PROJECT["optional-dependencies"]["pipeline"] + ["jupyterlab"]}
+    blocked = sorted(m for m, dists in packages_distributions().items()
+                     if any(d.lower().replace("_", "-") in pipeline for d in dists) and m.isidentifier())
+    assert {"papermill", "nbconvert", "matplotlib", "sklearn", "jupyterlab"} <= set(blocked)
+    r = img.run("python", "-c", SERVE_CHECK, ",".join(blocked))
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    out = img.entrypoint("--help").stdout
+    assert "usage: fmnist serve" in out

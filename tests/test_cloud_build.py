@@ -1,0 +1,61 @@
+"""`fmnist gcp build` on Cloud Build: the build context uploaded into the dev bucket (a GCS emulator) and the request
+sent to a patched `CloudBuildClient` (anonymous credentials; nothing reaches Google)."""
+import io
+import tarfile
+
+import pytest
+
+from conftest import ROOT, VERTEX_ENV
+from fmnist_gcp.cloud.build import DOCKERFILE, build_images, git_tag
+from fmnist_gcp.config import Settings
+
+
+@pytest.fixture
+def recorded_builds(monkeypatch, anonymous):
+    "CloudBuildClient.create_build records its requests and returns an operation that has finished."
+    from google.cloud.devtools import cloudbuild_v1
+    monkeypatch.setenv("NO_GCE_CHECK", "True"); monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:1")
+    sent = []
+
+    class Done:
+        def __init__(self, build): self.build = build
+        def result(self, *a, **k): return cloudbuild_v1.Build(id="b-1", status="SUCCESS", images=self.build.images)
+
+    def create_build(self, request=None, **kw):
+        sent.append(cloudbuild_v1.CreateBuildRequest(request))
+        return Done(sent[-1].build)
+    monkeypatch.setattr(cloudbuild_v1.CloudBuildClient, "create_build", create_build)
+    return sent
+
+
+def test_build_uploads_the_context_to_the_dev_bucket_and_builds_each_target(gcs_emulator, monkeypatch, recorded_builds):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    s = Settings.from_env({**VERTEX_ENV, "FMNIST_DEV_BUCKET": "gs://fmnist-test/build-dev"})
+    uris = build_images(s, ["train", "train-gpu", "serve"], log=lambda *a: None)
+    tag = git_tag(ROOT)
+    assert uris == {t: f"europe-west4-docker.pkg.dev/acme-ml/fmnist/{t}:{tag}" for t in ("train", "train-gpu", "serve")}
+
+    (req,) = recorded_builds
+    assert req.parent == "projects/acme-ml/locations/europe-west4" and req.project_id == "acme-ml"
+    b = req.build
+    assert (b.source.storage_source.bucket, b.source.storage_source.object_) == ("fmnist-test", f"build-dev/cloudbuild/source/{tag}.tgz")
+    assert [(st.id, st.name, list(st.args)) for st in b.steps] == [
+        (t, "gcr.io/cloud-builders/docker", ["build", "-f", DOCKERFILE, "--target", t, "-t", uris[t], "."]) for t in uris]
+    assert list(b.images) == list(uris.values()) and list(b.tags) == ["fmnist-gcp", "train", "train-gpu", "serve"]
+    assert b.options.logging.name == "CLOUD_LOGGING_ONLY" and b.timeout.total_seconds() == 3600
+
+    # the uploaded context is the checkout minus .dockerignore: what the Dockerfile copies, no venv, runs or git
+    with tarfile.open(fileobj=io.BytesIO(s.dev.read_bytes(f"cloudbuild/source/{tag}.tgz"))) as tar:
+        names = set(tar.getnames())
+    assert {"pyproject.toml", "README.md", DOCKERFILE, "fmnist_gcp/__init__.py", "fmnist_gcp/serving.py"} <= names
+    assert not [n for n in names if n.split("/")[0] in (".venv", ".git", "runs") or "__pycache__" in n]
+
+
+def test_a_local_dev_store_cannot_feed_cloud_build(fmnist_env, recorded_builds):
+    from fmnist_gcp.config import ConfigError
+    s = Settings.from_env({**VERTEX_ENV, "FMNIST_DEV_BUCKET": "gs://x"})
+    s = Settings(**{**s.__dict__, "buckets": {**s.buckets, "dev": fmnist_env["FMNIST_HOME"]}})
+    with pytest.raises(ConfigError, match="or build with --local"):
+        build_images(s, ["serve"], tag="t", log=lambda *a: None)
+    assert recorded_builds == []

@@ -1,0 +1,195 @@
+"""The Google Cloud preflight: every problem with its fix, every check passing, buckets on gcp-storage-emulator, the
+quota check on Google's patched client, and `fmnist run` stopping without credentials. No Google Cloud account here:
+the gapic clients' methods are patched (autospec, so a wrong argument fails) with stateful fakes."""
+import os
+import subprocess
+from unittest import mock
+
+import pytest
+
+from conftest import BIN, ROOT, VERTEX_ENV
+from fmnist_gcp.config import Settings
+
+NO_METADATA = {"NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:1"}  # google-auth never probes a metadata server
+REPO = "projects/acme-ml/locations/europe-west4/repositories/fmnist"
+SA = VERTEX_ENV["FMNIST_SERVICE_ACCOUNT"]
+CPUS, T4 = "CustomModelTrainingCPUsPerProjectPerRegion", "CustomModelTrainingNVIDIAT4GPUsPerProjectPerRegion"
+
+
+@pytest.fixture(autouse=True)
+def no_metadata(monkeypatch):
+    for k, v in NO_METADATA.items(): monkeypatch.setenv(k, v)
+
+
+@pytest.fixture
+def emulator(gcs_emulator, monkeypatch):
+    "The storage emulator with this test's three buckets created; yields the settings that name them."
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    tag = os.urandom(3).hex()
+    buckets = {f"FMNIST_{r.upper()}_BUCKET": f"gs://pf-{tag}-{r}" for r in ("dev", "datasets", "models")}
+    client = storage.Client(project="acme-ml", credentials=AnonymousCredentials())
+    for uri in buckets.values(): client.create_bucket(uri[len("gs://"):])
+    return Settings.from_env({**VERTEX_ENV, **buckets})
+
+
+class Cloud:
+    "What exists in the fake project: the patched gapic methods read it and record every request name."
+    def __init__(self, **kw):
+        self.projects = kw.get("projects", {"projects/acme-ml": "ACTIVE"})
+        self.regions = kw.get("regions", {"europe-west4", "us-central1"})
+        self.accounts = kw.get("accounts", {f"projects/acme-ml/serviceAccounts/{SA}"})
+        self.repositories = kw.get("repositories", {REPO})
+        self.quotas = kw.get("quotas", {})  # quota id -> {region: limit}
+        self.names = []
+
+    def patches(self):
+        from google.api_core import exceptions as gexc
+        from google.cloud import artifactregistry_v1, cloudquotas_v1 as cq, iam_admin_v1, resourcemanager_v3
+        from google.cloud.aiplatform_v1.services.job_service import JobServiceClient
+        def look(name, known):
+            self.names.append(name)
+            if name not in known: raise gexc.NotFound(f"{name} not found")
+        def project(_, name, **kw):
+            self.names.append(name)
+            if name not in self.projects: raise gexc.PermissionDenied("the caller does not have permission")
+            return resourcemanager_v3.Project(name=name, state=self.projects[name])
+        def location(_, request, **kw):
+            look(request["name"], {f"projects/acme-ml/locations/{r}" for r in self.regions})
+        def quota(_, name, **kw):
+            look(name, {f"projects/acme-ml/locations/global/services/aiplatform.googleapis.com/quotaInfos/{q}" for q in self.quotas})
+            limits = self.quotas[name.rsplit("/", 1)[-1]]
+            return cq.QuotaInfo(name=name, quota_id=name.rsplit("/", 1)[-1], quota_display_name="Custom model training",
+                                dimensions_infos=[cq.DimensionsInfo(dimensions={"region": r}, applicable_locations=[r],
+                                                                    details=cq.QuotaDetails(value=v)) for r, v in limits.items()])
+        p = lambda cls, meth, fn: mock.patch.object(cls, meth, autospec=True, side_effect=fn)
+        return [p(resourcemanager_v3.ProjectsClient, "get_project", project), p(JobServiceClient, "get_location", location),
+                p(iam_admin_v1.IAMClient, "get_service_account", lambda _, name, **kw: look(name, self.accounts)),
+                p(artifactregistry_v1.ArtifactRegistryClient, "get_repository", lambda _, name, **kw: look(name, self.repositories)),
+                p(cq.CloudQuotasClient, "get_quota_info", quota)]
+
+    def __enter__(self):
+        self._on = self.patches()
+        for x in self._on: x.start()
+        return self
+
+    def __exit__(self, *exc):
+        for x in self._on: x.stop()
+
+
+def test_every_check_passes_on_a_ready_project(anonymous, emulator):
+    from fmnist_gcp.cloud.preflight import preflight
+    with Cloud(quotas={CPUS: {"europe-west4": 24}, T4: {"europe-west4": 2}}) as cloud:
+        passed = preflight(emulator, machine_type="n1-standard-8", accelerator_type="NVIDIA_TESLA_T4", accelerator_count=1, replicas=2)
+    assert passed[:3] == ["application-default credentials found", "project acme-ml is active", "region europe-west4 serves Vertex AI"]
+    assert [p for p in passed if p.startswith("gs://")] == [f"{u} exists and is writable" for u in emulator.buckets.values()]
+    assert f"service account {SA} exists" in passed
+    assert "image repository europe-west4-docker.pkg.dev/acme-ml/fmnist exists" in passed
+    assert passed[-2:] == [f"quota {CPUS}: the job needs 16, the limit in europe-west4 is 24",
+                           f"quota {T4}: the job needs 2, the limit in europe-west4 is 2"]
+    assert cloud.names == ["projects/acme-ml", "projects/acme-ml/locations/europe-west4",
+                           f"projects/acme-ml/serviceAccounts/{SA}", REPO,
+                           f"projects/acme-ml/locations/global/services/aiplatform.googleapis.com/quotaInfos/{CPUS}",
+                           f"projects/acme-ml/locations/global/services/aiplatform.googleapis.com/quotaInfos/{T4}"]
+
+
+def test_every_problem_is_listed_with_its_fix(anonymous, gcs_emulator, monkeypatch):
+    from fmnist_gcp.cloud.preflight import PreflightError, preflight
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
+    s = Settings.from_env({**VERTEX_ENV, "FMNIST_PROJECT": "gone-ml", "FMNIST_REGION": "mars-north1"})
+    with Cloud(accounts=set(), repositories=set()), pytest.raises(PreflightError) as e:
+        preflight(s)
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith("project gone-ml does not exist or these credentials cannot see it: check FMNIST_PROJECT")
+    assert lines[1].startswith("region mars-north1 is not a Vertex AI region (or it could not be reached): set FMNIST_REGION")
+    assert lines[2:5] == [f"bucket gs://gone-ml-fmnist-{r} does not exist: run `fmnist gcp apply` (or set the store's "
+                          "FMNIST_<ROLE>_BUCKET)" for r in ("dev", "datasets", "models")]
+    assert lines[5] == f"service account {SA} does not exist: run `fmnist gcp apply` (or set FMNIST_SERVICE_ACCOUNT to an existing one)"
+    assert lines[6] == "image repository mars-north1-docker.pkg.dev/gone-ml/fmnist does not exist: run `fmnist gcp apply`"
+    assert len(lines) == 7
+
+
+def test_disabled_api_and_unwritable_bucket_name_their_fixes(anonymous, monkeypatch):
+    from google.api_core import exceptions as gexc
+    from fmnist_gcp.cloud import preflight as pf
+    class Blob:
+        def upload_from_string(self, data): raise gexc.Forbidden("fmnist@acme-ml does not have storage.objects.create access")
+    class Storage:
+        project = "acme-ml"
+        def lookup_bucket(self, name): return mock.Mock(blob=lambda n: Blob())
+    disabled = gexc.PermissionDenied("Cloud Quotas API has not been used in project acme-ml before or it is disabled. "
+                                     "reason: SERVICE_DISABLED")
+    monkeypatch.setattr(pf.Clients, "storage", lambda self: Storage())
+    with Cloud() as cloud, mock.patch.object(pf.Clients, "quotas", lambda self: mock.Mock(get_quota_info=mock.Mock(side_effect=disabled))):
+        with pytest.raises(pf.PreflightError) as e:
+            pf.preflight(Settings.from_env(VERTEX_ENV), machine_type="n1-standard-4")
+    lines = str(e.value).splitlines()
+    assert lines[:3] == [f"bucket gs://acme-ml-fmnist-{r} is not writable with these credentials (fmnist@acme-ml does not have "
+                         "storage.objects.create access): run `fmnist gcp apply` to grant roles/storage.objectUser on it, "
+                         "or ask its owner" for r in ("dev", "datasets", "models")]
+    assert lines[3] == (f"Vertex AI quota {CPUS}: the cloudquotas.googleapis.com API is not enabled in project acme-ml: "
+                        "run `gcloud services enable cloudquotas.googleapis.com --project acme-ml` (or `fmnist gcp apply`)")
+
+
+def test_expired_credentials_say_log_in_again(monkeypatch):
+    import google.auth
+    from google.auth.credentials import AnonymousCredentials
+    from google.auth.exceptions import RefreshError
+    from fmnist_gcp.cloud import preflight as pf
+    monkeypatch.setattr(google.auth, "default", lambda **k: (AnonymousCredentials(), "acme-ml"))
+    def expired(self): raise RefreshError("Reauthentication is needed.")
+    for name in ("projects", "vertex", "storage", "iam", "registry"): monkeypatch.setattr(pf.Clients, name, expired)
+    with pytest.raises(pf.PreflightError) as e:
+        pf.preflight(Settings.from_env(VERTEX_ENV))
+    assert e.value.problems == ["application-default credentials could not be refreshed (Reauthentication is needed.): "
+                                "run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key)"]
+
+
+def test_buckets_are_checked_by_writing_and_deleting_a_probe(anonymous, emulator):
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+    from fmnist_gcp.cloud.preflight import Clients, check_bucket
+    client = Clients(emulator, AnonymousCredentials()).storage()
+    uri = emulator.dev.uri("team")
+    assert check_bucket(client, uri) == f"{uri} exists and is writable"
+    assert list(client.list_blobs(uri[len("gs://"):].split("/")[0])) == []  # the probe is gone
+
+
+def test_quota_shortfall_names_limit_need_regions_and_how_to_ask(anonymous):
+    from fmnist_gcp.cloud.preflight import PreflightError, preflight
+    s = Settings.from_env(VERTEX_ENV)
+    quotas = {CPUS: {"europe-west4": 32}, T4: {"europe-west4": 0, "us-central1": 4, "asia-east1": 1}}
+    with Cloud(quotas=quotas) as cloud, mock.patch("fmnist_gcp.cloud.preflight.check_bucket", lambda c, u: f"{u} ok"):
+        with pytest.raises(PreflightError) as e:
+            preflight(s, machine_type="n1-standard-8", accelerator_type="NVIDIA_TESLA_T4", accelerator_count=1, replicas=2)
+    assert e.value.problems == [
+        f"Vertex AI quota {T4} (Custom model training) in europe-west4 is 0, the job needs 2; it is enough in: us-central1: "
+        "request more at https://console.cloud.google.com/iam-admin/quotas?project=acme-ml&service=aiplatform.googleapis.com "
+        f"or `gcloud beta quotas preferences create --service=aiplatform.googleapis.com --quota-id={T4} --preferred-value=2 "
+        "--dimensions=region=europe-west4 --project=acme-ml --email=YOU`, or set FMNIST_REGION to a region where it is enough"]
+    assert cloud.names[-2:] == [f"projects/acme-ml/locations/global/services/aiplatform.googleapis.com/quotaInfos/{q}" for q in (CPUS, T4)]
+
+
+def test_a2_machines_need_a2_cpus_and_a100s(anonymous):
+    from fmnist_gcp.cloud.preflight import preflight
+    a2, a100 = "CustomModelTrainingA2CPUsPerProjectPerRegion", "CustomModelTrainingNVIDIAA100GPUsPerProjectPerRegion"
+    with Cloud(quotas={a2: {"europe-west4": -1}, a100: {"europe-west4": 1}}), \
+         mock.patch("fmnist_gcp.cloud.preflight.check_bucket", lambda c, u: f"{u} ok"):
+        passed = preflight(Settings.from_env(VERTEX_ENV), machine_type="a2-highgpu-1g")
+    assert passed[-2:] == [f"quota {a2}: the job needs 12, the limit in europe-west4 is unlimited",
+                           f"quota {a100}: the job needs 1, the limit in europe-west4 is 1"]
+
+
+def test_fmnist_run_without_credentials_stops_before_the_first_stage(fmnist_env, tmp_path):
+    env = {**fmnist_env, **NO_METADATA, "FMNIST_BACKEND": "vertex", "FMNIST_PROJECT": "acme-ml", "FMNIST_REGION": "europe-west4",
+           "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "missing-key.json"), "CLOUDSDK_CONFIG": str(tmp_path / "gcloud")}
+    env.pop("STORAGE_EMULATOR_HOST", None)
+    r = subprocess.run([str(BIN / "fmnist"), "run", "--profile", "smoke", "--stages", "00_config", "--run-id", "nocreds"],
+                       env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "fmnist run: error: no application-default credentials: run `gcloud auth application-default login` (or set "
+        f"GOOGLE_APPLICATION_CREDENTIALS to a service-account key); GOOGLE_APPLICATION_CREDENTIALS={tmp_path / 'missing-key.json'} names no file"]
+    assert not (tmp_path / "runs" / "nocreds").exists()

@@ -1,0 +1,256 @@
+"""`fmnist gcp plan | apply | destroy`: buckets on gcp-storage-emulator, the other services on their patched gapic clients.
+
+No Google Cloud account exists here. Buckets, their settings, their IAM policies and their objects go to the
+emulator through google-cloud-storage; its bucket insert ignores the request body (location, iamConfiguration,
+versioning, labels), so `emulator_honours_bucket_settings` makes insert apply the body as the emulator's own PATCH
+does: that one handler is the only patched storage call. Service Usage, IAM (service accounts), Resource Manager
+(project IAM policy) and Artifact Registry run on their real client classes with anonymous credentials and their
+RPC methods replaced by one stateful fake that records every request.
+"""
+import json
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+
+from conftest import BIN
+from fmnist_gcp.config import Settings
+
+ENV = {"FMNIST_BACKEND": "vertex", "FMNIST_PROJECT": "acme-ml", "FMNIST_REGION": "europe-west4"}
+RUNNER = "serviceAccount:fmnist-runner@acme-ml.iam.gserviceaccount.com"
+OTHER = "user:bob@example.com"  # someone else's binding that must survive apply and destroy
+BUCKETS = ["acme-ml-fmnist-dev", "acme-ml-fmnist-datasets", "acme-ml-fmnist-models"]
+
+
+@pytest.fixture
+def emulator_honours_bucket_settings(monkeypatch):
+    "The emulator's bucket insert applies the request body (location, settings, labels) like its PATCH does."
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.handlers import buckets
+
+    def insert(request, response, storage, *args, **kwargs):
+        bucket = buckets.create_bucket(request.data.get("name"), storage)
+        if not bucket:
+            response.status = 409
+            return response.json(buckets.CONFLICT)
+        bucket = buckets._patch_bucket(bucket, request.data)
+        storage.create_bucket(bucket["name"], bucket)
+        response.json(bucket)
+    for _, handlers in server.HANDLERS:
+        if handlers.get(server.POST) is buckets.insert:
+            monkeypatch.setitem(handlers, server.POST, insert)
+
+
+@pytest.fixture
+def gcp_env(gcs_emulator, emulator_honours_bucket_settings, anonymous, monkeypatch):
+    for k, v in {**ENV, "STORAGE_EMULATOR_HOST": gcs_emulator, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+                 "NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("FMNIST_SERVICE_ACCOUNT", raising=False)
+    return Settings.from_env(ENV)
+
+
+class FakeGoogle:
+    "Service Usage, IAM, Resource Manager and Artifact Registry in memory; every request is kept in `calls`."
+
+    def __init__(self):
+        from google.iam.v1 import policy_pb2
+        self.enabled = {"storage.googleapis.com"}  # on by default in a new project
+        self.accounts, self.repos, self.packages, self.calls = {}, {}, {}, []
+        self.policies = {"projects/acme-ml": policy_pb2.Policy(version=1, etag=b"e0", bindings=[
+            policy_pb2.Binding(role="roles/aiplatform.user", members=[OTHER])])}
+
+    def _rec(self, name, request):
+        self.calls.append((name, request)); return request
+
+    @staticmethod
+    def _op(result=None):
+        return mock.Mock(**{"result.return_value": result})
+
+    def patches(self):
+        from google.api_core import exceptions
+        from google.cloud import artifactregistry_v1 as ar, iam_admin_v1 as iam, resourcemanager_v3 as rm, service_usage_v1 as su
+        from google.iam.v1 import policy_pb2
+
+        def batch_get(_, request=None, **kw):
+            self._rec("batch_get_services", request)
+            return su.BatchGetServicesResponse(services=[su.Service(name=n, state=su.State.ENABLED if n.rsplit("/", 1)[-1] in self.enabled
+                                                                    else su.State.DISABLED) for n in request.names])
+        def batch_enable(_, request=None, **kw):
+            self.enabled |= set(self._rec("batch_enable_services", request).service_ids); return self._op()
+        def get_found(store, label):
+            def get(_, request=None, **kw):
+                name = self._rec(label, request)["name"]
+                if name not in store: raise exceptions.NotFound(name)
+                return store[name]
+            return get
+        def create_sa(_, request=None, **kw):
+            r = self._rec("create_service_account", request)
+            email = f"{r.account_id}@acme-ml.iam.gserviceaccount.com"
+            self.accounts[f"projects/acme-ml/serviceAccounts/{email}"] = iam.ServiceAccount(email=email)
+        def delete_sa(_, request=None, **kw):
+            self.accounts.pop(self._rec("delete_service_account", request)["name"]); self.policies.pop(request["name"], None)
+        def create_repo(_, request=None, **kw):
+            r = self._rec("create_repository", request)
+            self.repos[f"{r.parent}/repositories/{r.repository_id}"] = r.repository; return self._op(r.repository)
+        def delete_repo(_, request=None, **kw):
+            self.repos.pop(self._rec("delete_repository", request)["name"]); self.policies.pop(request["name"], None)
+            return self._op()
+        def list_packages(_, request=None, **kw):
+            return list(self.packages.get(self._rec("list_packages", request)["parent"], []))
+        def copy(policy, etag=None):
+            out = policy_pb2.Policy(); out.CopyFrom(policy)
+            if etag is not None: out.etag = etag
+            return out
+        def get_policy(_, request=None, **kw):
+            return copy(self.policies.get(self._rec("get_iam_policy", request)["resource"], policy_pb2.Policy(etag=b"e0")))
+        def set_policy(_, request=None, **kw):
+            target, new = self._rec("set_iam_policy", request)["resource"], request["policy"]
+            if new.etag != self.policies.get(target, policy_pb2.Policy(etag=b"e0")).etag: raise exceptions.Aborted("etag")
+            self.policies[target] = copy(new, etag=new.etag + b"+")
+            return self.policies[target]
+        S, I, P, A = su.ServiceUsageClient, iam.IAMClient, rm.ProjectsClient, ar.ArtifactRegistryClient
+        table = [(S, "batch_get_services", batch_get), (S, "batch_enable_services", batch_enable),
+                 (I, "get_service_account", get_found(self.accounts, "get_service_account")), (I, "create_service_account", create_sa),
+                 (I, "delete_service_account", delete_sa), (I, "get_iam_policy", get_policy), (I, "set_iam_policy", set_policy),
+                 (P, "get_iam_policy", get_policy), (P, "set_iam_policy", set_policy),
+                 (A, "get_repository", get_found(self.repos, "get_repository")), (A, "create_repository", create_repo),
+                 (A, "delete_repository", delete_repo), (A, "list_packages", list_packages),
+                 (A, "get_iam_policy", get_policy), (A, "set_iam_policy", set_policy)]
+        return [mock.patch.object(cls, name, autospec=True, side_effect=fake) for cls, name, fake in table]
+
+    def requests(self, name): return [r for n, r in self.calls if n == name]
+
+    def members(self, target, role):
+        return {m for b in self.policies.get(target, []).bindings if b.role == role for m in b.members} if target in self.policies else set()
+
+
+@pytest.fixture
+def google():
+    fake = FakeGoogle()
+    patches = fake.patches()
+    for p in patches: p.start()
+    try: yield fake
+    finally:
+        for p in reversed(patches): p.stop()
+
+
+def test_plan_offline_json_prints_the_desired_state_without_calling_google():
+    env = {**os.environ, **ENV, "NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:1"}
+    out = subprocess.run([str(BIN / "python"), "-c", "from fmnist_gcp.cloud.provision import plan_json; print(plan_json())"],
+                         env=env, capture_output=True, text=True, check=True, timeout=120).stdout
+    state = json.loads(out)
+    assert list(state) == ["apis", "buckets", "service_account", "project_roles", "bucket_roles", "artifact_registry"]
+    grants = [*state["project_roles"], *state["service_account"]["roles"], *state["artifact_registry"]["roles"],
+              *(g for gs in state["bucket_roles"].values() for g in gs)]
+    assert grants and all(g["reason"] for g in grants)
+    assert not {g["role"] for g in grants} & {"roles/owner", "roles/editor", "roles/viewer"}
+    assert not [g for g in state["project_roles"] if g["role"].startswith("roles/storage.")]
+    assert sorted(state["bucket_roles"]) == sorted(BUCKETS)
+    assert {b["location"] for b in state["buckets"]} == {"europe-west4"}
+    assert "google.cloud" not in out  # nothing but the state
+
+
+def test_plan_apply_plan_apply_destroy(gcp_env, google):
+    from google.cloud import artifactregistry_v1 as ar, storage
+    from fmnist_gcp.cloud import provision as pv
+    s = gcp_env
+    first = pv.plan(s, submitters=["alice@example.com"])
+    assert {c.what for c in first} == {pv.ENABLE_API, pv.CREATE_SERVICE_ACCOUNT, pv.CREATE_BUCKET, pv.CREATE_REPOSITORY, pv.GRANT}
+    assert pv.STORAGE_API not in [c.resource for c in first]  # already enabled
+    assert not google.requests("batch_enable_services")  # plan changes nothing
+
+    made = pv.apply(s, submitters=["alice@example.com"])
+    assert made == first
+    enable, = google.requests("batch_enable_services")
+    assert enable.parent == "projects/acme-ml" and set(enable.service_ids) == set(pv.APIS) - {pv.STORAGE_API}
+    sa, = google.requests("create_service_account")
+    assert (sa.name, sa.account_id, sa.service_account.display_name) == ("projects/acme-ml", "fmnist-runner", "fmnist-gcp runner")
+    repo, = google.requests("create_repository")
+    assert (repo.parent, repo.repository_id) == ("projects/acme-ml/locations/europe-west4", "fmnist")
+    assert repo.repository.format_ == ar.Repository.Format.DOCKER and repo.repository.labels["app"] == "fmnist-gcp"
+    project_set = [r for r in google.requests("set_iam_policy") if r["resource"] == "projects/acme-ml"]
+    assert len(project_set) == 1 and project_set[0]["policy"].etag == b"e0"  # one write, with the etag it read
+    assert google.members("projects/acme-ml", "roles/aiplatform.user") == {OTHER, RUNNER}  # bob kept
+    assert google.members("projects/acme-ml", "roles/logging.logWriter") == {RUNNER}
+    repo_name = "projects/acme-ml/locations/europe-west4/repositories/fmnist"
+    assert google.members(repo_name, "roles/artifactregistry.reader") == {RUNNER}
+    sa_name = "projects/acme-ml/serviceAccounts/fmnist-runner@acme-ml.iam.gserviceaccount.com"
+    assert google.members(sa_name, "roles/iam.serviceAccountUser") == {"user:alice@example.com"}
+
+    client = storage.Client(project="acme-ml")
+    for name in BUCKETS:
+        b = client.get_bucket(name)
+        assert b.location.lower() == "europe-west4" and b.labels == {"app": "fmnist-gcp"}
+        assert b.iam_configuration.uniform_bucket_level_access_enabled and b.iam_configuration.public_access_prevention == "enforced"
+        assert bool(b.versioning_enabled) == name.endswith("-models")
+        assert b.get_iam_policy().to_api_repr()["bindings"] == [{"role": "roles/storage.objectUser", "members": [RUNNER]}]
+
+    assert pv.plan(s, submitters=["alice@example.com"]) == []
+    writes = len(google.calls)
+    assert pv.apply(s, submitters=["alice@example.com"]) == []
+    assert pv.format_plan([]) == "nothing to change"
+    assert not [n for n, _ in google.calls[writes:] if n.startswith(("create", "set", "batch_enable", "delete"))]
+
+    # drift: versioning switched off by hand is planned back on, nothing else
+    b = client.get_bucket(BUCKETS[2]); b.versioning_enabled = False; b.patch()
+    drift = pv.plan(s, submitters=["alice@example.com"])
+    assert [(c.what, c.resource, c.args["settings"]) for c in drift] == [(pv.UPDATE_BUCKET, f"gs://{BUCKETS[2]}", {"versioning": True})]
+    pv.apply(s, submitters=["alice@example.com"])
+    assert client.get_bucket(BUCKETS[2]).versioning_enabled
+
+    # destroy: refuses a bucket with something in it, touching nothing; --force removes everything apply made
+    client.bucket(BUCKETS[1]).blob("exports/x.npz").upload_from_string(b"data")
+    with pytest.raises(pv.ProvisionError, match=f"not empty: {BUCKETS[1]}.*--force"):
+        pv.destroy(s)
+    assert all(client.lookup_bucket(n) for n in BUCKETS) and google.accounts and google.repos
+    removed = pv.destroy(s, force=True)
+    assert sorted(c.what for c in removed) == sorted([pv.REVOKE] * 4 + [pv.DELETE_REPOSITORY, pv.DELETE_SERVICE_ACCOUNT] + [pv.DELETE_BUCKET] * 3)
+    assert not any(client.lookup_bucket(n) for n in BUCKETS) and not google.accounts and not google.repos
+    assert google.members("projects/acme-ml", "roles/aiplatform.user") == {OTHER}  # only ours revoked
+    assert google.members("projects/acme-ml", "roles/logging.logWriter") == set()
+    assert pv.destroy(s) == []
+    assert {c.what for c in pv.plan(s)} == {pv.CREATE_SERVICE_ACCOUNT, pv.CREATE_BUCKET, pv.CREATE_REPOSITORY, pv.GRANT}
+
+
+def test_destroy_leaves_a_bucket_apply_did_not_create(gcp_env, google):
+    from google.cloud import storage
+    from fmnist_gcp.cloud import provision as pv
+    client = storage.Client(project="acme-ml")
+    client.create_bucket("acme-ml-fmnist-dev", location="europe-west4")  # made by hand, before apply
+    try:
+        pv.apply(gcp_env)
+        assert client.get_bucket("acme-ml-fmnist-dev").iam_configuration.public_access_prevention == "enforced"  # settings adopted
+        assert "acme-ml-fmnist-dev" not in [c.resource for c in pv.destroy(gcp_env)]
+        assert client.lookup_bucket("acme-ml-fmnist-dev") and not client.lookup_bucket("acme-ml-fmnist-models")
+    finally:
+        client.bucket("acme-ml-fmnist-dev").delete()
+
+
+def test_bucket_in_another_region_is_an_error_naming_the_fix(gcp_env, google):
+    from google.cloud import storage
+    from fmnist_gcp.cloud import provision as pv
+    client = storage.Client(project="acme-ml")
+    client.create_bucket("acme-ml-fmnist-models", location="US")
+    try:
+        with pytest.raises(pv.ProvisionError, match="exists in US, not europe-west4.*FMNIST_REGION"):
+            pv.plan(gcp_env)
+    finally:
+        client.bucket("acme-ml-fmnist-models").delete()
+
+
+def test_new_service_account_not_yet_known_to_iam_is_retried(gcp_env, google, monkeypatch):
+    from google.api_core import exceptions
+    from fmnist_gcp.cloud import provision as pv
+    real, failures = pv.write_policy, []
+    def flaky(clients, scope, target, policy):
+        if scope == "service_account" and not failures:
+            failures.append(target); raise exceptions.BadRequest("Service account does not exist")
+        return real(clients, scope, target, policy)
+    monkeypatch.setattr(pv, "write_policy", flaky)
+    monkeypatch.setattr(pv.time, "sleep", lambda s: None)
+    pv.apply(gcp_env, submitters=["alice@example.com"])
+    assert failures and pv.plan(gcp_env, submitters=["alice@example.com"]) == []
+    pv.destroy(gcp_env, force=True)
