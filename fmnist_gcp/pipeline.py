@@ -60,7 +60,7 @@ STAGES: tuple[Stage, ...] = (
           reads=(_PRE, _TFR), writes=(_VERSION, "models:checkpoints/<run_id>/", "dev:runs/<run_id>/tensorboard/")),
     Stage("08_evaluation", "test metrics against the AutoML references, plots, the model card",
           reads=(_VERSION,), writes=(_VERSION + "evaluation.json", _VERSION + "model_card.md")),
-    Stage("09_registry", "the version registered; `champion` moves only to a better model",
+    Stage("09_registry", "the version registered; the champion alias moves only to a better model",
           reads=(_VERSION + "evaluation.json",), writes=("models:<model>/registry.json",),
           side_effects="moves the model's `default` and `champion` aliases"),
     Stage("09a_serving", "the prediction server on loopback: real requests, rejected ones, latency",
@@ -456,8 +456,10 @@ def _execute(plan: list, m: dict, run_dir: Path, nbs: Path, settings: Settings, 
     m["status"] = "ok"
 
 # %% ../nbs/pipeline.ipynb #c7ecf1a1
-def check_cloud(settings: Settings, check: bool = True) -> None:
-    "On the vertex backend, the Google Cloud preflight (a PreflightError lists every problem), or one line saying it was skipped."
+def check_cloud(settings: Settings, plan: list[dict], check: bool = True) -> None:
+    "On the vertex backend, the Google Cloud preflight (a PreflightError lists every problem) or a line saying it was skipped."
+    for step in plan:  # a stage that can run the preflight itself (00_config) does not repeat it
+        if "preflight" in step["params"]: step["params"]["preflight"] = False
     if settings.backend != "vertex": return
     if not check:
         print("skipped the Google Cloud preflight check (--no-check)", file=sys.stderr); return
@@ -479,7 +481,7 @@ def run_pipeline(profile: str = "quick",  # smoke | quick | full
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S") + f"-{profile}"
     nbs = nbs_dir()
     plan = plan_run(profile, stages, overrides, run_id, nbs)
-    check_cloud(settings, check)  # before any data or run folder: a PreflightError lists what to fix
+    check_cloud(settings, plan, check)  # before any data or run folder: a PreflightError lists what to fix
     run_dir = Path(settings.runs_dir).resolve() / run_id
     if run_dir.exists(): raise PipelineError(f"{run_dir} already exists: pick another --run-id or delete that run")
     m = _manifest(run_id, profile, plan, overrides, settings, ensure_data(settings), nbs)

@@ -20,7 +20,8 @@ from ..config import Settings
 __all__ = ['CLOUD_SCOPE', 'LOGIN_FIX', 'APPLY_FIX', 'QUOTAS_CONSOLE', 'APIS', 'VERTEX_API', 'CPU_QUOTAS', 'GPU_QUOTAS',
            'MACHINES', 'PreflightError', 'check_credentials', 'storage_options', 'Clients', 'api_problem',
            'check_project', 'check_region', 'check_bucket', 'check_service_account', 'repository_name',
-           'check_repository', 'job_quotas', 'quota_info_name', 'region_limits', 'check_quota', 'preflight']
+           'check_repository', 'job_quotas', 'quota_info_name', 'region_limits', 'check_quota', 'preflight',
+           'cloud_preflight']
 
 # %% ../../nbs/cloud_preflight.ipynb #704cfa23
 CLOUD_SCOPE = "https://www.googleapis.com/auth/cloud-platform"  # what the clients ask the credentials for
@@ -274,3 +275,8 @@ def preflight(settings: Settings,  # the vertex backend's settings
               lambda: check_repository(c.registry(), s.project, s.region, repository),
               *[lambda q=q, n=n: check_quota(c.quotas(), s.project, s.region, q, n) for q, n in need.items()]]
     return _run_checks(checks)
+
+# %% ../../nbs/cloud_preflight.ipynb #cf1ight1
+def cloud_preflight(settings: Settings) -> list[str]:
+    "The preflight's passed checks on the vertex backend (a PreflightError lists every problem); [] on the local one."
+    return preflight(settings) if settings.backend == "vertex" else []
