@@ -79,12 +79,12 @@ def _add_gcp(sub) -> None:
     plan = g.add_parser("plan", help="what `apply` would change (reads the project; --offline calls nothing)")
     plan.add_argument("--offline", action="store_true", help="the whole desired state, without calling Google")
     plan.add_argument("--json", action="store_true", help="with --offline: the desired state as JSON")
-    apply = g.add_parser("apply", help="enable the APIs; create the buckets, repository, service account and its roles")
-    for p in (plan, apply):
-        p.add_argument("--submitter", action="append", default=[], metavar="MEMBER",
-                       help="who submits jobs (user:a@b.c); gets roles/iam.serviceAccountUser on the service account")
+    apply = g.add_parser("apply", help="enable the APIs; create the buckets, repository, service accounts and their roles")
     destroy = g.add_parser("destroy", help="remove what apply created (the APIs stay enabled)")
     destroy.add_argument("--force", action="store_true", help="also delete buckets and repositories that still hold something")
+    for p in (plan, apply, destroy):
+        p.add_argument("--submitter", action="append", default=[], metavar="MEMBER",
+                       help="who submits jobs and builds (user:a@b.c): actAs on the runner and builder accounts")
     g.add_parser("check", help="the preflight: credentials, project, region, buckets, service account, image repository")
     b = g.add_parser("build", help="build the images and push them to Artifact Registry (Cloud Build, or local docker with --local)")
     b.add_argument("--targets", nargs="+", choices=["train", "train-gpu", "serve"], default=["train", "serve"], help="Dockerfile targets")
@@ -225,7 +225,7 @@ def _cmd_gcp(a) -> int:
         print(pv.plan_json(s, submitters=a.submitter))
     elif a.gcp_verb == "plan": print(pv.format_plan(pv.plan(s, offline=a.offline, submitters=a.submitter)))
     elif a.gcp_verb == "apply": print(pv.format_plan(pv.apply(s, submitters=a.submitter)))
-    else: print(pv.format_plan(pv.destroy(s, force=a.force)) + "\n" + pv.APIS_KEPT)
+    else: print(pv.format_plan(pv.destroy(s, force=a.force, submitters=a.submitter)) + "\n" + pv.APIS_KEPT)
     return 0
 
 # %% ../nbs/cli.ipynb #b1c2d018

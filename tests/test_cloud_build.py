@@ -44,6 +44,8 @@ def test_build_uploads_the_context_to_the_dev_bucket_and_builds_each_target(gcs_
         (t, "gcr.io/cloud-builders/docker", ["build", "-f", DOCKERFILE, "--target", t, "-t", uris[t], "."]) for t in uris]
     assert list(b.images) == list(uris.values()) and list(b.tags) == ["fmnist-gcp", "train", "train-gpu", "serve"]
     assert b.options.logging.name == "CLOUD_LOGGING_ONLY" and b.timeout.total_seconds() == 3600
+    # the builder account `fmnist gcp apply` creates, not the Compute Engine default (CLOUD_LOGGING_ONLY is required with it)
+    assert b.service_account == "projects/acme-ml/serviceAccounts/fmnist-builder@acme-ml.iam.gserviceaccount.com"
 
     # the uploaded context is the checkout minus .dockerignore: what the Dockerfile copies, no venv, runs or git
     with tarfile.open(fileobj=io.BytesIO(s.dev.read_bytes(f"cloudbuild/source/{tag}.tgz"))) as tar:

@@ -20,6 +20,8 @@ from fmnist_gcp.config import Settings
 
 ENV = {"FMNIST_BACKEND": "vertex", "FMNIST_PROJECT": "acme-ml", "FMNIST_REGION": "europe-west4"}
 RUNNER = "serviceAccount:fmnist-runner@acme-ml.iam.gserviceaccount.com"
+BUILDER = "serviceAccount:fmnist-builder@acme-ml.iam.gserviceaccount.com"  # Cloud Build runs as this account
+ALICE = "user:alice@example.com"  # the submitter
 OTHER = "user:bob@example.com"  # someone else's binding that must survive apply and destroy
 BUCKETS = ["acme-ml-fmnist-dev", "acme-ml-fmnist-datasets", "acme-ml-fmnist-models"]
 
@@ -60,7 +62,8 @@ class FakeGoogle:
         self.enabled = {"storage.googleapis.com"}  # on by default in a new project
         self.accounts, self.repos, self.packages, self.calls = {}, {}, {}, []
         self.policies = {"projects/acme-ml": policy_pb2.Policy(version=1, etag=b"e0", bindings=[
-            policy_pb2.Binding(role="roles/aiplatform.user", members=[OTHER])])}
+            policy_pb2.Binding(role="roles/aiplatform.user", members=[OTHER]),
+            policy_pb2.Binding(role="roles/cloudbuild.builds.editor", members=[OTHER])])}
 
     def _rec(self, name, request):
         self.calls.append((name, request)); return request
@@ -143,12 +146,16 @@ def test_plan_offline_json_prints_the_desired_state_without_calling_google():
                          env=env, capture_output=True, text=True, check=True, timeout=120).stdout
     state = json.loads(out)
     assert list(state) == ["apis", "buckets", "service_account", "project_roles", "bucket_roles", "artifact_registry"]
+    builder = state["artifact_registry"]["builder_service_account"]
+    assert builder["email"] == BUILDER.split(":")[1] and state["service_account"]["email"] == RUNNER.split(":")[1]
     grants = [*state["project_roles"], *state["service_account"]["roles"], *state["artifact_registry"]["roles"],
-              *(g for gs in state["bucket_roles"].values() for g in gs)]
+              *builder["roles"], *(g for gs in state["bucket_roles"].values() for g in gs)]
     assert grants and all(g["reason"] for g in grants)
     assert not {g["role"] for g in grants} & {"roles/owner", "roles/editor", "roles/viewer"}
     assert not [g for g in state["project_roles"] if g["role"].startswith("roles/storage.")]
     assert sorted(state["bucket_roles"]) == sorted(BUCKETS)
+    assert {b: [g["role"] for g in gs if g["member"] == BUILDER] for b, gs in state["bucket_roles"].items()} == {
+        BUCKETS[0]: ["roles/storage.objectViewer"], BUCKETS[1]: [], BUCKETS[2]: []}  # the build context, in dev only
     assert {b["location"] for b in state["buckets"]} == {"europe-west4"}
     assert "google.cloud" not in out  # nothing but the state
 
@@ -166,19 +173,25 @@ def test_plan_apply_plan_apply_destroy(gcp_env, google):
     assert made == first
     enable, = google.requests("batch_enable_services")
     assert enable.parent == "projects/acme-ml" and set(enable.service_ids) == set(pv.APIS) - {pv.STORAGE_API}
-    sa, = google.requests("create_service_account")
-    assert (sa.name, sa.account_id, sa.service_account.display_name) == ("projects/acme-ml", "fmnist-runner", "fmnist-gcp runner")
+    assert [(sa.name, sa.account_id, sa.service_account.display_name) for sa in google.requests("create_service_account")] == [
+        ("projects/acme-ml", "fmnist-runner", "fmnist-gcp runner"), ("projects/acme-ml", "fmnist-builder", "fmnist-gcp builder")]
+    assert "Cloud Build" in google.requests("create_service_account")[1].service_account.description
     repo, = google.requests("create_repository")
     assert (repo.parent, repo.repository_id) == ("projects/acme-ml/locations/europe-west4", "fmnist")
     assert repo.repository.format_ == ar.Repository.Format.DOCKER and repo.repository.labels["app"] == "fmnist-gcp"
     project_set = [r for r in google.requests("set_iam_policy") if r["resource"] == "projects/acme-ml"]
     assert len(project_set) == 1 and project_set[0]["policy"].etag == b"e0"  # one write, with the etag it read
     assert google.members("projects/acme-ml", "roles/aiplatform.user") == {OTHER, RUNNER}  # bob kept
-    assert google.members("projects/acme-ml", "roles/logging.logWriter") == {RUNNER}
+    assert google.members("projects/acme-ml", "roles/logging.logWriter") == {RUNNER, BUILDER}
+    assert google.members("projects/acme-ml", "roles/cloudbuild.builds.editor") == {OTHER, ALICE}  # bob's kept
+    project_roles = {b.role for b in google.policies["projects/acme-ml"].bindings}
+    assert not project_roles & {"roles/owner", "roles/editor", "roles/viewer"} and not [r for r in project_roles if "storage" in r]
     repo_name = "projects/acme-ml/locations/europe-west4/repositories/fmnist"
     assert google.members(repo_name, "roles/artifactregistry.reader") == {RUNNER}
-    sa_name = "projects/acme-ml/serviceAccounts/fmnist-runner@acme-ml.iam.gserviceaccount.com"
-    assert google.members(sa_name, "roles/iam.serviceAccountUser") == {"user:alice@example.com"}
+    assert google.members(repo_name, "roles/artifactregistry.writer") == {BUILDER}
+    for account in ("fmnist-runner", "fmnist-builder"):
+        sa_name = f"projects/acme-ml/serviceAccounts/{account}@acme-ml.iam.gserviceaccount.com"
+        assert google.members(sa_name, "roles/iam.serviceAccountUser") == {ALICE}
 
     client = storage.Client(project="acme-ml")
     for name in BUCKETS:
@@ -186,7 +199,8 @@ def test_plan_apply_plan_apply_destroy(gcp_env, google):
         assert b.location.lower() == "europe-west4" and b.labels == {"app": "fmnist-gcp"}
         assert b.iam_configuration.uniform_bucket_level_access_enabled and b.iam_configuration.public_access_prevention == "enforced"
         assert bool(b.versioning_enabled) == name.endswith("-models")
-        assert b.get_iam_policy().to_api_repr()["bindings"] == [{"role": "roles/storage.objectUser", "members": [RUNNER]}]
+        builder = [{"role": "roles/storage.objectViewer", "members": [BUILDER]}] if name.endswith("-dev") else []
+        assert b.get_iam_policy().to_api_repr()["bindings"] == [{"role": "roles/storage.objectUser", "members": [RUNNER]}, *builder]
 
     assert pv.plan(s, submitters=["alice@example.com"]) == []
     writes = len(google.calls)
@@ -206,11 +220,13 @@ def test_plan_apply_plan_apply_destroy(gcp_env, google):
     with pytest.raises(pv.ProvisionError, match=f"not empty: {BUCKETS[1]}.*--force"):
         pv.destroy(s)
     assert all(client.lookup_bucket(n) for n in BUCKETS) and google.accounts and google.repos
-    removed = pv.destroy(s, force=True)
-    assert sorted(c.what for c in removed) == sorted([pv.REVOKE] * 4 + [pv.DELETE_REPOSITORY, pv.DELETE_SERVICE_ACCOUNT] + [pv.DELETE_BUCKET] * 3)
+    removed = pv.destroy(s, force=True, submitters=["alice@example.com"])
+    assert sorted(c.what for c in removed) == sorted([pv.REVOKE] * 6 + [pv.DELETE_REPOSITORY] + [pv.DELETE_SERVICE_ACCOUNT] * 2
+                                                     + [pv.DELETE_BUCKET] * 3)
     assert not any(client.lookup_bucket(n) for n in BUCKETS) and not google.accounts and not google.repos
     assert google.members("projects/acme-ml", "roles/aiplatform.user") == {OTHER}  # only ours revoked
     assert google.members("projects/acme-ml", "roles/logging.logWriter") == set()
+    assert google.members("projects/acme-ml", "roles/cloudbuild.builds.editor") == {OTHER}  # alice's revoked, bob's kept
     assert pv.destroy(s) == []
     assert {c.what for c in pv.plan(s)} == {pv.CREATE_SERVICE_ACCOUNT, pv.CREATE_BUCKET, pv.CREATE_REPOSITORY, pv.GRANT}
 

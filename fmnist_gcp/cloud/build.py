@@ -21,13 +21,14 @@ from ..config import ConfigError, Settings, is_local
 
 # %% auto #0
 __all__ = ['IMAGE_TARGETS', 'DEFAULT_TARGETS', 'DOCKERFILE', 'DOCKER_BUILDER', 'SOURCE_DIR', 'BUILD_TAG', 'source_root',
-           'git_tag', 'image_uris', 'dockerignore', 'context_files', 'source_tarball', 'upload_source', 'build_config',
-           'submit_build', 'docker_build', 'build_images']
+           'git_tag', 'image_uris', 'dockerignore', 'context_files', 'source_tarball', 'upload_source',
+           'builder_account', 'build_config', 'submit_build', 'docker_build', 'build_images']
 
 # %% ../../nbs/cloud_build.ipynb #ca485cd5
 IMAGE_TARGETS = ("train", "train-gpu", "serve")  # docker/Dockerfile's targets, one image each
 DEFAULT_TARGETS = ("train", "serve")  # what `fmnist gcp build` builds unless --targets says otherwise
 from .provision import DEFAULT_REPOSITORY  # the repository `fmnist gcp apply` creates
+from .provision import BUILDER_SERVICE_ACCOUNT_ID, builder_email, service_account_name  # Cloud Build's account
 DOCKERFILE = "docker/Dockerfile"  # relative to the checkout
 DOCKER_BUILDER = "gcr.io/cloud-builders/docker"  # Cloud Build's Docker step
 SOURCE_DIR = "cloudbuild/source"  # dev store folder of the uploaded build contexts
@@ -111,11 +112,19 @@ def upload_source(settings: Settings, root: str | Path, tag: str) -> str:
                           f"{dev.root}: set FMNIST_BACKEND=vertex (or FMNIST_DEV_BUCKET=gs://...), or build with --local")
     return dev.write_bytes(f"{SOURCE_DIR}/{tag}.tgz", source_tarball(root))
 
+# %% ../../nbs/cloud_build.ipynb #b7c41e02
+def builder_account(settings: Settings) -> str:
+    "The builder service account as Cloud Build names it: projects/PROJECT/serviceAccounts/EMAIL."
+    s = settings.require_vertex("Naming the account Cloud Build runs as")
+    return service_account_name(s.project, builder_email(s.project))
+
+
 # %% ../../nbs/cloud_build.ipynb #dc4ac802
 def build_config(uris: Mapping[str, str],  # target -> image URI (`image_uris`)
                  source_uri: str,  # gs:// URI of the build context (`upload_source`)
                  dockerfile: str = DOCKERFILE,
                  timeout_s: int = 3600,  # the whole build; the GPU image's CUDA wheels take a while
+                 service_account: str | None = None,  # `builder_account`; None: Cloud Build's default account
                  ) -> dict:
     "The Cloud Build `Build` (as a dict): build each target from the uploaded context, then push the images."
     bucket, _, obj = source_uri.removeprefix("gs://").partition("/")
@@ -123,7 +132,8 @@ def build_config(uris: Mapping[str, str],  # target -> image URI (`image_uris`)
              for t, uri in uris.items()]
     return {"source": {"storage_source": {"bucket": bucket, "object_": obj}}, "steps": steps,
             "images": list(uris.values()), "tags": [BUILD_TAG, *uris], "timeout": {"seconds": timeout_s},
-            "options": {"logging": "CLOUD_LOGGING_ONLY"}}
+            "options": {"logging": "CLOUD_LOGGING_ONLY"},  # required when a service account is named
+            **({"service_account": service_account} if service_account else {})}
 
 # %% ../../nbs/cloud_build.ipynb #26993447
 def submit_build(settings: Settings, build: dict, wait: bool = True):
@@ -162,6 +172,7 @@ def build_images(settings: Settings,
         docker_build(uris, root, push)
         return uris
     source = upload_source(settings, root, uris[targets[0]].rsplit(":", 1)[1])
-    log(f"build context: {source}")
-    submit_build(settings, build_config(uris, source), wait)
+    account = builder_account(settings)
+    log(f"build context: {source}; Cloud Build runs as {account.rsplit('/', 1)[-1]}")
+    submit_build(settings, build_config(uris, source, service_account=account), wait)
     return uris

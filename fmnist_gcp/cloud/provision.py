@@ -16,28 +16,34 @@ from typing import Any, Iterable, Iterator
 from ..config import ROLES as STORES, Settings, store_uris
 
 # %% auto #0
-__all__ = ['SCOPES', 'IAM_ROLES', 'BASIC_ROLES', 'STORAGE_API', 'IAM_API', 'REGISTRY_API', 'PROJECTS_API', 'APIS', 'GS',
-           'DEFAULT_SERVICE_ACCOUNT_ID', 'DEFAULT_REPOSITORY', 'MEMBER_KINDS', 'VERSIONED_STORE',
-           'PUBLIC_ACCESS_PREVENTION', 'LABELS', 'SERVICE_ACCOUNT_TITLE', 'ENABLE_API', 'CREATE_BUCKET',
-           'UPDATE_BUCKET', 'CREATE_SERVICE_ACCOUNT', 'CREATE_REPOSITORY', 'GRANT', 'REVOKE', 'DELETE_BUCKET',
-           'DELETE_REPOSITORY', 'DELETE_SERVICE_ACCOUNT', 'NOTHING_TO_CHANGE', 'OPERATION_TIMEOUT',
+__all__ = ['RUNNER', 'BUILDER', 'SUBMITTER', 'BUILD_SOURCE_STORE', 'SCOPES', 'IAM_ROLES', 'BASIC_ROLES', 'STORAGE_API', 'IAM_API',
+           'REGISTRY_API', 'PROJECTS_API', 'APIS', 'GS', 'DEFAULT_SERVICE_ACCOUNT_ID', 'BUILDER_SERVICE_ACCOUNT_ID',
+           'DEFAULT_REPOSITORY', 'MEMBER_KINDS', 'VERSIONED_STORE', 'PUBLIC_ACCESS_PREVENTION', 'LABELS',
+           'SERVICE_ACCOUNT_TITLE', 'BUILDER_TITLE', 'ENABLE_API', 'CREATE_BUCKET', 'UPDATE_BUCKET',
+           'CREATE_SERVICE_ACCOUNT', 'CREATE_REPOSITORY', 'GRANT', 'REVOKE', 'DELETE_BUCKET', 'DELETE_REPOSITORY',
+           'DELETE_SERVICE_ACCOUNT', 'RUNNER_PURPOSE', 'BUILDER_PURPOSE', 'NOTHING_TO_CHANGE', 'OPERATION_TIMEOUT',
            'SERVICE_ACCOUNT_DESCRIPTION', 'REPOSITORY_DESCRIPTION', 'MAKERS', 'APIS_KEPT', 'Role', 'ProvisionError',
-           'project_and_region', 'bucket_names', 'service_account_email', 'member', 'bucket_settings', 'grants',
-           'desired_state', 'merge_policy', 'remove_members', 'has_member', 'Change', 'service_account_name',
-           'repository_name', 'api_change', 'bucket_change', 'service_account_change', 'repository_change',
-           'grant_command', 'grant_change', 'role_targets', 'all_changes', 'bucket_drift', 'satisfied', 'pending',
-           'format_plan', 'storage_client', 'service_usage_client', 'iam_client', 'projects_client', 'registry_client',
-           'Clients', 'enabled_apis', 'read_bucket', 'exists', 'read_policy', 'current_state', 'enable_apis',
-           'create_bucket', 'update_bucket', 'create_service_account', 'create_repository', 'write_policy',
-           'update_policy', 'bindings_of', 'plan', 'apply', 'removal_changes', 'is_empty', 'delete_bucket', 'remove',
-           'destroy', 'plan_json', 'role_table']
+           'project_and_region', 'bucket_names', 'service_account_email', 'member', 'builder_email', 'bucket_settings',
+           'grants', 'desired_state', 'service_accounts', 'merge_policy', 'remove_members', 'has_member', 'Change',
+           'service_account_name', 'repository_name', 'api_change', 'bucket_change', 'service_account_change',
+           'repository_change', 'grant_command', 'grant_change', 'role_targets', 'all_changes', 'bucket_drift',
+           'satisfied', 'pending', 'format_plan', 'storage_client', 'service_usage_client', 'iam_client',
+           'projects_client', 'registry_client', 'Clients', 'enabled_apis', 'read_bucket', 'exists', 'read_policy',
+           'current_state', 'enable_apis', 'create_bucket', 'update_bucket', 'create_service_account',
+           'create_repository', 'write_policy', 'update_policy', 'bindings_of', 'plan', 'apply', 'removal_changes',
+           'is_empty', 'delete_bucket', 'remove', 'destroy', 'plan_json', 'role_table']
 
 # %% ../../nbs/cloud_provision.ipynb #3f61fe4c
+RUNNER, BUILDER, SUBMITTER = "runner", "builder", "submitter"  # who holds a role
+BUILD_SOURCE_STORE = "dev"  # the store whose bucket holds the uploaded build contexts
+
 @dataclass(frozen=True)
 class Role:
     name: str    # e.g. roles/aiplatform.user
-    scope: str   # project | bucket | repository | service_account: the resource it is granted on
+    scope: str   # project | bucket | repository | service_account: the kind of resource it is granted on
     reason: str  # one line: why it is needed
+    holder: str = RUNNER  # runner | builder (the two service accounts) | submitter (each person who submits)
+    on: str = ""  # which one: a store (bucket scope) or an account, runner | builder (service_account scope); "" = each
 
 SCOPES = ("project", "bucket", "repository", "service_account")
 IAM_ROLES = (
@@ -47,9 +53,15 @@ IAM_ROLES = (
     Role("roles/bigquery.jobUser", "project", "run the BigQuery load and query jobs that fill and read those tables (jobs belong to the project)"),
     Role("roles/storage.objectUser", "bucket", "read, write and delete objects in this store only; no bucket settings, no IAM changes"),
     Role("roles/artifactregistry.reader", "repository", "pull the train and serve images from this repository only"),
-    Role("roles/iam.serviceAccountUser", "service_account", "lets this submitter run Vertex jobs as the runner account (actAs), on that account only"),
+    Role("roles/iam.serviceAccountUser", "service_account", "lets this submitter run Vertex jobs as the runner account (actAs), on that account only", SUBMITTER, RUNNER),
+    Role("roles/artifactregistry.writer", "repository", "push the images Cloud Build builds, to this repository only", BUILDER),
+    Role("roles/storage.objectViewer", "bucket", "read the uploaded build context (cloudbuild/source/*.tgz), in the dev bucket only", BUILDER, BUILD_SOURCE_STORE),
+    Role("roles/logging.logWriter", "project", "write the build logs (a build run as a service account logs to Cloud Logging only)", BUILDER),
+    Role("roles/iam.serviceAccountUser", "service_account", "lets this submitter run Cloud Builds as the builder account (actAs), on that account only", SUBMITTER, BUILDER),
+    Role("roles/cloudbuild.builds.editor", "project", "lets this submitter create and follow Cloud Builds (`fmnist gcp build`); builds belong to the project", SUBMITTER),
 )
 BASIC_ROLES = ("roles/owner", "roles/editor", "roles/viewer")  # never granted
+
 
 # %% ../../nbs/cloud_provision.ipynb #f572feac
 STORAGE_API, IAM_API = "storage.googleapis.com", "iam.googleapis.com"
@@ -88,6 +100,7 @@ def bucket_names(settings: Settings) -> dict[str, str]:  # store -> bucket
 
 # %% ../../nbs/cloud_provision.ipynb #37ea6926
 DEFAULT_SERVICE_ACCOUNT_ID = "fmnist-runner"  # the account Vertex jobs run as
+BUILDER_SERVICE_ACCOUNT_ID = "fmnist-builder"  # the account Cloud Build runs as (`fmnist gcp build`)
 DEFAULT_REPOSITORY = "fmnist"  # Artifact Registry Docker repository
 MEMBER_KINDS = ("user", "group", "serviceAccount", "domain")
 
@@ -109,41 +122,60 @@ def member(who: str) -> str:
     raise ProvisionError(f"submitter {who!r}: give an e-mail or a member such as user:alice@example.com "
                          f"(kinds: {', '.join(MEMBER_KINDS)})")
 
+# %% ../../nbs/cloud_provision.ipynb #5b1d7e20
+def builder_email(project: str) -> str:
+    "The builder account of `project`, which Cloud Build runs as."
+    return f"{BUILDER_SERVICE_ACCOUNT_ID}@{project}.iam.gserviceaccount.com"
+
+
 # %% ../../nbs/cloud_provision.ipynb #b2f14fca
 VERSIONED_STORE = "models"  # the store whose bucket keeps object versions
 PUBLIC_ACCESS_PREVENTION = "enforced"
 LABELS = {"app": "fmnist-gcp"}  # on what apply creates; destroy deletes only buckets that carry it
-SERVICE_ACCOUNT_TITLE = "fmnist-gcp runner"
+SERVICE_ACCOUNT_TITLE, BUILDER_TITLE = "fmnist-gcp runner", "fmnist-gcp builder"
 
 def bucket_settings(versioning: bool) -> dict[str, Any]:
     "Settings every bucket gets; object versioning where asked."
     return {"uniform_bucket_level_access": True, "public_access_prevention": PUBLIC_ACCESS_PREVENTION, "versioning": versioning}
 
-def grants(scope: str, members: Iterable[str]) -> list[dict]:
-    "Each role of `scope` for each member, with its reason."
-    return [{"role": r.name, "member": m, "reason": r.reason} for r in IAM_ROLES if r.scope == scope for m in members]
+def grants(scope: str,  # project | bucket | repository | service_account
+           holders: dict[str, list[str]],  # holder (runner | builder | submitter) -> IAM members
+           on: Iterable[str] = (),  # which resource: the stores a bucket serves, or the account (runner | builder)
+           ) -> list[dict]:
+    "Each role of `scope` (for any resource, or for one in `on`) for each member of its holder, with its reason."
+    return [{"role": r.name, "member": m, "reason": r.reason} for r in IAM_ROLES
+            if r.scope == scope and (not r.on or r.on in on) for m in holders.get(r.holder, [])]
 
 # %% ../../nbs/cloud_provision.ipynb #55d316be
 def desired_state(settings: Settings,
                   *, repository: str = DEFAULT_REPOSITORY,  # Artifact Registry repository id
                   service_account_id: str = DEFAULT_SERVICE_ACCOUNT_ID,  # used when FMNIST_SERVICE_ACCOUNT is unset
-                  submitters: Iterable[str] = (),  # people who submit jobs: e-mails or IAM members
+                  submitters: Iterable[str] = (),  # people who submit jobs and builds: e-mails or IAM members
                   ) -> dict:
-    "APIs, buckets, service account, roles (each with its reason) and Docker repository the project should hold."
+    "APIs, buckets, the two service accounts, roles (each with its reason) and Docker repository the project should hold."
     project, region = project_and_region(settings)
-    email = service_account_email(settings, service_account_id)
-    runner, buckets = [f"serviceAccount:{email}"], {}
+    email, builder = service_account_email(settings, service_account_id), builder_email(project)
+    who = {RUNNER: [f"serviceAccount:{email}"], BUILDER: [f"serviceAccount:{builder}"], SUBMITTER: [member(s) for s in submitters]}
+    buckets, stores = {}, {}
     for store, name in bucket_names(settings).items():  # two stores may share one bucket
         versioned = store == VERSIONED_STORE or name in buckets and buckets[name]["settings"]["versioning"]
         buckets[name] = {"name": name, "location": region, "settings": bucket_settings(versioned)}
+        stores.setdefault(name, []).append(store)
+    account = lambda e, title, on: {"email": e, "account_id": e.split("@")[0], "display_name": title,
+                                    "roles": grants("service_account", who, [on])}
     return {"apis": [{"name": a, "reason": r} for a, r in APIS.items()],
             "buckets": list(buckets.values()),
-            "service_account": {"email": email, "account_id": email.split("@")[0], "display_name": SERVICE_ACCOUNT_TITLE,
-                                "roles": grants("service_account", [member(s) for s in submitters])},
-            "project_roles": grants("project", runner),
-            "bucket_roles": {name: grants("bucket", runner) for name in buckets},
+            "service_account": account(email, SERVICE_ACCOUNT_TITLE, RUNNER),
+            "project_roles": grants("project", who),
+            "bucket_roles": {name: grants("bucket", who, stores[name]) for name in buckets},
             "artifact_registry": {"name": repository, "location": region, "format": "DOCKER",
-                                  "uri": f"{region}-docker.pkg.dev/{project}/{repository}", "roles": grants("repository", runner)}}
+                                  "uri": f"{region}-docker.pkg.dev/{project}/{repository}", "roles": grants("repository", who),
+                                  "builder_service_account": account(builder, BUILDER_TITLE, BUILDER)}}
+
+def service_accounts(state: dict) -> list[dict]:
+    "The runner and the builder account of `state`, in that order."
+    return [state["service_account"], state["artifact_registry"]["builder_service_account"]]
+
 
 # %% ../../nbs/cloud_provision.ipynb #bf5d9ed2
 def _unconditional(rows: list[dict], role: str) -> dict | None:
@@ -219,11 +251,14 @@ def bucket_change(project: str, bucket: dict, settings: dict | None = None) -> C
                   {"name": bucket["name"], "location": bucket["location"], "settings": s})
 
 # %% ../../nbs/cloud_provision.ipynb #c04393d8
-def service_account_change(project: str, sa: dict) -> Change:
-    "Create the runner service account."
+RUNNER_PURPOSE = "Vertex jobs run as this account"
+BUILDER_PURPOSE = "Cloud Build builds the train and serve images as this account"
+
+def service_account_change(project: str, sa: dict, purpose: str = RUNNER_PURPOSE) -> Change:
+    "Create a service account (the runner, unless `purpose` says otherwise)."
     cmd = f'gcloud iam service-accounts create {sa["account_id"]} --project={project} --display-name="{sa["display_name"]}"'
-    return Change(CREATE_SERVICE_ACCOUNT, sa["email"], cmd, "Vertex jobs run as this account",
-                  {"project": project, "account_id": sa["account_id"], "display_name": sa["display_name"]})
+    return Change(CREATE_SERVICE_ACCOUNT, sa["email"], cmd, purpose,
+                  {"project": project, "account_id": sa["account_id"], "display_name": sa["display_name"], "purpose": purpose})
 
 def repository_change(project: str, repo: dict) -> Change:
     "Create the Docker repository."
@@ -231,6 +266,7 @@ def repository_change(project: str, repo: dict) -> Change:
            f"--location={repo['location']} --project={project}")
     return Change(CREATE_REPOSITORY, repo["uri"], cmd, "holds the train and serve images",
                   {"parent": f"projects/{project}/locations/{repo['location']}", "repository_id": repo["name"]})
+
 
 # %% ../../nbs/cloud_provision.ipynb #e100b784
 def grant_command(scope: str, target: str, role: str, who: str, verb: str = "add") -> str:
@@ -250,17 +286,19 @@ def grant_change(scope: str, target: str, grant: dict, verb: str = "add") -> Cha
 
 def role_targets(state: dict, project: str) -> Iterator[tuple[str, str, dict]]:
     "(scope, target, grant) for every role in `state`."
-    sa, repo = state["service_account"], state["artifact_registry"]
+    repo = state["artifact_registry"]
     yield from (("project", f"projects/{project}", g) for g in state["project_roles"])
     for bucket, gs in state["bucket_roles"].items(): yield from (("bucket", bucket, g) for g in gs)
     yield from (("repository", repository_name(project, repo), g) for g in repo["roles"])
-    yield from (("service_account", service_account_name(project, sa["email"]), g) for g in sa["roles"])
+    for sa in service_accounts(state):
+        yield from (("service_account", service_account_name(project, sa["email"]), g) for g in sa["roles"])
 
 # %% ../../nbs/cloud_provision.ipynb #353851ce
 def all_changes(state: dict, project: str) -> list[Change]:
     "Every change that builds `state` from an empty project, in the order apply makes them."
     out = [api_change(project, a["name"]) for a in state["apis"]]
-    out.append(service_account_change(project, state["service_account"]))
+    runner, builder = service_accounts(state)
+    out += [service_account_change(project, runner), service_account_change(project, builder, BUILDER_PURPOSE)]
     out += [bucket_change(project, b) for b in state["buckets"]]
     out.append(repository_change(project, state["artifact_registry"]))
     return out + [grant_change(*t) for t in role_targets(state, project)]
@@ -278,7 +316,7 @@ def satisfied(change: Change, current: dict) -> bool:
     "True when `current` already has what `change` makes."
     a = change.args
     if change.what == ENABLE_API: return a["api"] in current["apis"]
-    if change.what == CREATE_SERVICE_ACCOUNT: return current["service_account"]
+    if change.what == CREATE_SERVICE_ACCOUNT: return change.resource in current["accounts"]
     if change.what == CREATE_REPOSITORY: return current["repository"]
     if change.what == GRANT: return has_member(current["policies"].get(a["target"], {}), a["role"], a["member"])
     raise ValueError(f"satisfied() does not handle {change.what!r}")
@@ -381,15 +419,16 @@ def read_policy(clients: Clients, scope: str, target: str) -> dict:
 
 # %% ../../nbs/cloud_provision.ipynb #f621cf8d
 def current_state(state: dict, project: str, clients: Clients) -> dict:
-    "What the project holds of `state`: enabled APIs, buckets, account, repository and the policies on them."
+    "What the project holds of `state`: enabled APIs, buckets, the accounts that exist, repository and policies on them."
     apis = enabled_apis(clients.services, project, [a["name"] for a in state["apis"]])
-    sa = IAM_API in apis and exists(clients.iam.get_service_account, service_account_name(project, state["service_account"]["email"]))
+    accounts = {a["email"] for a in service_accounts(state)
+                if IAM_API in apis and exists(clients.iam.get_service_account, service_account_name(project, a["email"]))}
     repo = REGISTRY_API in apis and exists(clients.registry.get_repository, repository_name(project, state["artifact_registry"]))
     found = {b["name"]: read_bucket(clients.storage, b["name"]) for b in state["buckets"]} if STORAGE_API in apis else {}
     buckets = {n: b for n, b in found.items() if b}
-    readable = {"project": PROJECTS_API in apis, "bucket": lambda t: t in buckets, "repository": repo, "service_account": sa}
+    readable = {"project": PROJECTS_API in apis, "bucket": lambda t: t in buckets, "repository": repo, "service_account": lambda t: t.rsplit("/", 1)[-1] in accounts}
     targets = {t: s for s, t, _ in role_targets(state, project) if (readable[s](t) if callable(readable[s]) else readable[s])}
-    return {"apis": apis, "service_account": sa, "repository": repo, "buckets": buckets,
+    return {"apis": apis, "accounts": accounts, "repository": repo, "buckets": buckets,
             "policies": {t: read_policy(clients, s, t) for t, s in targets.items()}}
 
 # %% ../../nbs/cloud_provision.ipynb #79a84361
@@ -417,13 +456,13 @@ def update_bucket(clients: Clients, args: dict) -> None:
     b = clients.storage.get_bucket(args["name"]); _configure_bucket(b, args["settings"]); b.patch()
 
 # %% ../../nbs/cloud_provision.ipynb #f7452752
-SERVICE_ACCOUNT_DESCRIPTION = "Vertex AI jobs of fmnist-gcp run as this account (created by `fmnist gcp apply`)"
+SERVICE_ACCOUNT_DESCRIPTION = "fmnist-gcp: {purpose} (created by `fmnist gcp apply`)"
 REPOSITORY_DESCRIPTION = "fmnist-gcp train and serve images (created by `fmnist gcp apply`)"
 
 def create_service_account(clients: Clients, args: dict) -> None:
-    "Create the runner service account."
+    "Create a service account (the runner or the builder), its purpose in its description."
     from google.cloud import iam_admin_v1 as iam
-    account = iam.ServiceAccount(display_name=args["display_name"], description=SERVICE_ACCOUNT_DESCRIPTION)
+    account = iam.ServiceAccount(display_name=args["display_name"], description=SERVICE_ACCOUNT_DESCRIPTION.format(**args))
     clients.iam.create_service_account(request=iam.CreateServiceAccountRequest(
         name=f"projects/{args['project']}", account_id=args["account_id"], service_account=account))
 
@@ -500,15 +539,15 @@ APIS_KEPT = "APIs stay enabled (other resources in the project may use them)"
 
 def removal_changes(state: dict, project: str, current: dict) -> list[Change]:
     "What destroy removes, given what the project holds."
-    sa, repo = state["service_account"], state["artifact_registry"]
+    repo = state["artifact_registry"]
     out = [grant_change(s, t, g, verb="remove") for s, t, g in role_targets(state, project)
            if s == "project" and has_member(current["policies"].get(t, {}), g["role"], g["member"])]
     if current["repository"]:
         out.append(Change(DELETE_REPOSITORY, repository_name(project, repo), f"gcloud artifacts repositories delete "
                           f"{repo['name']} --location={repo['location']} --project={project} --quiet"))
-    if current["service_account"]:
-        out.append(Change(DELETE_SERVICE_ACCOUNT, service_account_name(project, sa["email"]),
-                          f"gcloud iam service-accounts delete {sa['email']} --project={project} --quiet"))
+    out += [Change(DELETE_SERVICE_ACCOUNT, service_account_name(project, sa["email"]),
+                   f"gcloud iam service-accounts delete {sa['email']} --project={project} --quiet")
+            for sa in service_accounts(state) if sa["email"] in current["accounts"]]
     return out + [Change(DELETE_BUCKET, name, f"gcloud storage rm --recursive {GS}{name}")
                   for name, b in current["buckets"].items() if b["ours"]]
 
@@ -538,10 +577,11 @@ def remove(clients: Clients, change: Change) -> None:
 def destroy(settings: Settings,
             *, force: bool = False,  # delete buckets and repositories that still hold something
             repository: str = DEFAULT_REPOSITORY, service_account_id: str = DEFAULT_SERVICE_ACCOUNT_ID,
+            submitters: Iterable[str] = (),  # whose project roles to revoke too (their roles on the accounts go with them)
             clients: Clients | None = None) -> list[Change]:
     "Remove what apply created (APIs stay enabled); refuses non-empty buckets without `force`."
     project, _ = project_and_region(settings)
-    state = desired_state(settings, repository=repository, service_account_id=service_account_id)
+    state = desired_state(settings, repository=repository, service_account_id=service_account_id, submitters=submitters)
     clients = clients or Clients.connect(settings)
     changes = removal_changes(state, project, current_state(state, project, clients))
     full = [c.resource for c in changes if c.what in (DELETE_BUCKET, DELETE_REPOSITORY) and not is_empty(clients, c)]
@@ -557,9 +597,13 @@ def plan_json(settings: Settings | None = None,  # default: Settings.from_env()
     "The desired state as JSON; calls nothing."
     return json.dumps(desired_state(settings or Settings.from_env(), **kwargs), indent=2)
 
+def _granted_on(r: Role) -> str:
+    if r.scope == "bucket": return f"the {r.on} bucket" if r.on else "each of the three buckets"
+    return {"project": "the project", "repository": "the Docker repository", "service_account": f"the {r.on} account"}[r.scope]
+
 def role_table() -> str:
-    "IAM_ROLES as a Markdown table (role, granted on, why)."
-    where = {"project": "project", "bucket": "each of the three buckets", "repository": "the Docker repository",
-             "service_account": "the runner service account (for each submitter)"}
-    return "\n".join(["| role | granted on | why |", "|---|---|---|",
-                      *(f"| `{r.name}` | {where[r.scope]} | {r.reason} |" for r in IAM_ROLES)])
+    "IAM_ROLES as a Markdown table (role, who holds it, granted on, why)."
+    holder = {RUNNER: f"runner (`{DEFAULT_SERVICE_ACCOUNT_ID}`)", BUILDER: f"builder (`{BUILDER_SERVICE_ACCOUNT_ID}`)",
+              SUBMITTER: "each submitter"}
+    return "\n".join(["| role | held by | granted on | why |", "|---|---|---|---|",
+                      *(f"| `{r.name}` | {holder[r.holder]} | {_granted_on(r)} | {r.reason} |" for r in IAM_ROLES)])
