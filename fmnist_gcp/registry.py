@@ -15,8 +15,8 @@ from fastcore.basics import patch
 from .config import DEFAULT_MODEL, Settings, Store
 
 # %% auto #0
-__all__ = ['ALIAS_RE', 'RegistryError', 'check_alias', 'parse_ref', 'Registry', 'better', 'promote', 'run_version',
-           'upload_to_vertex', 'registry_table']
+__all__ = ['ALIAS_RE', 'VERTEX_LABELS', 'RegistryError', 'check_alias', 'parse_ref', 'Registry', 'better', 'promote',
+           'run_version', 'vertex_model', 'upload_to_vertex', 'registry_table']
 
 # %% ../nbs/09_registry.ipynb #95945025
 class RegistryError(ValueError):
@@ -139,19 +139,32 @@ def run_version(settings: Settings, name: str, run_id: str,
                             f"or name a version with -p version=N")
     return mine[-1]
 
+# %% ../nbs/09_registry.ipynb #780a2fcc
+VERTEX_LABELS = {"app": "fmnist-gcp"}  # on every Vertex resource this package creates
+
+def vertex_model(settings: Settings, name: str) -> str | None:
+    "Resource name of the Vertex model holding our uploads of `name` (the oldest, if several), or None."
+    settings.require_vertex("Looking models up in the Vertex AI Model Registry")
+    from google.cloud import aiplatform
+    aiplatform.init(project=settings.project, location=settings.region)
+    labels = " AND ".join(f'labels.{k}="{v}"' for k, v in VERTEX_LABELS.items())
+    found = aiplatform.Model.list(filter=f'display_name="{name}" AND {labels}', order_by="create_time")
+    return found[0].resource_name if found else None
+
 # %% ../nbs/09_registry.ipynb #b0769045
 def upload_to_vertex(settings: Settings, name: str, version: int,
                      serving_image: str,  # serving image in Artifact Registry
-                     parent_model: str | None = None,  # resource name of an existing Vertex model to add a version to
+                     parent_model: str | None = None,  # Vertex model to add a version to; default: `vertex_model`
                      aliases: tuple[str, ...] | None = None,  # default: this version's aliases in our registry
                      ):
-    "Upload a registered version to the Vertex AI Model Registry; returns the `aiplatform.Model`."
+    "Upload a registered version to the Vertex AI Model Registry as a version of one model; returns the `aiplatform.Model`."
     settings.require_vertex("Uploading to the Vertex AI Model Registry")
     from google.cloud import aiplatform
     from fmnist_gcp.serving import SERVING_CONTRACT as c
     reg = Registry(settings, name)
     rec = reg.versions.get(version) or reg.register(version)
     if aliases is None: aliases = tuple(a for a, v in reg.aliases.items() if v == version and a != "default")
+    parent_model = parent_model or vertex_model(settings, name)  # None: the first upload creates the model
     aiplatform.init(project=settings.project, location=settings.region)
     return aiplatform.Model.upload(
         display_name=name, artifact_uri=rec["uri"], parent_model=parent_model,
@@ -159,7 +172,7 @@ def upload_to_vertex(settings: Settings, name: str, version: int,
         version_description=f"run {rec.get('run_id')}, au_prc {rec['metrics'].get('au_prc', 'n/a')}",
         serving_container_image_uri=serving_image, serving_container_ports=[c.port],
         serving_container_health_route=c.health_route, serving_container_predict_route=c.predict_route,
-        labels={"app": "fmnist-gcp", "fmnist-version": str(version)})
+        labels={**VERTEX_LABELS, "fmnist-version": str(version)})
 
 # %% ../nbs/09_registry.ipynb #e5c6ecab
 def registry_table(reg: Registry):

@@ -11,6 +11,7 @@ import base64
 import binascii
 import io
 import json
+import math
 import os
 import secrets
 import sys
@@ -114,7 +115,7 @@ def parse_request(body: bytes, max_instances: int = MAX_INSTANCES) -> tuple[np.n
     th, k = params["confidenceThreshold"], params["maxPredictions"]
     if isinstance(th, bool) or not isinstance(th, (int, float)) or not 0 <= th <= 1:
         raise InstanceError(None, f"parameters.confidenceThreshold must be a number in [0, 1], not {th!r}")
-    if isinstance(k, bool) or not isinstance(k, (int, float)) or k != int(k) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or k != int(k) or k < 1:
         raise InstanceError(None, f"parameters.maxPredictions must be a positive integer, not {k!r}")
     return np.stack([parse_instance(x, i) for i, x in enumerate(inst)]), {"confidenceThreshold": float(th), "maxPredictions": int(k)}
 

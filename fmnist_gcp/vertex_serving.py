@@ -11,7 +11,47 @@ from .config import Settings
 from .preprocessing import BATCH_JSONL_PATH
 
 # %% auto #0
-__all__ = ['deploy', 'undeploy_and_delete', 'batch_predict']
+__all__ = ['deploy_request', 'batch_predict_request', 'deploy', 'undeploy_and_delete', 'batch_predict']
+
+# %% ../nbs/vertex_serving.ipynb #90c22d08
+def _rest_json(message) -> dict:
+    import json
+    return json.loads(type(message).to_json(message, always_print_fields_with_no_presence=False))
+
+# %% ../nbs/vertex_serving.ipynb #4b8c1f44
+def deploy_request(settings: Settings, model: str,  # Vertex model resource name, with @version or @alias
+                   endpoint: str = "ENDPOINT",  # endpoint resource name (created by `deploy` when not given)
+                   machine_type: str = "n1-standard-2", min_replicas: int = 1, max_replicas: int = 1,
+                   traffic_percentage: int = 100) -> dict:
+    "REST JSON of the DeployModelRequest `deploy` sends."
+    from google.cloud.aiplatform_v1 import types
+    settings.require_vertex("Vertex AI serving")
+    res = types.DedicatedResources(machine_spec=types.MachineSpec(machine_type=machine_type),
+                                   min_replica_count=min_replicas, max_replica_count=max_replicas)
+    dm = types.DeployedModel(model=model, dedicated_resources=res, service_account=settings.service_account or "")
+    return _rest_json(types.DeployModelRequest(endpoint=endpoint, deployed_model=dm,
+                                               traffic_split={"0": traffic_percentage}))
+
+# %% ../nbs/vertex_serving.ipynb #28419224
+def batch_predict_request(settings: Settings, model: str,  # Vertex model resource name, with @version or @alias
+                          display_name: str = "fmnist-batch",
+                          source: str = BATCH_JSONL_PATH,  # JSONL path in the datasets store
+                          machine_type: str = "n1-standard-4", max_replicas: int = 2,
+                          parameters: dict | None = None) -> dict:  # default: every class, most confident first
+    "REST JSON of the CreateBatchPredictionJobRequest `batch_predict` sends."
+    from google.cloud.aiplatform_v1 import types
+    from google.protobuf import json_format, struct_pb2
+    from fmnist_gcp.serving import ALL_CLASSES
+    s = settings.require_vertex("Vertex AI serving")
+    params = json_format.ParseDict(parameters or ALL_CLASSES, struct_pb2.Value())
+    job = types.BatchPredictionJob(
+        display_name=display_name, model=model, model_parameters=params, labels={"app": "fmnist-gcp"},
+        input_config={"instances_format": "jsonl", "gcs_source": {"uris": [s.datasets.uri(source)]}},
+        output_config={"predictions_format": "jsonl", "gcs_destination": {"output_uri_prefix": s.dev.uri("batch-predictions")}},
+        dedicated_resources={"machine_spec": {"machine_type": machine_type}, "starting_replica_count": 1,
+                             "max_replica_count": max_replicas}, service_account=s.service_account or "")
+    return _rest_json(types.CreateBatchPredictionJobRequest(parent=f"projects/{s.project}/locations/{s.region}",
+                                                            batch_prediction_job=job))
 
 # %% ../nbs/vertex_serving.ipynb #fe865bf7
 def _init(settings: Settings):

@@ -7,13 +7,16 @@ Docs: https://fmnist-gcp.github.io/fmnist-gcp/vertex_training.html.md"""
 # %% ../nbs/vertex_training.ipynb #a27f94af
 from __future__ import annotations
 
+import os
 import re
 import time
 
-from .config import Settings
+from .cloud.provision import DEFAULT_SERVICE_ACCOUNT_ID
+from .config import ConfigError, Settings
 
 # %% auto #0
-__all__ = ['worker_pool_specs', 'job_name', 'submit_custom_job', 'experiment_run_name', 'ExperimentRun']
+__all__ = ['SERVICE_ACCOUNT_VAR', 'JOB_RUN_VAR', 'worker_pool_specs', 'job_name', 'require_service_account', 'ensure_experiment',
+           'submit_custom_job', 'experiment_run_name', 'job_run_name', 'ExperimentRun']
 
 # %% ../nbs/vertex_training.ipynb #419a8e9c
 def worker_pool_specs(image_uri: str,  # training image, e.g. europe-docker.pkg.dev/p/fmnist/train:latest
@@ -40,6 +43,31 @@ def job_name(prefix: str = "fmnist-train") -> str:
     "A display name with a UTC time stamp, valid for Vertex resources."
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
+# %% ../nbs/vertex_training.ipynb #a73009df
+SERVICE_ACCOUNT_VAR = "FMNIST_SERVICE_ACCOUNT"
+
+def require_service_account(settings: Settings, what: str) -> str:
+    "The service account e-mail jobs run as, or a ConfigError saying that `what` needs one."
+    if settings.service_account: return settings.service_account
+    example = f"{DEFAULT_SERVICE_ACCOUNT_ID}@{settings.project or 'PROJECT'}.iam.gserviceaccount.com"
+    raise ConfigError(f"{what} needs a service account: set {SERVICE_ACCOUNT_VAR} (e.g. export "
+                      f"{SERVICE_ACCOUNT_VAR}={example}; `fmnist gcp apply` creates it)")
+
+# %% ../nbs/vertex_training.ipynb #c6f7f564
+def ensure_experiment(settings: Settings,
+                      experiment: str,  # Vertex AI experiment name
+                      run: str | None = None,  # run in it (made a valid run name); None: Vertex makes one per job
+                      ):
+    "Get or create `experiment` (and `run` in it); returns the SDK's `(Experiment, ExperimentRun or None)`."
+    from google.cloud import aiplatform
+    s = settings.require_vertex("Vertex AI Experiments")
+    require_service_account(s, "A Vertex AI experiment")
+    aiplatform.init(project=s.project, location=s.region)
+    exp = aiplatform.Experiment.get_or_create(experiment)
+    if run is None: return exp, None
+    name = experiment_run_name(run)
+    return exp, (aiplatform.ExperimentRun.get(name, experiment=exp) or aiplatform.ExperimentRun.create(name, experiment=exp))
+
 # %% ../nbs/vertex_training.ipynb #6b62acf2
 def submit_custom_job(settings: Settings,
                       image_uri: str,  # training image in Artifact Registry
@@ -47,16 +75,18 @@ def submit_custom_job(settings: Settings,
                       display_name: str | None = None,  # default: fmnist-train-<time stamp>
                       machine_type: str = "n1-standard-8", accelerator_type: str | None = None,
                       accelerator_count: int = 0, workers: int = 0,
-                      experiment: str | None = None,  # Vertex AI experiment to attach
-                      experiment_run: str | None = None,  # run in that experiment
+                      experiment: str | None = None,  # Vertex AI experiment to attach (created when missing)
+                      experiment_run: str | None = None,  # run in it (created when missing); None: Vertex makes one
                       ):
     "Submit the training container as a Vertex AI CustomJob; returns the `aiplatform.CustomJob`."
     from google.cloud import aiplatform
     s = settings.require_vertex("Submitting a Vertex AI job")
+    if experiment_run and not experiment: raise ValueError("experiment_run needs an experiment: give --experiment too")
     name = display_name or job_name()
     base = s.models.uri("custom-jobs", name)
+    exp, run = ensure_experiment(s, experiment, experiment_run) if experiment else (None, None)
     args = [*task_args, "--datasets-uri", s.datasets.root]
-    if experiment: args += ["--experiment", experiment] + (["--experiment-run", experiment_run] if experiment_run else [])
+    if exp: args += ["--experiment", experiment] + (["--experiment-run", run.name] if run else [])
     env = {"FMNIST_BACKEND": "vertex", "FMNIST_PROJECT": s.project, "FMNIST_REGION": s.region}
     aiplatform.init(project=s.project, location=s.region, staging_bucket=s.dev.uri("staging"),
                     service_account=s.service_account)
@@ -64,7 +94,7 @@ def submit_custom_job(settings: Settings,
                                worker_pool_specs=worker_pool_specs(image_uri, args, machine_type, accelerator_type,
                                                                    accelerator_count, workers, env),
                                labels={"app": "fmnist-gcp"})
-    job.submit(service_account=s.service_account, experiment=experiment, experiment_run=experiment_run)
+    job.submit(service_account=s.service_account, experiment=exp, experiment_run=run)
     return job
 
 # %% ../nbs/vertex_training.ipynb #79349b66
@@ -74,15 +104,27 @@ def experiment_run_name(name: str) -> str:
     "A run name Vertex accepts: lowercase letters, digits and hyphens, at most 128 characters."
     return _RUN_RE.sub("-", name.lower()).strip("-")[:128] or "run"
 
+# %% ../nbs/vertex_training.ipynb #442f3c5a
+JOB_RUN_VAR = "AIP_EXPERIMENT_RUN_NAME"  # set by Vertex in a job submitted with an experiment
+
+def job_run_name(experiment: str, env: dict | None = None) -> str | None:
+    "The run Vertex made (or attached) for this job, as a run name in `experiment`; None outside such a job."
+    value = (os.environ if env is None else env).get(JOB_RUN_VAR, "").strip()
+    if not value: return None
+    run_id = value.rsplit("/", 1)[-1]  # a resource name .../contexts/<experiment>-<run>, or the run id or name
+    return run_id[len(experiment) + 1:] if run_id.startswith(f"{experiment}-") else run_id
+
 # %% ../nbs/vertex_training.ipynb #799bc5a7
 class ExperimentRun:
     "A Vertex AI Experiments run: params once, summary metrics (latest value kept), then end."
-    def __init__(self, settings: Settings, experiment: str, run: str):
+    def __init__(self, settings: Settings, experiment: str, run: str,
+                 resume: bool = False):  # resume `run` (it must exist) rather than start it
         from google.cloud import aiplatform
         s = settings.require_vertex("Vertex AI Experiments")
         self._ai = aiplatform
         aiplatform.init(project=s.project, location=s.region, experiment=experiment, experiment_tensorboard=False)
-        self.run = aiplatform.start_run(experiment_run_name(run), resume=False)
+        job_run = job_run_name(experiment)  # inside a Vertex job: the job's run, which exists
+        self.run = aiplatform.start_run(job_run or experiment_run_name(run), resume=bool(job_run) or resume)
 
     def log_params(self, params: dict) -> None: self._ai.log_params(params)
     def log_metrics(self, metrics: dict) -> None:

@@ -12,13 +12,78 @@ MODEL = f"{LOC}/models/456"
 ENDPOINT = f"{LOC}/endpoints/789"
 
 
+class FakeModelService:
+    "A stateful fake of the model service: uploads make models and versions that get and list then return."
+    def __init__(self):
+        self.models: dict[str, list] = {}  # resource name -> versions (gapic Model), oldest first
+        self.requests: list = []  # UploadModelRequest, in order
+
+    def seed(self, name: str, display_name: str, labels: dict | None = None) -> None:
+        "A model made elsewhere (version 1, dedicated resources)."
+        from google.cloud.aiplatform.compat.types import model as gca_model
+        self.models[name] = [gca_model.Model(name=name, display_name=display_name, version_id="1", labels=labels or {},
+                                             version_aliases=["default"],
+                                             supported_deployment_resources_types=[gca_model.Model.DeploymentResourcesType.DEDICATED_RESOURCES])]
+
+    def patch(self, monkeypatch):
+        from google.cloud.aiplatform.compat.services import model_service_client
+        for n in ("upload_model", "get_model", "list_models"):
+            monkeypatch.setattr(model_service_client.ModelServiceClient, n,
+                                lambda client, request=None, _n=n, **kw: getattr(self, _n)(request, **kw))
+        return self
+
+    def upload_model(self, request, **kw):
+        from google.cloud.aiplatform.compat.types import model as gca_model, model_service as gca_model_service
+        self.requests.append(request)
+        name = request.parent_model or f"{request.parent}/models/{len(self.models) + 100}"
+        if request.parent_model: self.get_model(name=name)  # the parent must exist
+        versions = self.models.setdefault(name, [])
+        v = gca_model.Model(request.model, name=name, version_id=str(len(versions) + 1),
+                            supported_deployment_resources_types=[gca_model.Model.DeploymentResourcesType.DEDICATED_RESOURCES])
+        for old in versions:  # an alias names one version of a model
+            old.version_aliases = [a for a in old.version_aliases if a not in v.version_aliases]
+        versions.append(v)
+        op = mock.Mock(); op.operation.name = f"{LOC}/operations/1"
+        op.result.return_value = gca_model_service.UploadModelResponse(model=name, model_version_id=v.version_id)
+        return op
+
+    def get_model(self, request=None, *, name=None, **kw):
+        from google.api_core import exceptions
+        base, _, tag = name.partition("@")
+        if base not in self.models: raise exceptions.NotFound(f"{name} not found")
+        versions = self.models[base]
+        found = [v for v in versions if v.version_id == tag or tag in v.version_aliases] if tag else \
+                [v for v in versions if "default" in v.version_aliases] or versions[-1:]
+        if not found: raise exceptions.NotFound(f"{name} not found")
+        return found[0]
+
+    def list_models(self, request=None, **kw):
+        "Default versions whose display name and labels match the filter's `key=\"value\"` terms."
+        import re
+        from google.cloud.aiplatform.compat.types import model_service as gca_model_service
+        request = gca_model_service.ListModelsRequest(request)
+        assert request.parent == LOC
+        terms = dict(re.findall(r'([\w.-]+)="([^"]*)"', request.filter))
+        def matches(m):
+            return all((m.display_name if k == "display_name" else m.labels.get(k.removeprefix("labels."))) == v
+                       for k, v in terms.items())
+        return [m for m in (self.get_model(name=n) for n in self.models) if matches(m)]
+
+
 @pytest.fixture
-def gapic(monkeypatch, gcs_emulator, anonymous):
-    "Anonymous credentials and fake model, endpoint and job service clients that record their requests."
-    from google.cloud.aiplatform.compat.services import (endpoint_service_client, job_service_client,
-                                                          model_service_client)
-    from google.cloud.aiplatform.compat.types import (batch_prediction_job as gca_bpj, endpoint as gca_endpoint,
-                                                       job_state, model as gca_model, model_service as gca_model_service)
+def models(monkeypatch, anonymous):
+    "A stateful fake model service holding MODEL (version 1, made elsewhere: no app label)."
+    monkeypatch.setenv("NO_GCE_CHECK", "True"); monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:1")
+    fake = FakeModelService().patch(monkeypatch)
+    fake.seed(MODEL, DEFAULT_MODEL)
+    return fake
+
+
+@pytest.fixture
+def gapic(monkeypatch, gcs_emulator, models):
+    "Anonymous credentials, the fake model service, and fake endpoint and job service clients that record their requests."
+    from google.cloud.aiplatform.compat.services import endpoint_service_client, job_service_client
+    from google.cloud.aiplatform.compat.types import batch_prediction_job as gca_bpj, endpoint as gca_endpoint, job_state
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
     monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     calls = {}
@@ -34,8 +99,6 @@ def gapic(monkeypatch, gcs_emulator, anonymous):
     ep = gca_endpoint.Endpoint(name=ENDPOINT, display_name=f"{DEFAULT_MODEL}-endpoint", deployed_models=[deployed],
                                traffic_split={"1": 100})
     patches = {
-        (model_service_client.ModelServiceClient, "upload_model"): rec("upload_model", lro(gca_model_service.UploadModelResponse(model=MODEL, model_version_id="1"))),
-        (model_service_client.ModelServiceClient, "get_model"): rec("get_model", gca_model.Model(name=MODEL, display_name=DEFAULT_MODEL, version_id="1", supported_deployment_resources_types=[gca_model.Model.DeploymentResourcesType.DEDICATED_RESOURCES])),
         (endpoint_service_client.EndpointServiceClient, "create_endpoint"): rec("create_endpoint", lro(ep)),
         (endpoint_service_client.EndpointServiceClient, "get_endpoint"): rec("get_endpoint", ep),
         (endpoint_service_client.EndpointServiceClient, "deploy_model"): rec("deploy_model", lro(mock.Mock(deployed_model=deployed))),
@@ -47,6 +110,7 @@ def gapic(monkeypatch, gcs_emulator, anonymous):
     }
     for (cls, name), fn in patches.items():
         monkeypatch.setattr(cls, name, fn)
+    calls["upload_model"] = models.requests  # the same list, filled as uploads happen
     return calls
 
 
@@ -77,7 +141,23 @@ def test_upload_request(gapic, tmp_path):
     assert (c.health_route, c.predict_route, [p.container_port for p in c.ports]) == (
         SERVING_CONTRACT.health_route, SERVING_CONTRACT.predict_route, [SERVING_CONTRACT.port])
     assert req.model.labels["fmnist-version"] == "2"
-    assert m.resource_name == MODEL
+    assert m.resource_name == MODEL and m.version_id == "2"  # a second version of the model given
+
+
+def test_uploads_are_versions_of_one_model(gapic, models, tmp_path):
+    from fmnist_gcp.registry import upload_to_vertex, vertex_model
+    s = Settings.from_env({**VERTEX_ENV, "FMNIST_MODELS_BUCKET": f"gs://fmnist-test/models-{tmp_path.name}"})
+    registered(s)
+    assert vertex_model(s, DEFAULT_MODEL) is None  # MODEL has the name but not our label: not ours
+    first = upload_to_vertex(s, DEFAULT_MODEL, 1, "img:1")
+    assert models.requests[-1].parent_model == "" and first.resource_name != MODEL  # the first upload creates it
+    assert vertex_model(s, DEFAULT_MODEL) == first.resource_name  # list_models sees it
+    second = upload_to_vertex(s, DEFAULT_MODEL, 2, "img:1")
+    assert models.requests[-1].parent_model == first.resource_name  # a version under it, not a new model
+    assert (second.resource_name, second.version_id) == (first.resource_name, "2")
+    assert list(models.requests[0].model.version_aliases) == []  # v1: neither default nor champion any more
+    assert sorted(models.get_model(name=f"{first.resource_name}@champion").version_aliases) == ["champion", "default"]
+    assert models.get_model(name=f"{first.resource_name}@champion").version_id == "2"
 
 
 def test_deploy_undeploy_delete_requests(gapic):
@@ -111,3 +191,25 @@ def test_batch_prediction_request(gapic):
     assert j.dedicated_resources.machine_spec.machine_type == "n1-standard-4" and j.dedicated_resources.max_replica_count == 2
     assert dict(j.model_parameters) == {k: float(v) for k, v in ALL_CLASSES.items()}  # protobuf sends doubles
     assert job.resource_name.endswith("/batchPredictionJobs/5")
+
+
+def _json(message) -> dict:
+    import json
+    return json.loads(type(message).to_json(message, always_print_fields_with_no_presence=False))
+
+
+def test_dry_run_requests_equal_what_is_sent(gapic):
+    from fmnist_gcp.vertex_serving import batch_predict, batch_predict_request, deploy, deploy_request
+    s = Settings.from_env(VERTEX_ENV)
+    batch_predict(s, MODEL)
+    sent = gapic["create_batch_prediction_job"][0]
+    built = batch_predict_request(s, f"{MODEL}@1", display_name=f"{DEFAULT_MODEL}-batch")
+    assert built["parent"] == sent["parent"]
+    got = _json(sent["batch_prediction_job"])
+    assert {k: got[k] for k in built["batchPredictionJob"]} == built["batchPredictionJob"]
+    deploy(s, MODEL, endpoint=ENDPOINT, machine_type="n1-standard-4", max_replicas=3)
+    d = gapic["deploy_model"][0]
+    built = deploy_request(s, f"{MODEL}@1", ENDPOINT, machine_type="n1-standard-4", max_replicas=3)
+    got = _json(d["deployed_model"])
+    assert (d["endpoint"], dict(d["traffic_split"])) == (built["endpoint"], built["trafficSplit"])
+    assert {k: got[k] for k in built["deployedModel"]} == built["deployedModel"]

@@ -76,3 +76,141 @@ def test_experiment_run_calls_the_documented_sdk_api(anonymous):
     m["log_params"].assert_called_once_with({"epochs": "12"})
     m["log_metrics"].assert_called_once_with({"val_accuracy": 0.93})
     m["end_run"].assert_called_once_with()
+
+
+class FakeMetadataService:
+    "A stateful fake of the metadata service: stores and contexts kept by name, NotFound for what was never created."
+    def __init__(self):
+        self.stores, self.contexts, self.children, self.calls = {}, {}, {}, []
+        self.executions, self.artifacts = {}, {}  # never created here: runs of the old (v1) layout are looked up
+
+    def patch(self, monkeypatch):
+        from google.cloud.aiplatform.compat.services import metadata_service_client_v1 as metadata_service_client
+        cls = metadata_service_client.MetadataServiceClient
+        for n in (n for n in vars(cls) if not n.startswith("_") and callable(getattr(cls, n))
+                  and "path" not in n and n not in ("from_service_account_file", "from_service_account_info",
+                                                    "from_service_account_json", "get_mtls_endpoint_and_cert_source")):
+            # every service method answers from this fake; one it does not model fails the test (never the network)
+            monkeypatch.setattr(cls, n, lambda client, request=None, _n=n, **kw: self._call(_n, request, **kw))
+        return self
+
+    def _call(self, method, request, **kw):
+        if not hasattr(self, method): raise AssertionError(f"unexpected metadata service call {method}")
+        return getattr(self, method)(request, **kw)
+
+    @staticmethod
+    def _get(table, name):
+        from google.api_core import exceptions
+        if name not in table: raise exceptions.NotFound(f"{name} not found")
+        return table[name]
+
+    @staticmethod
+    def _lro(result):
+        op = mock.Mock(); op.result.return_value = result
+        return op
+
+    def get_metadata_store(self, request=None, *, name=None, **kw):
+        self.calls.append(("get_metadata_store", name)); return self._get(self.stores, name)
+
+    def create_metadata_store(self, request=None, *, parent=None, metadata_store=None, metadata_store_id=None, **kw):
+        from google.cloud.aiplatform.compat.types import metadata_store_v1 as gca_store
+        name = f"{parent}/metadataStores/{metadata_store_id}"
+        self.calls.append(("create_metadata_store", name))
+        self.stores[name] = gca_store.MetadataStore(metadata_store, name=name)
+        return self._lro(self.stores[name])
+
+    def get_context(self, request=None, *, name=None, **kw):
+        self.calls.append(("get_context", name)); return self._get(self.contexts, name)
+
+    def create_context(self, request=None, *, parent=None, context=None, context_id=None, **kw):
+        from google.api_core import exceptions
+        from google.cloud.aiplatform.compat.types import context_v1 as gca_context
+        self._get(self.stores, parent)  # the store must exist first
+        name = f"{parent}/contexts/{context_id}"
+        self.calls.append(("create_context", name))
+        if name in self.contexts: raise exceptions.AlreadyExists(f"{name} exists")
+        self.contexts[name] = gca_context.Context(context, name=name)
+        return self.contexts[name]
+
+    def get_execution(self, request=None, *, name=None, **kw):
+        self.calls.append(("get_execution", name)); return self._get(self.executions, name)
+
+    def get_artifact(self, request=None, *, name=None, **kw):
+        self.calls.append(("get_artifact", name)); return self._get(self.artifacts, name)
+
+    def add_context_children(self, request=None, *, context=None, child_contexts=None, **kw):
+        self.calls.append(("add_context_children", context))
+        self._get(self.contexts, context)
+        self.children.setdefault(context, []).extend(child_contexts)
+
+
+STORE = "projects/acme-ml/locations/europe-west4/metadataStores/default"
+
+
+@pytest.fixture
+def metadata(monkeypatch, anonymous):
+    monkeypatch.setenv("NO_GCE_CHECK", "True"); monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:1")
+    return FakeMetadataService().patch(monkeypatch)
+
+
+def test_experiment_is_created_once_then_found(metadata):
+    from fmnist_gcp.vertex_training import ensure_experiment
+    s = Settings.from_env(VERTEX_ENV)
+    exp, run = ensure_experiment(s, "fmnist-custom")
+    assert run is None and exp.resource_name == f"{STORE}/contexts/fmnist-custom"
+    created = [n for c, n in metadata.calls if c.startswith("create")]
+    assert created == [STORE, f"{STORE}/contexts/fmnist-custom"]  # the default store, then the experiment
+    assert metadata.contexts[exp.resource_name].schema_title == "system.Experiment"
+    metadata.calls.clear()
+    again, _ = ensure_experiment(s, "fmnist-custom")
+    assert again.resource_name == exp.resource_name
+    assert [c for c, _ in metadata.calls] == ["get_metadata_store", "get_context"]  # found: nothing created
+
+
+def test_named_run_is_created_in_its_experiment_then_found(metadata):
+    from fmnist_gcp.vertex_training import ensure_experiment
+    s = Settings.from_env(VERTEX_ENV)
+    exp, run = ensure_experiment(s, "fmnist-custom", "20261126-093000_Quick")
+    run_name = f"{STORE}/contexts/fmnist-custom-20261126-093000-quick"
+    assert run.resource_name == run_name and run.name == "20261126-093000-quick"
+    assert metadata.contexts[run_name].schema_title == "system.ExperimentRun"
+    assert metadata.children[exp.resource_name] == [run_name]  # the run belongs to the experiment
+    metadata.calls.clear()
+    _, again = ensure_experiment(s, "fmnist-custom", "20261126-093000_Quick")
+    assert again.resource_name == run_name and not [c for c, _ in metadata.calls if c.startswith(("create", "add"))]
+
+
+def test_experiment_needs_the_service_account(metadata):
+    from fmnist_gcp.config import ConfigError
+    from fmnist_gcp.vertex_training import submit_custom_job
+    env = {k: v for k, v in VERTEX_ENV.items() if k != "FMNIST_SERVICE_ACCOUNT"}
+    with _create_custom_job_patch() as create, pytest.raises(ConfigError, match="FMNIST_SERVICE_ACCOUNT"):
+        submit_custom_job(Settings.from_env(env), "img:1", [], experiment="fmnist-custom")
+    assert not create.called and not metadata.calls  # refused before anything was sent
+
+
+def test_submit_with_experiment_gets_or_creates_it_then_submits(metadata):
+    from fmnist_gcp.vertex_training import submit_custom_job
+    s = Settings.from_env(VERTEX_ENV)
+    with _create_custom_job_patch() as create:
+        submit_custom_job(s, "img:1", ["--epochs", "1"], display_name="j1", experiment="fmnist-custom")
+        submit_custom_job(s, "img:1", ["--epochs", "1"], display_name="j2", experiment="fmnist-custom",
+                          experiment_run="r_2")
+    exp = f"{STORE}/contexts/fmnist-custom"
+    first, second = (c.kwargs["custom_job"].job_spec for c in create.call_args_list)
+    assert (first.experiment, first.experiment_run) == (exp, "")  # Vertex makes the job's run
+    assert (second.experiment, second.experiment_run) == (exp, f"{exp}-r-2")
+    assert first.service_account == second.service_account == VERTEX_ENV["FMNIST_SERVICE_ACCOUNT"]
+    assert list(first.worker_pool_specs[0].container_spec.args)[-2:] == ["--experiment", "fmnist-custom"]
+    assert list(second.worker_pool_specs[0].container_spec.args)[-4:] == ["--experiment", "fmnist-custom",
+                                                                          "--experiment-run", "r-2"]
+    assert [n for c, n in metadata.calls if c == "create_context"] == [exp, f"{exp}-r-2"]  # each made once
+
+
+def test_task_resumes_the_run_vertex_made_for_the_job(anonymous, monkeypatch):
+    from google.cloud import aiplatform
+    from fmnist_gcp.vertex_training import JOB_RUN_VAR, ExperimentRun
+    monkeypatch.setenv(JOB_RUN_VAR, f"{STORE}/contexts/fmnist-custom-j1-run")
+    with mock.patch.multiple(aiplatform, init=mock.DEFAULT, start_run=mock.DEFAULT, autospec=True) as m:
+        ExperimentRun(Settings.from_env(VERTEX_ENV), "fmnist-custom", "ignored")
+    m["start_run"].assert_called_once_with("j1-run", resume=True)

@@ -25,6 +25,7 @@ __all__ = ['CLOUD_SCOPE', 'LOGIN_FIX', 'APPLY_FIX', 'QUOTAS_CONSOLE', 'APIS', 'V
 
 # %% ../../nbs/cloud_preflight.ipynb #704cfa23
 CLOUD_SCOPE = "https://www.googleapis.com/auth/cloud-platform"  # what the clients ask the credentials for
+from . import provision  # the same client factories as provisioning
 from .provision import DEFAULT_REPOSITORY as REPOSITORY  # the repository `fmnist gcp apply` creates
 LOGIN_FIX = "run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key)"
 APPLY_FIX = "run `fmnist gcp apply`"
@@ -72,18 +73,14 @@ class Clients:
     settings: Settings
     credentials: object  # from `check_credentials`
 
-    def projects(self):
-        from google.cloud import resourcemanager_v3; return resourcemanager_v3.ProjectsClient(credentials=self.credentials)
+    def projects(self): return provision.projects_client(self.credentials)
     def vertex(self):
         from google.cloud.aiplatform_v1.services.job_service import JobServiceClient
         return JobServiceClient(credentials=self.credentials,
                                 client_options={"api_endpoint": f"{self.settings.region}-aiplatform.googleapis.com"})
-    def storage(self):
-        from google.cloud import storage; return storage.Client(project=self.settings.project, credentials=self.credentials)
-    def iam(self):
-        from google.cloud import iam_admin_v1; return iam_admin_v1.IAMClient(credentials=self.credentials)
-    def registry(self):
-        from google.cloud import artifactregistry_v1; return artifactregistry_v1.ArtifactRegistryClient(credentials=self.credentials)
+    def storage(self): return provision.storage_client(self.settings.project, self.credentials)
+    def iam(self): return provision.iam_client(self.credentials)
+    def registry(self): return provision.registry_client(self.credentials)
     def quotas(self):
         from google.cloud import cloudquotas_v1; return cloudquotas_v1.CloudQuotasClient(credentials=self.credentials)
 

@@ -341,30 +341,30 @@ def format_plan(changes: list[Change]) -> str:
     return "\n".join(f"{c.what} {c.resource}: $ {c.gcloud}" + (f"  # {c.reason}" if c.reason else "") for c in changes)
 
 # %% ../../nbs/cloud_provision.ipynb #a2f9c042
-def storage_client(project: str):
+def storage_client(project: str, credentials=None):  # credentials: None for application-default
     "google-cloud-storage client (honours STORAGE_EMULATOR_HOST)."
     from google.cloud import storage
-    return storage.Client(project=project)
+    return storage.Client(project=project, credentials=credentials)
 
 def service_usage_client():
     "google-cloud-service-usage client."
     from google.cloud import service_usage_v1
     return service_usage_v1.ServiceUsageClient()
 
-def iam_client():
+def iam_client(credentials=None):
     "google-cloud-iam admin client (service accounts and their IAM policy)."
     from google.cloud import iam_admin_v1
-    return iam_admin_v1.IAMClient()
+    return iam_admin_v1.IAMClient(credentials=credentials)
 
-def projects_client():
+def projects_client(credentials=None):
     "google-cloud-resource-manager projects client (the project's IAM policy)."
     from google.cloud import resourcemanager_v3
-    return resourcemanager_v3.ProjectsClient()
+    return resourcemanager_v3.ProjectsClient(credentials=credentials)
 
-def registry_client():
+def registry_client(credentials=None):
     "google-cloud-artifact-registry client."
     from google.cloud import artifactregistry_v1
-    return artifactregistry_v1.ArtifactRegistryClient()
+    return artifactregistry_v1.ArtifactRegistryClient(credentials=credentials)
 
 # %% ../../nbs/cloud_provision.ipynb #9cda4710
 @dataclass
