@@ -92,6 +92,20 @@ def _add_gcp(sub) -> None:
     b.add_argument("--tag", help="image tag (default: the git commit, -dirty with uncommitted changes)")
     b.add_argument("--no-wait", dest="wait", action="store_false", help="submit the Cloud Build and return")
 
+# %% ../nbs/cli.ipynb #b1c2d030
+def _add_vertex_serving(sub) -> None:
+    d = sub.add_parser("deploy", help="deploy a model to a Vertex AI endpoint (FMNIST_BACKEND=vertex)")
+    d.add_argument("model", help="NAME@ALIAS uploaded from the registry (e.g. fmnist-cnn@champion) or a Vertex model resource name")
+    d.add_argument("--endpoint", help="existing endpoint resource name (default: create one)")
+    d.add_argument("--machine-type", default="n1-standard-2")
+    d.add_argument("--min-replicas", type=int, default=1); d.add_argument("--max-replicas", type=int, default=1)
+    u = sub.add_parser("undeploy", help="undeploy every model from a Vertex AI endpoint and delete the endpoint")
+    u.add_argument("endpoint", help="endpoint resource name")
+    b = sub.add_parser("batch-predict", help="a Vertex AI batch prediction job over the JSONL export in the datasets bucket")
+    b.add_argument("model", help="NAME@ALIAS or a Vertex model resource name")
+    b.add_argument("--machine-type", default="n1-standard-4"); b.add_argument("--max-replicas", type=int, default=2)
+    for p in (d, b): p.add_argument("--dry-run", action="store_true", help="print the request as JSON and send nothing")
+
 # %% ../nbs/cli.ipynb #b1c2d006
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fmnist", description="Fashion-MNIST on your machine or on Vertex AI: "
@@ -100,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_run(sub); _add_runs(sub)
     sub.add_parser("data", help="find (or download) the Fashion-MNIST files and verify their sha256")
     sub.add_parser("config", help="show the resolved settings (no credentials)")
-    _add_serving(sub); _add_models(sub); _add_submit_training(sub); _add_gcp(sub)
+    _add_serving(sub); _add_models(sub); _add_submit_training(sub); _add_gcp(sub); _add_vertex_serving(sub)
     return p
 
 # %% ../nbs/cli.ipynb #b1c2d007
@@ -228,9 +242,28 @@ def _cmd_gcp(a) -> int:
     else: print(pv.format_plan(pv.destroy(s, force=a.force, submitters=a.submitter)) + "\n" + pv.APIS_KEPT)
     return 0
 
+# %% ../nbs/cli.ipynb #b1c2d031
+def _cmd_vertex_serving(a) -> int:
+    import json
+    from fmnist_gcp import vertex_serving as vs
+    from fmnist_gcp.config import Settings
+    from fmnist_gcp.registry import vertex_model_ref
+    s = Settings.from_env().require_vertex(f"fmnist {a.verb}")
+    if a.verb == "undeploy": vs.undeploy_and_delete(s, a.endpoint); print(f"deleted {a.endpoint}"); return 0
+    model = vertex_model_ref(s, a.model)
+    kw = {"machine_type": a.machine_type, "max_replicas": a.max_replicas}
+    if a.verb == "deploy": kw["min_replicas"] = a.min_replicas
+    if a.dry_run:
+        req = vs.deploy_request(s, model, a.endpoint or "ENDPOINT", **kw) if a.verb == "deploy" else vs.batch_predict_request(s, model, **kw)
+        print(json.dumps(req, indent=2)); return 0
+    done = vs.deploy(s, model, endpoint=a.endpoint, **kw) if a.verb == "deploy" else vs.batch_predict(s, model, **kw)
+    print(done.resource_name)
+    return 0
+
 # %% ../nbs/cli.ipynb #b1c2d018
 _COMMANDS = {"run": _cmd_run, "runs": _cmd_runs, "data": _cmd_data, "config": _cmd_config, "serve": _cmd_serve,
-             "predict": _cmd_predict, "models": _cmd_models, "submit-training": _cmd_submit_training, "gcp": _cmd_gcp}
+             "predict": _cmd_predict, "models": _cmd_models, "submit-training": _cmd_submit_training, "gcp": _cmd_gcp,
+             "deploy": _cmd_vertex_serving, "undeploy": _cmd_vertex_serving, "batch-predict": _cmd_vertex_serving}
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `fmnist` command."

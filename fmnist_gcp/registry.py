@@ -16,7 +16,7 @@ from .config import DEFAULT_MODEL, Settings, Store
 
 # %% auto #0
 __all__ = ['ALIAS_RE', 'VERTEX_LABELS', 'RegistryError', 'check_alias', 'parse_ref', 'Registry', 'better', 'promote',
-           'run_version', 'vertex_model', 'upload_to_vertex', 'registry_table']
+           'run_version', 'vertex_model', 'vertex_model_ref', 'upload_to_vertex', 'registry_table']
 
 # %% ../nbs/09_registry.ipynb #95945025
 class RegistryError(ValueError):
@@ -150,6 +150,17 @@ def vertex_model(settings: Settings, name: str) -> str | None:
     labels = " AND ".join(f'labels.{k}="{v}"' for k, v in VERTEX_LABELS.items())
     found = aiplatform.Model.list(filter=f'display_name="{name}" AND {labels}', order_by="create_time")
     return found[0].resource_name if found else None
+
+# %% ../nbs/09_registry.ipynb #vmref002
+def vertex_model_ref(settings: Settings, ref: str) -> str:
+    "A Vertex model resource name (with @alias) for `NAME@ALIAS`, or `ref` itself when it is a resource name."
+    if ref.startswith("projects/"): return ref
+    name, tag = parse_ref(ref)
+    if tag.isdigit():
+        raise RegistryError(f"{ref!r}: name an alias (e.g. {name}@champion); local version numbers are not Vertex version ids")
+    parent = vertex_model(settings, name)
+    if parent is None: raise RegistryError(f"{name!r} is not in the Vertex AI Model Registry: upload it first")
+    return f"{parent}@{tag}"
 
 # %% ../nbs/09_registry.ipynb #b0769045
 def upload_to_vertex(settings: Settings, name: str, version: int,
