@@ -31,12 +31,21 @@ def _add_run(sub) -> None:
                    help="set a parameter of every selected stage that declares it, or of one stage with STAGE.NAME=VALUE")
     r.add_argument("--run-id", help="run folder name (default: time stamp and profile)")
     r.add_argument("--no-check", action="store_true", help="skip the Google Cloud preflight check (vertex backend)")
+    r.add_argument("--upload", action="store_true", help="copy the run folder to the dev store's runs/<run_id>/ when the run ends (needs --run-id; what a run on Vertex does)")
+    r.add_argument("--on", choices=["local", "vertex"], default="local", help="where the pipeline runs: here, or as a Vertex AI CustomJob in the project's image")
+    r.add_argument("--image", help="(--on vertex) image URI (default: this checkout's train image; train-gpu with an accelerator)")
+    r.add_argument("--machine-type", default="n1-standard-8", help="(--on vertex) Compute Engine machine type")
+    r.add_argument("--accelerator-type", help="(--on vertex) e.g. NVIDIA_TESLA_T4")
+    r.add_argument("--accelerator-count", type=int, default=0, help="(--on vertex) accelerators on the machine")
+    r.add_argument("--dry-run", action="store_true", help="(--on vertex) print the CustomJob request as JSON; send nothing")
+    r.add_argument("--no-wait", dest="wait", action="store_false", help="(--on vertex) return once submitted; later: fmnist runs --fetch RUN_ID")
 
 # %% ../nbs/cli.ipynb #b1c2d002
 def _add_runs(sub) -> None:
     ls = sub.add_parser("runs", help="list the runs under the runs directory (keyed by folder name)")
     ls.add_argument("--json", action="store_true", help="print the manifests as JSON")
     ls.add_argument("--compare", nargs="*", metavar="RUN", help="headline figures side by side (default: the 5 newest runs)")
+    ls.add_argument("--fetch", metavar="RUN_ID", help="copy a Vertex run's folder from the dev bucket into the runs directory")
 
 # %% ../nbs/cli.ipynb #b1c2d003
 def _add_serving(sub) -> None:
@@ -126,18 +135,49 @@ def _progress(i: int, n: int, stage: str, entry: dict | None) -> None:
         print(f"{entry['status']:<6} {entry['seconds']:7.1f} s{extra}", flush=True)
 
 # %% ../nbs/cli.ipynb #b1c2d008
+def _upload_after(s, run_id: str | None) -> None:
+    from pathlib import Path
+    from fmnist_gcp.cloud.runs import upload_run
+    run_dir = Path(s.runs_dir).resolve() / (run_id or "")
+    if (run_dir / "run.json").is_file():
+        print(f"uploaded {len(upload_run(s, run_dir))} files to {s.dev.uri('runs', run_id)}", file=sys.stderr)
+
+# %% ../nbs/cli.ipynb #b1c2d032
 def _cmd_run(a) -> int:
     from pathlib import Path
-    from fmnist_gcp.config import Settings
+    from fmnist_gcp.config import ConfigError, Settings
     from fmnist_gcp.pipeline import StageFailed, run_pipeline
+    if a.on == "vertex": return _cmd_run_vertex(a)
+    if a.upload and not a.run_id: raise ConfigError("--upload needs --run-id (the folder's name in the dev store)")
+    s = Settings.from_env()
     try:
-        m = run_pipeline(a.profile, a.stages, a.param, a.run_id, on_stage=_progress, check=not a.no_check)
+        m = run_pipeline(a.profile, a.stages, a.param, a.run_id, settings=s, on_stage=_progress, check=not a.no_check)
     except StageFailed as e:
         print(f"\nrun failed in {e.stage}: {e.error}\nreport: {e.report}", file=sys.stderr)
         return 1
-    page = Path(Settings.from_env().runs_dir).resolve() / m["run_id"] / "index.html"
-    print(f"run {m['run_id']} ok in {m['seconds']:.1f} s\nreport: {page}")
+    finally:
+        if a.upload: _upload_after(s, a.run_id)
+    print(f"run {m['run_id']} ok in {m['seconds']:.1f} s\nreport: {Path(s.runs_dir).resolve() / m['run_id'] / 'index.html'}")
     return 0
+
+# %% ../nbs/cli.ipynb #b1c2d033
+def _cmd_run_vertex(a) -> int:
+    import json, time
+    from fmnist_gcp.config import Settings
+    from fmnist_gcp.cloud import runs
+    s = Settings.from_env().require_vertex("fmnist run --on vertex")
+    run_id = a.run_id or time.strftime("%Y%m%d-%H%M%S") + f"-{a.profile}"  # as run_pipeline names a run
+    spec = runs.run_job_spec(s, a.image or runs.default_image(s, a.accelerator_type), profile=a.profile, run_id=run_id,
+                             stages=a.stages, overrides=a.param, machine_type=a.machine_type,
+                             accelerator_type=a.accelerator_type, accelerator_count=a.accelerator_count)
+    if a.dry_run: print(json.dumps(runs.custom_job_request(s, spec), indent=2)); return 0
+    if a.no_check: print("skipped the Google Cloud preflight check (--no-check)", file=sys.stderr)
+    else:
+        from fmnist_gcp.cloud.preflight import preflight
+        preflight(s, machine_type=a.machine_type, accelerator_type=a.accelerator_type, accelerator_count=a.accelerator_count)
+    out = runs.run_on_vertex(s, spec, run_id, wait=a.wait)
+    if out["report"]: print(f"run {run_id} {out['state'].removeprefix('JOB_STATE_').lower()}\nreport: {out['report']}")
+    return 0 if out["state"] in (None, runs.SUCCEEDED) else 1
 
 # %% ../nbs/cli.ipynb #b1c2d009
 def _print_runs(runs: list[dict]) -> None:
@@ -152,6 +192,9 @@ def _cmd_runs(a) -> int:
     import json
     from fmnist_gcp.config import Settings
     from fmnist_gcp.pipeline import compare_runs, list_runs
+    if a.fetch:
+        from fmnist_gcp.cloud.runs import fetch_run
+        s = Settings.from_env(); print(f"report: {fetch_run(s, a.fetch, s.runs_dir)}"); return 0
     runs_dir = Settings.from_env().runs_dir
     runs = list_runs(runs_dir)
     if a.json: print(json.dumps(runs, indent=2)); return 0

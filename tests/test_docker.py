@@ -63,7 +63,9 @@ class Image:
                 if (ROOT / s).is_dir(): shutil.copytree(ROOT / s, root / dest, dirs_exist_ok=True); continue
                 target = root / dest / (ROOT / s).name if dest.endswith("/") or len(src) > 1 else root / dest
                 target.parent.mkdir(parents=True, exist_ok=True); shutil.copy(ROOT / s, target)
-        self.env = {"PATH": os.environ["PATH"], "HOME": str(root), **self.spec["env"], "PYTHONPATH": str(root)}
+        inside = lambda v: v == self.spec["workdir"] or v.startswith(self.spec["workdir"].rstrip("/") + "/")
+        env = {k: str(root) + v[len(self.spec["workdir"]):] if inside(v) else v for k, v in self.spec["env"].items()}
+        self.env = {"PATH": os.environ["PATH"], "HOME": str(root), **env, "PYTHONPATH": str(root)}  # WORKDIR paths: root's
         self.extras = None  # the extras its `pip install` names
         for cmd in (shlex.split(c) for r in self.spec["runs"] for c in r.split("&&")):
             m = re.fullmatch(r"\.(?:\[([\w,-]+)\])?", cmd[2]) if cmd[:2] == ["pip", "install"] and len(cmd) == 3 else None
@@ -106,7 +108,8 @@ def images(tmp_path_factory):
 
 def test_build_context_holds_only_what_copy_names_and_imports_from_there(images):
     img = images["train"]
-    assert sorted(p.name for p in img.root.iterdir()) == ["README.md", "fmnist_gcp", "pyproject.toml"]
+    assert sorted(p.name for p in img.root.iterdir()) == ["README.md", "fmnist_gcp", "nbs", "pyproject.toml"]
+    assert sorted(p.name for p in images["serve"].root.iterdir()) == ["README.md", "fmnist_gcp", "pyproject.toml"]
     where = img.run("python", "-c", "import fmnist_gcp.task; print(fmnist_gcp.task.__file__)").stdout.strip()
     assert where.startswith(str(img.root)), f"the replay imported {where}, not the build context's package"
 
@@ -117,6 +120,26 @@ def test_train_image_runs_the_task_module_the_custom_job_names(images):
     assert img.spec["entrypoint"] == worker_pool_specs("img", [])[0]["container_spec"]["command"]
     out = img.entrypoint("--help").stdout
     assert "usage: python -m fmnist_gcp.task" in out and "--model-dir" in out, out
+
+
+PLAN_CHECK = """
+import os
+from fmnist_gcp.pipeline import STAGES, nbs_dir, plan_run
+assert str(nbs_dir()) == os.environ["FMNIST_NBS_DIR"], (nbs_dir(), os.environ["FMNIST_NBS_DIR"])
+print(len(plan_run("smoke", run_id="r1")) == len(STAGES))
+"""
+
+
+@pytest.mark.parametrize("target", ["train", "train-gpu"])
+def test_training_images_carry_the_notebooks_fmnist_run_executes(images, target):
+    # `fmnist run --on vertex` runs `fmnist run` in these images (fmnist_gcp.cloud.runs.RUN_COMMAND); pip installs the
+    # package into site-packages, so the notebooks are found through FMNIST_NBS_DIR, not next to the package
+    from fmnist_gcp.cloud.runs import CPU_IMAGE, GPU_IMAGE, RUN_COMMAND
+    img = images[target]
+    assert target in (CPU_IMAGE, GPU_IMAGE) and img.spec["env"]["FMNIST_NBS_DIR"] == img.spec["workdir"] + "/nbs"
+    assert img.run("python", "-c", PLAN_CHECK).stdout.strip() == "True"
+    assert "usage: fmnist run" in img.run(*RUN_COMMAND, "--help").stdout
+    assert "FMNIST_NBS_DIR" not in images["serve"].spec["env"]
 
 
 def test_serve_image_runs_fmnist_serve_on_all_interfaces_on_the_serving_port(images):
