@@ -18,9 +18,9 @@ from typing import Any, Mapping
 
 # %% auto #0
 __all__ = ['DEFAULT_HOME', 'DEFAULT_CACHE_DIR', 'DEFAULT_RUNS_DIR', 'ENV_VARS', 'BACKENDS', 'ROLES', 'DEFAULT_MODEL',
-           'TF_INSTALL_HINT', 'filesystem', 'is_local', 'write_bytes_atomic', 'Store', 'ConfigError', 'check_vertex',
-           'store_uris', 'credentials_summary', 'env_settings', 'Settings', 'create_local_stores', 'import_tensorflow',
-           'import_keras', 'record', 'recorded']
+           'APP_LABELS', 'TF_INSTALL_HINT', 'filesystem', 'is_local', 'write_bytes_atomic', 'Store', 'ConfigError',
+           'check_vertex', 'store_uris', 'credentials_summary', 'env_settings', 'Settings', 'create_local_stores',
+           'import_tensorflow', 'import_keras', 'record', 'recorded']
 
 # %% ../nbs/00_config.ipynb #1f69a9c7
 DEFAULT_HOME = "~/.fmnist-gcp"  # root of the local stores
@@ -43,6 +43,7 @@ ENV_VARS: dict[str, str] = {
 BACKENDS = ("local", "vertex")
 ROLES = ("dev", "datasets", "models")
 DEFAULT_MODEL = "fmnist-cnn"  # the custom model's name in the models store and the registries
+APP_LABELS = {"app": "fmnist-gcp"}  # on every Google Cloud resource and job this project creates
 
 # %% ../nbs/00_config.ipynb #08a38ed1
 def filesystem(uri: str):  # a local path or a `gs://` URI

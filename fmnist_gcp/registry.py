@@ -12,7 +12,7 @@ import time
 
 from fastcore.basics import patch
 
-from .config import DEFAULT_MODEL, Settings, Store
+from .config import APP_LABELS, DEFAULT_MODEL, Settings, Store
 
 # %% auto #0
 __all__ = ['ALIAS_RE', 'VERTEX_LABELS', 'RegistryError', 'check_alias', 'parse_ref', 'Registry', 'better', 'promote',
@@ -140,7 +140,7 @@ def run_version(settings: Settings, name: str, run_id: str,
     return mine[-1]
 
 # %% ../nbs/09_registry.ipynb #780a2fcc
-VERTEX_LABELS = {"app": "fmnist-gcp"}  # on every Vertex resource this package creates
+VERTEX_LABELS = APP_LABELS  # on every Vertex resource this package creates
 
 def vertex_model(settings: Settings, name: str) -> str | None:
     "Resource name of the Vertex model holding our uploads of `name` (the oldest, if several), or None."

@@ -7,7 +7,7 @@ Docs: https://fmnist-gcp.github.io/fmnist-gcp/vertex_serving.html.md"""
 # %% ../nbs/vertex_serving.ipynb #365ac2c8
 from __future__ import annotations
 
-from .config import Settings
+from .config import APP_LABELS, Settings
 from .preprocessing import BATCH_JSONL_PATH
 
 # %% auto #0
@@ -45,7 +45,7 @@ def batch_predict_request(settings: Settings, model: str,  # Vertex model resour
     s = settings.require_vertex("Vertex AI serving")
     params = json_format.ParseDict(parameters or ALL_CLASSES, struct_pb2.Value())
     job = types.BatchPredictionJob(
-        display_name=display_name, model=model, model_parameters=params, labels={"app": "fmnist-gcp"},
+        display_name=display_name, model=model, model_parameters=params, labels=dict(APP_LABELS),
         input_config={"instances_format": "jsonl", "gcs_source": {"uris": [s.datasets.uri(source)]}},
         output_config={"predictions_format": "jsonl", "gcs_destination": {"output_uri_prefix": s.dev.uri("batch-predictions")}},
         dedicated_resources={"machine_spec": {"machine_type": machine_type}, "starting_replica_count": 1,
@@ -70,7 +70,7 @@ def deploy(settings: Settings,
     ai = _init(settings)
     m = ai.Model(model)
     ep = ai.Endpoint(endpoint) if endpoint else ai.Endpoint.create(display_name=f"{m.display_name}-endpoint",
-                                                                 labels={"app": "fmnist-gcp"})
+                                                                 labels=dict(APP_LABELS))
     m.deploy(endpoint=ep, deployed_model_display_name=m.display_name, machine_type=machine_type,
              min_replica_count=min_replicas, max_replica_count=max_replicas, traffic_percentage=traffic_percentage,
              service_account=settings.service_account, sync=True)
@@ -100,4 +100,4 @@ def batch_predict(settings: Settings, model: str,
         instances_format="jsonl", predictions_format="jsonl", gcs_destination_prefix=settings.dev.uri("batch-predictions"),
         model_parameters=parameters or ALL_CLASSES,
         machine_type=machine_type, starting_replica_count=1, max_replica_count=max_replicas,
-        service_account=settings.service_account, labels={"app": "fmnist-gcp"})
+        service_account=settings.service_account, labels=dict(APP_LABELS))

@@ -12,7 +12,7 @@ import re
 import time
 
 from .cloud.provision import DEFAULT_SERVICE_ACCOUNT_ID
-from .config import ConfigError, Settings
+from .config import APP_LABELS, ConfigError, Settings
 
 # %% auto #0
 __all__ = ['SERVICE_ACCOUNT_VAR', 'JOB_RUN_VAR', 'worker_pool_specs', 'job_name', 'require_service_account', 'ensure_experiment',
@@ -93,7 +93,7 @@ def submit_custom_job(settings: Settings,
     job = aiplatform.CustomJob(display_name=name, base_output_dir=base, staging_bucket=s.dev.uri("staging"),
                                worker_pool_specs=worker_pool_specs(image_uri, args, machine_type, accelerator_type,
                                                                    accelerator_count, workers, env),
-                               labels={"app": "fmnist-gcp"})
+                               labels=dict(APP_LABELS))
     job.submit(service_account=s.service_account, experiment=exp, experiment_run=run)
     return job
 

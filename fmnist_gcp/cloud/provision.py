@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-from ..config import ROLES as STORES, Settings, store_uris
+from ..config import APP_LABELS, ROLES as STORES, Settings, store_uris
 
 # %% auto #0
 __all__ = ['RUNNER', 'BUILDER', 'SUBMITTER', 'BUILD_SOURCE_STORE', 'SCOPES', 'IAM_ROLES', 'BASIC_ROLES', 'STORAGE_API', 'IAM_API',
@@ -131,7 +131,7 @@ def builder_email(project: str) -> str:
 # %% ../../nbs/cloud_provision.ipynb #b2f14fca
 VERSIONED_STORE = "models"  # the store whose bucket keeps object versions
 PUBLIC_ACCESS_PREVENTION = "enforced"
-LABELS = {"app": "fmnist-gcp"}  # on what apply creates; destroy deletes only buckets that carry it
+LABELS = APP_LABELS  # on what apply creates; destroy deletes only buckets that carry it
 SERVICE_ACCOUNT_TITLE, BUILDER_TITLE = "fmnist-gcp runner", "fmnist-gcp builder"
 
 def bucket_settings(versioning: bool) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..config import ROLES, ConfigError, Settings, _BUCKET_VARS, filesystem, write_bytes_atomic
+from ..config import APP_LABELS, ROLES, ConfigError, Settings, _BUCKET_VARS, filesystem, write_bytes_atomic
 from ..pipeline import plan_run, write_index
 from ..vertex_training import worker_pool_specs
 from .build import IMAGE_TARGETS, image_uris
@@ -30,7 +30,7 @@ RUN_COMMAND = ("fmnist", "run")  # the container's command; the job's args are t
 UPLOAD_FLAG = "--upload"  # `fmnist run` flag: copy the run folder to the dev store when the run ends
 NO_CHECK_FLAG = "--no-check"  # the preflight ran on the submitting machine
 JOB_PREFIX = "fmnist-run"  # display name: fmnist-run-<run_id>
-JOB_LABELS = {"app": "fmnist-gcp"}  # labels on every job of this project
+JOB_LABELS = APP_LABELS  # labels on every job of this project
 STAGING_FOLDER = "staging"  # dev store folder the SDK may stage into
 CPU_IMAGE, GPU_IMAGE = "train", "train-gpu"  # Dockerfile targets a run uses, without and with an accelerator
 END_STATES = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED")
