@@ -162,11 +162,12 @@ def _cmd_run(a) -> int:
 
 # %% ../nbs/cli.ipynb #b1c2d033
 def _cmd_run_vertex(a) -> int:
-    import json, time
+    import json
     from fmnist_gcp.config import Settings
     from fmnist_gcp.cloud import runs
+    from fmnist_gcp.pipeline import new_run_id
     s = Settings.from_env().require_vertex("fmnist run --on vertex")
-    run_id = a.run_id or time.strftime("%Y%m%d-%H%M%S") + f"-{a.profile}"  # as run_pipeline names a run
+    run_id = a.run_id or new_run_id(a.profile)
     spec = runs.run_job_spec(s, a.image or runs.default_image(s, a.accelerator_type), profile=a.profile, run_id=run_id,
                              stages=a.stages, overrides=a.param, machine_type=a.machine_type,
                              accelerator_type=a.accelerator_type, accelerator_count=a.accelerator_count)

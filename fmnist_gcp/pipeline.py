@@ -23,7 +23,7 @@ __all__ = ['STAGES', 'RESERVED', 'PROFILE_NAMES', 'PACKAGES', 'REPORT_TEMPLATE',
            'Stage', 'prerequisites', 'nbs_dir', 'resolve_stages', 'declared_parameters', 'typed', 'parse_overrides',
            'profile_params', 'plan_run', 'package_versions', 'git_state', 'report_tag', 'tag_report_cells',
            'render_html', 'cell_seconds', 'execute_stage', 'run_page', 'list_runs', 'compare_runs', 'write_index',
-           'StageFailed', 'check_cloud', 'run_pipeline']
+           'StageFailed', 'check_cloud', 'new_run_id', 'run_pipeline']
 
 # %% ../nbs/pipeline.ipynb #e84afd3e
 class PipelineError(ValueError):
@@ -466,6 +466,11 @@ def check_cloud(settings: Settings, plan: list[dict], check: bool = True) -> Non
     from fmnist_gcp.cloud.preflight import preflight
     preflight(settings)
 
+# %% ../nbs/pipeline.ipynb #newrunid1
+def new_run_id(profile: str) -> str:
+    "The default run id: a time stamp and the profile."
+    return time.strftime("%Y%m%d-%H%M%S") + f"-{profile}"
+
 # %% ../nbs/pipeline.ipynb #a2c1e026
 def run_pipeline(profile: str = "quick",  # smoke | quick | full
                  stages: list[str] | None = None,  # stage names; default all
@@ -478,7 +483,7 @@ def run_pipeline(profile: str = "quick",  # smoke | quick | full
     "Execute the selected stages with papermill into `runs/<run_id>/`; returns the manifest."
     from fmnist_gcp.data import ensure_data
     settings = settings or Settings.from_env()
-    run_id = run_id or time.strftime("%Y%m%d-%H%M%S") + f"-{profile}"
+    run_id = run_id or new_run_id(profile)
     nbs = nbs_dir()
     plan = plan_run(profile, stages, overrides, run_id, nbs)
     check_cloud(settings, plan, check)  # before any data or run folder: a PreflightError lists what to fix

@@ -15,8 +15,8 @@ from .cloud.provision import DEFAULT_SERVICE_ACCOUNT_ID
 from .config import APP_LABELS, ConfigError, Settings
 
 # %% auto #0
-__all__ = ['SERVICE_ACCOUNT_VAR', 'JOB_RUN_VAR', 'worker_pool_specs', 'job_name', 'require_service_account', 'ensure_experiment',
-           'submit_custom_job', 'experiment_run_name', 'job_run_name', 'ExperimentRun']
+__all__ = ['STAGING_FOLDER', 'SERVICE_ACCOUNT_VAR', 'JOB_RUN_VAR', 'worker_pool_specs', 'job_name', 'require_service_account',
+           'ensure_experiment', 'submit_custom_job', 'experiment_run_name', 'job_run_name', 'ExperimentRun']
 
 # %% ../nbs/vertex_training.ipynb #419a8e9c
 def worker_pool_specs(image_uri: str,  # training image, e.g. europe-docker.pkg.dev/p/fmnist/train:latest
@@ -39,6 +39,8 @@ def worker_pool_specs(image_uri: str,  # training image, e.g. europe-docker.pkg.
     return [pool] + ([{**pool, "replica_count": workers}] if workers else [])
 
 # %% ../nbs/vertex_training.ipynb #e9a1aee2
+STAGING_FOLDER = "staging"  # dev store folder the Vertex SDK stages into
+
 def job_name(prefix: str = "fmnist-train") -> str:
     "A display name with a UTC time stamp, valid for Vertex resources."
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
@@ -88,9 +90,9 @@ def submit_custom_job(settings: Settings,
     args = [*task_args, "--datasets-uri", s.datasets.root]
     if exp: args += ["--experiment", experiment] + (["--experiment-run", run.name] if run else [])
     env = {"FMNIST_BACKEND": "vertex", "FMNIST_PROJECT": s.project, "FMNIST_REGION": s.region}
-    aiplatform.init(project=s.project, location=s.region, staging_bucket=s.dev.uri("staging"),
+    aiplatform.init(project=s.project, location=s.region, staging_bucket=s.dev.uri(STAGING_FOLDER),
                     service_account=s.service_account)
-    job = aiplatform.CustomJob(display_name=name, base_output_dir=base, staging_bucket=s.dev.uri("staging"),
+    job = aiplatform.CustomJob(display_name=name, base_output_dir=base, staging_bucket=s.dev.uri(STAGING_FOLDER),
                                worker_pool_specs=worker_pool_specs(image_uri, args, machine_type, accelerator_type,
                                                                    accelerator_count, workers, env),
                                labels=dict(APP_LABELS))

@@ -13,14 +13,14 @@ from typing import Callable, Sequence
 
 from ..config import APP_LABELS, ROLES, ConfigError, Settings, _BUCKET_VARS, filesystem, write_bytes_atomic
 from ..pipeline import plan_run, write_index
-from ..vertex_training import worker_pool_specs
+from ..vertex_training import STAGING_FOLDER, worker_pool_specs
 from .build import IMAGE_TARGETS, image_uris
 
 # %% auto #0
 __all__ = ['RUNS_FOLDER', 'MANIFEST', 'CONTAINER_RUNS_DIR', 'RUN_COMMAND', 'UPLOAD_FLAG', 'NO_CHECK_FLAG', 'JOB_PREFIX',
-           'JOB_LABELS', 'STAGING_FOLDER', 'CPU_IMAGE', 'GPU_IMAGE', 'END_STATES', 'SUCCEEDED', 'CloudRunError',
-           'run_env', 'run_args', 'check_accelerator', 'run_job_spec', 'default_image', 'custom_job_request',
-           'submit_run', 'wait_for_run', 'upload_run', 'fetch_run', 'run_on_vertex']
+           'JOB_LABELS', 'CPU_IMAGE', 'GPU_IMAGE', 'END_STATES', 'SUCCEEDED', 'CloudRunError', 'run_env', 'run_args',
+           'check_accelerator', 'run_job_spec', 'default_image', 'custom_job_request', 'submit_run', 'wait_for_run',
+           'upload_run', 'fetch_run', 'run_on_vertex']
 
 # %% ../../nbs/cloud_runs.ipynb #12e4c594
 RUNS_FOLDER = "runs"  # dev store folder of the runs: runs/<run_id>/
@@ -31,7 +31,6 @@ UPLOAD_FLAG = "--upload"  # `fmnist run` flag: copy the run folder to the dev st
 NO_CHECK_FLAG = "--no-check"  # the preflight ran on the submitting machine
 JOB_PREFIX = "fmnist-run"  # display name: fmnist-run-<run_id>
 JOB_LABELS = APP_LABELS  # labels on every job of this project
-STAGING_FOLDER = "staging"  # dev store folder the SDK may stage into
 CPU_IMAGE, GPU_IMAGE = "train", "train-gpu"  # Dockerfile targets a run uses, without and with an accelerator
 END_STATES = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED")
 SUCCEEDED = END_STATES[0]
