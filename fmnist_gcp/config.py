@@ -18,9 +18,10 @@ from typing import Any, Mapping
 
 # %% auto #0
 __all__ = ['DEFAULT_HOME', 'DEFAULT_CACHE_DIR', 'DEFAULT_RUNS_DIR', 'ENV_VARS', 'BACKENDS', 'ROLES', 'DEFAULT_MODEL',
-           'APP_LABELS', 'TF_INSTALL_HINT', 'filesystem', 'is_local', 'write_bytes_atomic', 'Store', 'ConfigError',
-           'check_vertex', 'store_uris', 'credentials_summary', 'env_settings', 'Settings', 'create_local_stores',
-           'import_tensorflow', 'import_keras', 'record', 'recorded']
+           'APP_LABELS', 'VERTEX_TRANSPORTS', 'TF_INSTALL_HINT', 'filesystem', 'is_local', 'write_bytes_atomic',
+           'Store', 'ConfigError', 'check_vertex', 'store_uris', 'vertex_endpoint', 'vertex_transport',
+           'credentials_summary', 'env_settings', 'Settings', 'vertex_client_options', 'vertex_init',
+           'create_local_stores', 'import_tensorflow', 'import_keras', 'record', 'recorded']
 
 # %% ../nbs/00_config.ipynb #1f69a9c7
 DEFAULT_HOME = "~/.fmnist-gcp"  # root of the local stores
@@ -39,6 +40,9 @@ ENV_VARS: dict[str, str] = {
     "FMNIST_CACHE_DIR": f"where downloaded IDX files are kept (default `{DEFAULT_CACHE_DIR}`)",
     "FMNIST_RUNS_DIR": f"where `fmnist run` writes executed notebooks and reports (default `./{DEFAULT_RUNS_DIR}`)",
     "FMNIST_NBS_DIR": "where `fmnist run` finds the stage notebooks (default: `nbs/` of this checkout)",
+    "FMNIST_VERTEX_ENDPOINT": "Vertex AI API host or URL for every Vertex client, e.g. a Private Service Connect "
+                              "endpoint (default: `<region>-aiplatform.googleapis.com`)",
+    "FMNIST_VERTEX_TRANSPORT": "`grpc` (default) or `rest` for every Vertex client (VPC-SC setups that allow only HTTPS)",
 }
 BACKENDS = ("local", "vertex")
 ROLES = ("dev", "datasets", "models")
@@ -163,6 +167,26 @@ def store_uris(backend: str,  # local | vertex
         uris[role] = uri if "://" in uri else str(Path(uri).expanduser())
     return uris
 
+# %% ../nbs/00_config.ipynb #9a3e613e
+VERTEX_TRANSPORTS = ("grpc", "rest")
+
+def vertex_endpoint(value: str | None) -> str | None:
+    "FMNIST_VERTEX_ENDPOINT as the `host[:port]` Google's clients take (a URL's scheme and path dropped)."
+    if not value: return None
+    from urllib.parse import urlsplit
+    host = urlsplit(value if "://" in value else f"https://{value}").netloc
+    if not host or not re.fullmatch(r"[A-Za-z0-9.-]+(:\d{1,5})?", host):
+        raise ConfigError(f"FMNIST_VERTEX_ENDPOINT={value!r} is not a host or URL; "
+                          "set e.g. europe-west4-aiplatform.googleapis.com or https://vertex.p.googleapis.com")
+    return host
+
+def vertex_transport(value: str | None) -> str | None:
+    "FMNIST_VERTEX_TRANSPORT checked: grpc, rest or unset."
+    if not value: return None
+    if value.lower() not in VERTEX_TRANSPORTS:
+        raise ConfigError(f"FMNIST_VERTEX_TRANSPORT={value!r} is not a transport; set it to grpc or rest")
+    return value.lower()
+
 # %% ../nbs/00_config.ipynb #af394628
 _ADC_FILE = "application_default_credentials.json"  # written by `gcloud auth application-default login`
 
@@ -200,7 +224,9 @@ def env_settings(env: Mapping[str, str]) -> dict[str, Any]:
     return {"backend": backend, "project": project, "region": region, "home": home,
             "buckets": store_uris(backend, project, home, env), "service_account": get("FMNIST_SERVICE_ACCOUNT"),
             "data_dir": get("FMNIST_DATA_DIR"), "cache_dir": str(Path(get("FMNIST_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser()),
-            "runs_dir": get("FMNIST_RUNS_DIR") or DEFAULT_RUNS_DIR, "credentials": credentials_summary(env)}
+            "runs_dir": get("FMNIST_RUNS_DIR") or DEFAULT_RUNS_DIR, "credentials": credentials_summary(env),
+            "vertex_endpoint": vertex_endpoint(get("FMNIST_VERTEX_ENDPOINT")),
+            "vertex_transport": vertex_transport(get("FMNIST_VERTEX_TRANSPORT"))}
 
 # %% ../nbs/00_config.ipynb #2193a46e
 @dataclass(frozen=True)
@@ -215,6 +241,8 @@ class Settings:
     cache_dir: str = DEFAULT_CACHE_DIR   # downloaded IDX files
     runs_dir: str = DEFAULT_RUNS_DIR     # executed notebooks and reports
     credentials: str = "not looked up"   # `credentials_summary`: type, account, project; never a secret
+    vertex_endpoint: str | None = None   # API host[:port] for every Vertex client (None: the region's)
+    vertex_transport: str | None = None  # grpc | rest (None: the SDK's default, grpc)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -242,6 +270,19 @@ class Settings:
                 **{f"{r}_store": self.buckets[r] for r in ROLES}, "service_account": self.service_account,
                 "data_dir": self.data_dir, "cache_dir": self.cache_dir, "runs_dir": self.runs_dir,
                 "credentials": self.credentials}
+
+# %% ../nbs/00_config.ipynb #b38640b3
+def vertex_client_options(settings: Settings) -> dict:
+    "`client_options` for a Vertex gapic client made directly: the override or the region's endpoint."
+    return {"api_endpoint": settings.vertex_endpoint or f"{settings.region}-aiplatform.googleapis.com"}
+
+def vertex_init(settings: Settings, **more) -> None:
+    "`aiplatform.init` for `settings`: project, region, endpoint and transport (always all four), `more` passed on."
+    from google.cloud import aiplatform
+    s = settings.require_vertex("Vertex AI")
+    # `init` keeps an endpoint or transport from an earlier call unless it is given again: so both are always given
+    aiplatform.init(project=s.project, location=s.region, api_endpoint=vertex_client_options(s)["api_endpoint"],
+                    api_transport=s.vertex_transport or "grpc", **more)
 
 # %% ../nbs/00_config.ipynb #2c2629fb
 def create_local_stores(settings: Settings) -> list[str]:

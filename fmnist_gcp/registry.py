@@ -12,7 +12,7 @@ import time
 
 from fastcore.basics import patch
 
-from .config import APP_LABELS, DEFAULT_MODEL, Settings, Store
+from .config import APP_LABELS, DEFAULT_MODEL, Settings, Store, vertex_init
 
 # %% auto #0
 __all__ = ['ALIAS_RE', 'VERTEX_LABELS', 'RegistryError', 'check_alias', 'parse_ref', 'Registry', 'better', 'promote',
@@ -146,7 +146,7 @@ def vertex_model(settings: Settings, name: str) -> str | None:
     "Resource name of the Vertex model holding our uploads of `name` (the oldest, if several), or None."
     settings.require_vertex("Looking models up in the Vertex AI Model Registry")
     from google.cloud import aiplatform
-    aiplatform.init(project=settings.project, location=settings.region)
+    vertex_init(settings)
     labels = " AND ".join(f'labels.{k}="{v}"' for k, v in VERTEX_LABELS.items())
     found = aiplatform.Model.list(filter=f'display_name="{name}" AND {labels}', order_by="create_time")
     return found[0].resource_name if found else None
@@ -176,7 +176,7 @@ def upload_to_vertex(settings: Settings, name: str, version: int,
     rec = reg.versions.get(version) or reg.register(version)
     if aliases is None: aliases = tuple(a for a, v in reg.aliases.items() if v == version and a != "default")
     parent_model = parent_model or vertex_model(settings, name)  # None: the first upload creates the model
-    aiplatform.init(project=settings.project, location=settings.region)
+    vertex_init(settings)
     return aiplatform.Model.upload(
         display_name=name, artifact_uri=rec["uri"], parent_model=parent_model,
         is_default_version=reg.aliases.get("default") == version, version_aliases=list(aliases),

@@ -16,7 +16,7 @@ from dataclasses import fields, replace
 from typing import get_origin, get_type_hints
 
 from .config import DEFAULT_MODEL, Settings, Store, write_bytes_atomic
-from .training import Checkpoints, TrainConfig, is_chief, parse_widths, train_and_export
+from .training import Checkpoints, LocalTracker, TrainConfig, is_chief, parse_widths, train_and_export
 
 # %% auto #0
 __all__ = ['add_config_flags', 'task_parser', 'parse_args', 'cluster_size', 'make_strategy', 'task_settings',
@@ -56,6 +56,8 @@ def task_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", default=None, help="the run id stored in the model's metadata")
     p.add_argument("--experiment", default=None, help="Vertex AI experiment to log to (vertex backend)")
     p.add_argument("--experiment-run", default=None, help="run name in that experiment")
+    p.add_argument("--experiment-tensorboard", default=None,
+                   help="Vertex AI TensorBoard resource name backing the experiment: per-epoch metrics as time series")
     p.add_argument("--metrics-file", default=None, help="also write the model's metadata (history, temperature) as JSON here")
     return p
 
@@ -88,11 +90,14 @@ def task_settings(datasets_uri: str | None = None) -> Settings:
     return replace(s, buckets={**s.buckets, "datasets": datasets_uri}) if datasets_uri else s
 
 # %% ../nbs/task.ipynb #9f550193
-def experiment_tracker(settings: Settings, experiment: str | None, run: str | None):
-    "A Vertex AI Experiments run for the chief of a vertex-backend job with an experiment; else None."
-    if not (experiment and settings.backend == "vertex" and is_chief()): return None
-    from fmnist_gcp.vertex_training import ExperimentRun
-    return ExperimentRun(settings, experiment, run or f"run-{int(time.time())}")
+def experiment_tracker(settings: Settings, experiment: str | None, run: str | None, run_id: str | None = None,
+                       tensorboard: str | None = None):
+    "The chief's tracker: a Vertex AI Experiments run (vertex backend, with an experiment), a `LocalTracker` (a run id), or None."
+    if not is_chief(): return None
+    if experiment and settings.backend == "vertex":
+        from fmnist_gcp.vertex_training import ExperimentRun
+        return ExperimentRun(settings, experiment, run or run_id or f"run-{int(time.time())}", tensorboard=tensorboard)
+    return LocalTracker(run_id, settings) if run_id else None
 
 # %% ../nbs/task.ipynb #a2f41def
 def main(argv: list[str] | None = None) -> int:
@@ -100,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     strategy = make_strategy()  # first: MultiWorkerMirroredStrategy must exist before other TF work
     settings = task_settings(a.datasets_uri)
-    tracker = experiment_tracker(settings, a.experiment, a.experiment_run)
+    tracker = experiment_tracker(settings, a.experiment, a.experiment_run, a.run_id, a.experiment_tensorboard)
     print(f"task: {strategy.num_replicas_in_sync} replica(s), chief={is_chief()}", flush=True)
-    on_epoch = (lambda h: tracker.log_metrics({k: h[k] for k in ("loss", "val_loss", "val_accuracy")})) if tracker else None
+    on_epoch = (lambda h: tracker.log_metrics({k: h[k] for k in ("loss", "val_loss", "val_accuracy")}, step=h["epoch"])) if tracker else None
     meta = train_and_export(TrainConfig.from_params(vars(a)), settings, a.model_dir, run_id=a.run_id,
                             model_name=a.model_name, max_train_images=a.max_train_images, max_val_images=a.max_val_images,
                             checkpoints=Checkpoints(Store("models", a.checkpoint_dir)) if a.checkpoint_dir else None,

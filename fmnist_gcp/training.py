@@ -28,8 +28,8 @@ from .preprocessing import Augment, load_tfrecords, make_dataset, read_preproces
 __all__ = ['PRECISIONS', 'RECIPE_RESULTS', 'TENSORBOARD_SCALARS', 'TrainConfig', 'parse_widths', 'recipe_params',
            'resolve_precision', 'build_model', 'serving_model', 'load_model', 'log_loss', 'soften', 'fit_temperature',
            'one_cycle', 'make_optimizer', 'CheckpointMismatch', 'Checkpoints', 'is_chief', 'predict', 'make_train_step',
-           'epoch_dataset', 'validation_metrics', 'upload_dir', 'TensorBoardLog', 'fit', 'model_versions',
-           'resolve_version', 'export_model', 'calibration', 'train_and_export']
+           'epoch_dataset', 'validation_metrics', 'upload_dir', 'TensorBoardLog', 'LocalTracker', 'fit',
+           'model_versions', 'resolve_version', 'export_model', 'calibration', 'train_and_export']
 
 # %% ../nbs/07_training.ipynb #833f9af4
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")  # "auto" is resolved when training starts (`resolve_precision`)
@@ -333,6 +333,23 @@ class TensorBoardLog:
     def close(self) -> None: self._writer.close(); self._tmp.cleanup()
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
+
+# %% ../nbs/07_training.ipynb #c9d050fe
+class LocalTracker:
+    "`ExperimentRun`'s methods for a local run: params and metrics into the run's figures, stepped metrics to TensorBoard."
+    def __init__(self, run_id: str, settings: Settings, stage: str = "training",
+                 tensorboard_dir: str | None = None):  # None: stepped metrics are left to `fit`'s own TensorBoard log
+        from fmnist_gcp.config import record
+        self._record = lambda figures: record(run_id, stage, figures, settings)
+        self._tb = TensorBoardLog(tensorboard_dir) if tensorboard_dir else None
+
+    def log_params(self, params: Mapping) -> None: self._record({"hyperparameters": dict(params)})
+    def log_metrics(self, metrics: Mapping, step: int | None = None) -> None:
+        "Summary metrics into the run's figures; with a `step`, one TensorBoard point per metric."
+        if step is None: self._record(dict(metrics))
+        elif self._tb: self._tb.log(step, metrics)
+    def end(self) -> None:
+        if self._tb: self._tb.close()
 
 # %% ../nbs/07_training.ipynb #e5110898
 def fit(cfg: TrainConfig, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray,

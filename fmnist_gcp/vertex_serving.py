@@ -7,11 +7,12 @@ Docs: https://fmnist-gcp.github.io/fmnist-gcp/vertex_serving.html.md"""
 # %% ../nbs/vertex_serving.ipynb #365ac2c8
 from __future__ import annotations
 
-from .config import APP_LABELS, Settings
+from .config import APP_LABELS, Settings, vertex_init
 from .preprocessing import BATCH_JSONL_PATH
 
 # %% auto #0
-__all__ = ['deploy_request', 'batch_predict_request', 'deploy', 'undeploy_and_delete', 'batch_predict']
+__all__ = ['deploy_request', 'batch_predict_request', 'deploy', 'undeploy_and_delete', 'png_instances', 'predict',
+           'batch_predict']
 
 # %% ../nbs/vertex_serving.ipynb #90c22d08
 def _rest_json(message) -> dict:
@@ -57,7 +58,7 @@ def batch_predict_request(settings: Settings, model: str,  # Vertex model resour
 def _init(settings: Settings):
     settings.require_vertex("Vertex AI serving")
     from google.cloud import aiplatform
-    aiplatform.init(project=settings.project, location=settings.region)
+    vertex_init(settings)
     return aiplatform
 
 # %% ../nbs/vertex_serving.ipynb #0fdfe7a2
@@ -83,6 +84,27 @@ def undeploy_and_delete(settings: Settings, endpoint: str) -> None:
     ep = ai.Endpoint(endpoint)
     ep.undeploy_all(sync=True)
     ep.delete(sync=True)
+
+# %% ../nbs/vertex_serving.ipynb #9ebd05f2
+def png_instances(images) -> list[dict]:
+    "Images (n, 28, 28) uint8 as the serving contract's `{\"content\": PNG}` instances."
+    import base64, io
+    import numpy as np
+    from PIL import Image
+    def one(a):
+        buf = io.BytesIO(); Image.fromarray(np.asarray(a, np.uint8)).save(buf, format="PNG")
+        return {"content": base64.b64encode(buf.getvalue()).decode()}
+    return [one(a) for a in images]
+
+def predict(settings: Settings, endpoint: str,  # endpoint resource name
+            images,  # (n, 28, 28) uint8
+            parameters: dict | None = None) -> dict:  # default: every class, most confident first
+    "Online predictions from a Vertex endpoint: `{predictions, deployed_model_id, model_version_id}`."
+    from fmnist_gcp.serving import ALL_CLASSES
+    ai = _init(settings)
+    r = ai.Endpoint(endpoint).predict(instances=png_instances(images), parameters=parameters or ALL_CLASSES)
+    return {"predictions": list(r.predictions), "deployed_model_id": r.deployed_model_id,
+            "model_version_id": r.model_version_id}
 
 # %% ../nbs/vertex_serving.ipynb #242f258a
 def batch_predict(settings: Settings, model: str,

@@ -12,11 +12,12 @@ import re
 import time
 
 from .cloud.provision import DEFAULT_SERVICE_ACCOUNT_ID
-from .config import APP_LABELS, ConfigError, Settings
+from .config import APP_LABELS, DEFAULT_MODEL, ConfigError, Settings, Store, filesystem, vertex_init
 
 # %% auto #0
-__all__ = ['STAGING_FOLDER', 'SERVICE_ACCOUNT_VAR', 'JOB_RUN_VAR', 'worker_pool_specs', 'job_name', 'require_service_account',
-           'ensure_experiment', 'submit_custom_job', 'experiment_run_name', 'job_run_name', 'ExperimentRun']
+__all__ = ['STAGING_FOLDER', 'SERVICE_ACCOUNT_VAR', 'JOB_RUN_VAR', 'IMPORT_REQUIRED', 'worker_pool_specs', 'job_name',
+           'require_service_account', 'ensure_experiment', 'submit_custom_job', 'experiment_run_name', 'job_run_name',
+           'ExperimentRun', 'import_model_dir', 'job_model_dir', 'import_job_model']
 
 # %% ../nbs/vertex_training.ipynb #419a8e9c
 def worker_pool_specs(image_uri: str,  # training image, e.g. europe-docker.pkg.dev/p/fmnist/train:latest
@@ -64,7 +65,7 @@ def ensure_experiment(settings: Settings,
     from google.cloud import aiplatform
     s = settings.require_vertex("Vertex AI Experiments")
     require_service_account(s, "A Vertex AI experiment")
-    aiplatform.init(project=s.project, location=s.region)
+    vertex_init(s)
     exp = aiplatform.Experiment.get_or_create(experiment)
     if run is None: return exp, None
     name = experiment_run_name(run)
@@ -79,6 +80,7 @@ def submit_custom_job(settings: Settings,
                       accelerator_count: int = 0, workers: int = 0,
                       experiment: str | None = None,  # Vertex AI experiment to attach (created when missing)
                       experiment_run: str | None = None,  # run in it (created when missing); None: Vertex makes one
+                      experiment_tensorboard: str | None = None,  # TensorBoard backing the experiment: epochs as time series
                       ):
     "Submit the training container as a Vertex AI CustomJob; returns the `aiplatform.CustomJob`."
     from google.cloud import aiplatform
@@ -88,9 +90,10 @@ def submit_custom_job(settings: Settings,
     base = s.models.uri("custom-jobs", name)
     exp, run = ensure_experiment(s, experiment, experiment_run) if experiment else (None, None)
     args = [*task_args, "--datasets-uri", s.datasets.root]
-    if exp: args += ["--experiment", experiment] + (["--experiment-run", run.name] if run else [])
+    if exp: args += ["--experiment", experiment] + (["--experiment-run", run.name] if run else []) + \
+                    (["--experiment-tensorboard", experiment_tensorboard] if experiment_tensorboard else [])
     env = {"FMNIST_BACKEND": "vertex", "FMNIST_PROJECT": s.project, "FMNIST_REGION": s.region}
-    aiplatform.init(project=s.project, location=s.region, staging_bucket=s.dev.uri(STAGING_FOLDER),
+    vertex_init(s, staging_bucket=s.dev.uri(STAGING_FOLDER),
                     service_account=s.service_account)
     job = aiplatform.CustomJob(display_name=name, base_output_dir=base, staging_bucket=s.dev.uri(STAGING_FOLDER),
                                worker_pool_specs=worker_pool_specs(image_uri, args, machine_type, accelerator_type,
@@ -118,18 +121,67 @@ def job_run_name(experiment: str, env: dict | None = None) -> str | None:
 
 # %% ../nbs/vertex_training.ipynb #799bc5a7
 class ExperimentRun:
-    "A Vertex AI Experiments run: params once, summary metrics (latest value kept), then end."
+    "A Vertex AI Experiments run: params, metrics (time series with a step where a TensorBoard backs it), then end."
     def __init__(self, settings: Settings, experiment: str, run: str,
-                 resume: bool = False):  # resume `run` (it must exist) rather than start it
+                 resume: bool = False,  # resume `run` (it must exist) rather than start it
+                 tensorboard: str | None = None):  # Vertex TensorBoard resource name backing the experiment
         from google.cloud import aiplatform
         s = settings.require_vertex("Vertex AI Experiments")
-        self._ai = aiplatform
-        aiplatform.init(project=s.project, location=s.region, experiment=experiment, experiment_tensorboard=False)
+        self._ai, self.time_series = aiplatform, bool(tensorboard)
+        vertex_init(s, experiment=experiment, experiment_tensorboard=tensorboard or False)
         job_run = job_run_name(experiment)  # inside a Vertex job: the job's run, which exists
         self.run = aiplatform.start_run(job_run or experiment_run_name(run), resume=bool(job_run) or resume)
 
     def log_params(self, params: dict) -> None: self._ai.log_params(params)
-    def log_metrics(self, metrics: dict) -> None:
-        "Summary metrics; Vertex keeps the latest value of each (per-epoch curves are in the TensorBoard logs)."
-        self._ai.log_metrics(metrics)
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        "Metrics; with a `step` and a TensorBoard, one point of each time series; else the run's latest values."
+        if step is not None and self.time_series: self._ai.log_time_series_metrics(metrics, step=step)
+        else: self._ai.log_metrics(metrics)
     def end(self) -> None: self._ai.end_run()
+
+# %% ../nbs/vertex_training.ipynb #b1a4c517
+IMPORT_REQUIRED = ("config", "temperature", "normalisation", "data_sha256", "val_accuracy", "history", "created")
+
+def import_model_dir(settings: Settings,
+                     source: str,  # a model folder (model.keras + metadata.json): local path or gs:// URI
+                     name: str = DEFAULT_MODEL, run_id: str | None = None,  # the run id the new version records
+                     **provenance) -> int:  # extra metadata, e.g. source_job=...
+    "Copy a trained model folder into the models store as the next version of `name`; returns the version."
+    import json
+    from fmnist_gcp.training import model_versions
+    fs, root = filesystem(source)
+    root = root.rstrip("/")
+    files = sorted(f for f in fs.find(root) if not f.endswith("/"))
+    if f"{root}/metadata.json" not in files or f"{root}/model.keras" not in files:
+        raise ConfigError(f"{source} holds no model.keras + metadata.json: is it a training job's model folder "
+                          "(its base output directory + /model)?")
+    meta = json.loads(fs.cat_file(f"{root}/metadata.json"))
+    missing = [k for k in IMPORT_REQUIRED if k not in meta]
+    if missing: raise ConfigError(f"{source}/metadata.json lacks {', '.join(missing)}: not written by this package's training")
+    version = (model_versions(settings, name) or [0])[-1] + 1
+    dest = Store("models", settings.models.uri(name, str(version)))
+    for f in files:
+        if f != f"{root}/metadata.json": dest.write_bytes(f[len(root) + 1:], fs.cat_file(f))
+    dest.write_json("metadata.json", {**meta, "name": name, "version": version, "run_id": run_id or meta.get("run_id"),
+                                      "imported_from": source, "imported": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance})
+    return version
+
+# %% ../nbs/vertex_training.ipynb #4706ce97
+def job_model_dir(settings: Settings, job: str) -> tuple[str, str]:
+    "(resource name, model folder) of a succeeded training CustomJob, given its resource name or numeric id."
+    from google.cloud import aiplatform
+    s = settings.require_vertex("Importing a Vertex AI training job's model")
+    vertex_init(s)
+    j = aiplatform.CustomJob.get(job).gca_resource  # one get: `CustomJob.state` would fetch the job again
+    state = j.state.name
+    if state != "JOB_STATE_SUCCEEDED":
+        raise ConfigError(f"{j.name} is {state}: only a succeeded job's model can be imported "
+                          "(follow it in the console, or wait and try again)")
+    base = j.job_spec.base_output_directory.output_uri_prefix
+    if not base: raise ConfigError(f"{j.name} has no base output directory: it was not submitted by fmnist")
+    return j.name, base.rstrip("/") + "/model"
+
+def import_job_model(settings: Settings, job: str, name: str = DEFAULT_MODEL, run_id: str | None = None) -> int:
+    "Copy the model a succeeded training job wrote into the models store as the next version of `name`."
+    resource, folder = job_model_dir(settings, job)
+    return import_model_dir(settings, folder, name, run_id, source_job=resource)

@@ -17,6 +17,7 @@ import pytest
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 from conftest import BIN, ROOT  # noqa: E402
+from fakes import FakeJobService  # noqa: E402
 from fmnist_gcp.config import Settings  # noqa: E402
 
 DONE_WHEN = {"FMNIST_BACKEND": "vertex", "FMNIST_PROJECT": "acme-ml", "FMNIST_REGION": "europe-west4",
@@ -110,41 +111,6 @@ def test_fmnist_run_on_vertex_dry_run_prints_the_job(tmp_path):
                         "--image", IMAGE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     _check_done_when(json.loads(r.stdout), IMAGE)
-
-
-class FakeJobService:
-    """The Job service in memory: create keeps the job PENDING; each get reads the job and moves it one state on
-    (RUNNING, then `end`); the get that ends it first runs `on_end(job)` (what the container did); an unknown name
-    is NotFound."""
-    def __init__(self, end="JOB_STATE_SUCCEEDED", on_end=lambda job: None):
-        from google.cloud.aiplatform.compat.types import custom_job, job_state
-        self._types, self._state = custom_job, job_state.JobState
-        self.jobs, self.created, self.gets = {}, [], 0
-        self._next = {"JOB_STATE_PENDING": "JOB_STATE_RUNNING", "JOB_STATE_RUNNING": end}
-        self._on_end = on_end
-
-    def create_custom_job(self, client, parent, custom_job, timeout=None, **kw):
-        job = self._types.CustomJob(custom_job)
-        job.name, job.state = f"{parent}/customJobs/{len(self.jobs) + 1}", self._state.JOB_STATE_PENDING
-        self.jobs[job.name] = job; self.created.append(custom_job)
-        return self._types.CustomJob(job)
-
-    def get_custom_job(self, client, name, **kw):
-        from google.api_core.exceptions import NotFound
-        if name not in self.jobs: raise NotFound(f"CustomJob {name} not found")
-        job, self.gets = self.jobs[name], self.gets + 1
-        out = self._types.CustomJob(job)
-        nxt = self._next.get(job.state.name)
-        if nxt:
-            if nxt not in self._next: self._on_end(job)
-            job.state = self._state[nxt]
-        return out
-
-    def patch(self):
-        from google.cloud.aiplatform.compat.services import job_service_client
-        c = job_service_client.JobServiceClient
-        return mock.patch.multiple(c, create_custom_job=mock.create_autospec(c.create_custom_job, side_effect=self.create_custom_job),
-                                   get_custom_job=mock.create_autospec(c.get_custom_job, side_effect=self.get_custom_job))
 
 
 def test_submit_sends_the_dry_run_job_as_the_service_account(anonymous_vertex):

@@ -7,67 +7,9 @@ from conftest import VERTEX_ENV
 from fmnist_gcp.config import DEFAULT_MODEL, Settings
 from fmnist_gcp.preprocessing import BATCH_JSONL_PATH
 from fmnist_gcp.serving import ALL_CLASSES, SERVING_CONTRACT
-LOC = "projects/acme-ml/locations/europe-west4"
+from fakes import LOC, FakeEndpointService, FakeModelService
 MODEL = f"{LOC}/models/456"
 ENDPOINT = f"{LOC}/endpoints/789"
-
-
-class FakeModelService:
-    "A stateful fake of the model service: uploads make models and versions that get and list then return."
-    def __init__(self):
-        self.models: dict[str, list] = {}  # resource name -> versions (gapic Model), oldest first
-        self.requests: list = []  # UploadModelRequest, in order
-
-    def seed(self, name: str, display_name: str, labels: dict | None = None) -> None:
-        "A model made elsewhere (version 1, dedicated resources)."
-        from google.cloud.aiplatform.compat.types import model as gca_model
-        self.models[name] = [gca_model.Model(name=name, display_name=display_name, version_id="1", labels=labels or {},
-                                             version_aliases=["default"],
-                                             supported_deployment_resources_types=[gca_model.Model.DeploymentResourcesType.DEDICATED_RESOURCES])]
-
-    def patch(self, monkeypatch):
-        from google.cloud.aiplatform.compat.services import model_service_client
-        for n in ("upload_model", "get_model", "list_models"):
-            monkeypatch.setattr(model_service_client.ModelServiceClient, n,
-                                lambda client, request=None, _n=n, **kw: getattr(self, _n)(request, **kw))
-        return self
-
-    def upload_model(self, request, **kw):
-        from google.cloud.aiplatform.compat.types import model as gca_model, model_service as gca_model_service
-        self.requests.append(request)
-        name = request.parent_model or f"{request.parent}/models/{len(self.models) + 100}"
-        if request.parent_model: self.get_model(name=name)  # the parent must exist
-        versions = self.models.setdefault(name, [])
-        v = gca_model.Model(request.model, name=name, version_id=str(len(versions) + 1),
-                            supported_deployment_resources_types=[gca_model.Model.DeploymentResourcesType.DEDICATED_RESOURCES])
-        for old in versions:  # an alias names one version of a model
-            old.version_aliases = [a for a in old.version_aliases if a not in v.version_aliases]
-        versions.append(v)
-        op = mock.Mock(); op.operation.name = f"{LOC}/operations/1"
-        op.result.return_value = gca_model_service.UploadModelResponse(model=name, model_version_id=v.version_id)
-        return op
-
-    def get_model(self, request=None, *, name=None, **kw):
-        from google.api_core import exceptions
-        base, _, tag = name.partition("@")
-        if base not in self.models: raise exceptions.NotFound(f"{name} not found")
-        versions = self.models[base]
-        found = [v for v in versions if v.version_id == tag or tag in v.version_aliases] if tag else \
-                [v for v in versions if "default" in v.version_aliases] or versions[-1:]
-        if not found: raise exceptions.NotFound(f"{name} not found")
-        return found[0]
-
-    def list_models(self, request=None, **kw):
-        "Default versions whose display name and labels match the filter's `key=\"value\"` terms."
-        import re
-        from google.cloud.aiplatform.compat.types import model_service as gca_model_service
-        request = gca_model_service.ListModelsRequest(request)
-        assert request.parent == LOC
-        terms = dict(re.findall(r'([\w.-]+)="([^"]*)"', request.filter))
-        def matches(m):
-            return all((m.display_name if k == "display_name" else m.labels.get(k.removeprefix("labels."))) == v
-                       for k, v in terms.items())
-        return [m for m in (self.get_model(name=n) for n in self.models) if matches(m)]
 
 
 @pytest.fixture
@@ -79,38 +21,28 @@ def models(monkeypatch, anonymous):
     return fake
 
 
+class Calls:
+    "The requests sent, by method name: the endpoint fake's in order, the batch job creates, the model uploads."
+    def __init__(self, endpoints, models):
+        self.endpoints, self.models, self.other = endpoints, models, {}
+    def __getitem__(self, name):
+        if name == "upload_model": return self.models.requests
+        return self.other.get(name) or [kw for n, kw in self.endpoints.calls if n == name]
+
+
 @pytest.fixture
 def gapic(monkeypatch, gcs_emulator, models):
-    "Anonymous credentials, the fake model service, and fake endpoint and job service clients that record their requests."
-    from google.cloud.aiplatform.compat.services import endpoint_service_client, job_service_client
-    from google.cloud.aiplatform.compat.types import batch_prediction_job as gca_bpj, endpoint as gca_endpoint, job_state
+    "Anonymous credentials, the stateful model and endpoint fakes, and a job service recording batch prediction jobs."
+    from google.cloud.aiplatform.compat.services import job_service_client
+    from google.cloud.aiplatform.compat.types import batch_prediction_job as gca_bpj, job_state
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
     monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-    calls = {}
-    def lro(result):
-        op = mock.Mock(); op.result.return_value = result; op.operation.name = f"{LOC}/operations/1"
-        return op
-    def rec(name, result, dynamic=False):
-        def f(self, *a, **kw):
-            calls.setdefault(name, []).append(kw.get("request") or kw)
-            return result(kw) if dynamic else result
-        return f
-    deployed = gca_endpoint.DeployedModel(id="1", model=MODEL)
-    ep = gca_endpoint.Endpoint(name=ENDPOINT, display_name=f"{DEFAULT_MODEL}-endpoint", deployed_models=[deployed],
-                               traffic_split={"1": 100})
-    patches = {
-        (endpoint_service_client.EndpointServiceClient, "create_endpoint"): rec("create_endpoint", lro(ep)),
-        (endpoint_service_client.EndpointServiceClient, "get_endpoint"): rec("get_endpoint", ep),
-        (endpoint_service_client.EndpointServiceClient, "deploy_model"): rec("deploy_model", lro(mock.Mock(deployed_model=deployed))),
-        (endpoint_service_client.EndpointServiceClient, "undeploy_model"): rec("undeploy_model", lro(None)),
-        (endpoint_service_client.EndpointServiceClient, "delete_endpoint"): rec("delete_endpoint", lro(None)),
-        (job_service_client.JobServiceClient, "create_batch_prediction_job"): rec("create_batch_prediction_job",
-            lambda kw: gca_bpj.BatchPredictionJob(kw["batch_prediction_job"], name=f"{LOC}/batchPredictionJobs/5",
-                                                  state=job_state.JobState.JOB_STATE_PENDING), dynamic=True),
-    }
-    for (cls, name), fn in patches.items():
-        monkeypatch.setattr(cls, name, fn)
-    calls["upload_model"] = models.requests  # the same list, filled as uploads happen
+    calls = Calls(FakeEndpointService(models).patch(monkeypatch), models)
+    def create_batch(self, *a, **kw):
+        calls.other.setdefault("create_batch_prediction_job", []).append(kw)
+        return gca_bpj.BatchPredictionJob(kw["batch_prediction_job"], name=f"{LOC}/batchPredictionJobs/5",
+                                          state=job_state.JobState.JOB_STATE_PENDING)
+    monkeypatch.setattr(job_service_client.JobServiceClient, "create_batch_prediction_job", create_batch)
     return calls
 
 
@@ -161,21 +93,39 @@ def test_uploads_are_versions_of_one_model(gapic, models, tmp_path):
 
 
 def test_deploy_undeploy_delete_requests(gapic):
+    from google.api_core.exceptions import NotFound
+    from google.cloud import aiplatform
     from fmnist_gcp.vertex_serving import deploy, undeploy_and_delete
     s = Settings.from_env(VERTEX_ENV)
     ep = deploy(s, MODEL, machine_type="n1-standard-4", min_replicas=1, max_replicas=3)
     assert ep.resource_name == ENDPOINT
     created = gapic["create_endpoint"][0]
     assert created["parent"] == LOC and created["endpoint"].display_name == f"{DEFAULT_MODEL}-endpoint"
+    assert created["endpoint"].labels["app"] == "fmnist-gcp"
     d = gapic["deploy_model"][0]
     assert d["endpoint"] == ENDPOINT and d["deployed_model"].model == f"{MODEL}@1"  # the version the SDK resolved
     res = d["deployed_model"].dedicated_resources
     assert (res.machine_spec.machine_type, res.min_replica_count, res.max_replica_count) == ("n1-standard-4", 1, 3)
     assert d["deployed_model"].service_account == VERTEX_ENV["FMNIST_SERVICE_ACCOUNT"]
     assert d["traffic_split"] == {"0": 100}
+    deployed = aiplatform.Endpoint(ENDPOINT).list_models()  # a later get sees what deploy made
+    assert [m.model for m in deployed] == [f"{MODEL}@1"]
     undeploy_and_delete(s, ENDPOINT)
-    assert gapic["undeploy_model"][0]["endpoint"] == ENDPOINT and gapic["undeploy_model"][0]["deployed_model_id"] == "1"
+    assert [u["deployed_model_id"] for u in gapic["undeploy_model"]] == [deployed[0].id]
     assert gapic["delete_endpoint"][0]["name"] == ENDPOINT
+    with pytest.raises(NotFound):  # deleted: a later get does not find it
+        aiplatform.Endpoint(ENDPOINT).list_models()
+
+
+def test_deploying_a_version_that_does_not_exist_fails_and_an_endpoint_with_a_model_is_not_deleted(gapic, models):
+    from google.api_core.exceptions import FailedPrecondition, NotFound
+    from fmnist_gcp.vertex_serving import deploy
+    s = Settings.from_env(VERTEX_ENV)
+    with pytest.raises(NotFound):
+        deploy(s, f"{MODEL}@7")
+    ep = deploy(s, MODEL)
+    with pytest.raises(FailedPrecondition):
+        ep.delete()
 
 
 def test_batch_prediction_request(gapic):
@@ -207,8 +157,9 @@ def test_dry_run_requests_equal_what_is_sent(gapic):
     assert built["parent"] == sent["parent"]
     got = _json(sent["batch_prediction_job"])
     assert {k: got[k] for k in built["batchPredictionJob"]} == built["batchPredictionJob"]
+    deploy(s, MODEL)  # makes ENDPOINT
     deploy(s, MODEL, endpoint=ENDPOINT, machine_type="n1-standard-4", max_replicas=3)
-    d = gapic["deploy_model"][0]
+    d = gapic["deploy_model"][1]
     built = deploy_request(s, f"{MODEL}@1", ENDPOINT, machine_type="n1-standard-4", max_replicas=3)
     got = _json(d["deployed_model"])
     assert (d["endpoint"], dict(d["traffic_split"])) == (built["endpoint"], built["trafficSplit"])

@@ -62,20 +62,39 @@ def test_experiment_run_calls_the_documented_sdk_api(anonymous):
     # are checked (the gapic-level check is the CustomJob test above).
     from google.cloud import aiplatform
     from fmnist_gcp.vertex_training import ExperimentRun
-    names = ["init", "start_run", "log_params", "log_metrics", "end_run"]
+    names = ["init", "start_run", "log_params", "log_metrics", "log_time_series_metrics", "end_run"]
     with mock.patch.multiple(aiplatform, **{n: mock.DEFAULT for n in names}, autospec=True) as m:
         run = ExperimentRun(Settings.from_env(VERTEX_ENV), "fmnist-custom", "20261126-093000_Quick")
         run.log_params({"epochs": "12"})
         run.log_metrics({"val_accuracy": 0.93})
-        with pytest.raises(TypeError):  # a step would be dropped: Vertex keeps summary metrics only
-            run.log_metrics({"val_accuracy": 0.94}, step=3)
+        run.log_metrics({"val_accuracy": 0.94}, step=3)  # no TensorBoard behind the experiment: the latest value
         run.end()
     m["init"].assert_called_once_with(project="acme-ml", location="europe-west4", experiment="fmnist-custom",
-                                      experiment_tensorboard=False)
+                                      experiment_tensorboard=False, api_endpoint="europe-west4-aiplatform.googleapis.com",
+                                      api_transport="grpc")
     m["start_run"].assert_called_once_with("20261126-093000-quick", resume=False)
     m["log_params"].assert_called_once_with({"epochs": "12"})
-    m["log_metrics"].assert_called_once_with({"val_accuracy": 0.93})
+    assert m["log_metrics"].call_args_list == [mock.call({"val_accuracy": 0.93}), mock.call({"val_accuracy": 0.94})]
+    m["log_time_series_metrics"].assert_not_called()
     m["end_run"].assert_called_once_with()
+
+
+def test_epochs_are_time_series_in_an_experiment_backed_by_a_tensorboard(anonymous):
+    from google.cloud import aiplatform
+    from fmnist_gcp.vertex_training import ExperimentRun
+    tb = "projects/acme-ml/locations/europe-west4/tensorboards/7"
+    env = {**VERTEX_ENV, "FMNIST_VERTEX_ENDPOINT": "vertex-psc.p.googleapis.com", "FMNIST_VERTEX_TRANSPORT": "rest"}
+    names = ["init", "start_run", "log_metrics", "log_time_series_metrics", "end_run"]
+    with mock.patch.multiple(aiplatform, **{n: mock.DEFAULT for n in names}, autospec=True) as m:
+        run = ExperimentRun(Settings.from_env(env), "fmnist-custom", "r1", tensorboard=tb)
+        for epoch in (1, 2): run.log_metrics({"val_accuracy": 0.9 + epoch / 100}, step=epoch)
+        run.log_metrics({"temperature": 1.2})
+    m["init"].assert_called_once_with(project="acme-ml", location="europe-west4", experiment="fmnist-custom",
+                                      experiment_tensorboard=tb, api_endpoint="vertex-psc.p.googleapis.com",
+                                      api_transport="rest")
+    assert m["log_time_series_metrics"].call_args_list == [mock.call({"val_accuracy": 0.91}, step=1),
+                                                           mock.call({"val_accuracy": 0.92}, step=2)]
+    m["log_metrics"].assert_called_once_with({"temperature": 1.2})
 
 
 class FakeMetadataService:

@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 from typing import Callable
 
-from ..config import Settings
+from ..config import Settings, vertex_client_options
 
 # %% auto #0
 __all__ = ['CLOUD_SCOPE', 'LOGIN_FIX', 'APPLY_FIX', 'QUOTAS_CONSOLE', 'APIS', 'VERTEX_API', 'CPU_QUOTAS', 'GPU_QUOTAS',
@@ -77,7 +77,8 @@ class Clients:
     def vertex(self):
         from google.cloud.aiplatform_v1.services.job_service import JobServiceClient
         return JobServiceClient(credentials=self.credentials,
-                                client_options={"api_endpoint": f"{self.settings.region}-aiplatform.googleapis.com"})
+                                client_options=vertex_client_options(self.settings),
+                                transport=self.settings.vertex_transport or "grpc")
     def storage(self): return provision.storage_client(self.settings.project, self.credentials)
     def iam(self): return provision.iam_client(self.credentials)
     def registry(self): return provision.registry_client(self.credentials)
