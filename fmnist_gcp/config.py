@@ -18,10 +18,10 @@ from typing import Any, Mapping
 
 # %% auto #0
 __all__ = ['DEFAULT_HOME', 'DEFAULT_CACHE_DIR', 'DEFAULT_RUNS_DIR', 'ENV_VARS', 'BACKENDS', 'ROLES', 'DEFAULT_MODEL',
-           'APP_LABELS', 'VERTEX_TRANSPORTS', 'TF_INSTALL_HINT', 'filesystem', 'is_local', 'write_bytes_atomic',
-           'Store', 'ConfigError', 'check_vertex', 'store_uris', 'vertex_endpoint', 'vertex_transport',
-           'credentials_summary', 'env_settings', 'Settings', 'vertex_client_options', 'vertex_init',
-           'create_local_stores', 'import_tensorflow', 'import_keras', 'record', 'recorded']
+           'APP_LABELS', 'BUCKET_VARS', 'VERTEX_TRANSPORTS', 'TF_INSTALL_HINT', 'filesystem', 'is_local',
+           'write_bytes_atomic', 'Store', 'ConfigError', 'check_vertex', 'store_uris', 'vertex_endpoint',
+           'vertex_transport', 'credentials_summary', 'env_settings', 'Settings', 'vertex_client_options',
+           'vertex_init', 'create_local_stores', 'import_tensorflow', 'import_keras', 'record', 'recorded']
 
 # %% ../nbs/00_config.ipynb #1f69a9c7
 DEFAULT_HOME = "~/.fmnist-gcp"  # root of the local stores
@@ -151,7 +151,7 @@ def check_vertex(project: str | None,  # FMNIST_PROJECT (or GOOGLE_CLOUD_PROJECT
                           "(6-30 lowercase letters, digits or hyphens, starting with a letter)")
 
 # %% ../nbs/00_config.ipynb #612ff2fc
-_BUCKET_VARS = {"dev": "FMNIST_DEV_BUCKET", "datasets": "FMNIST_DATASETS_BUCKET", "models": "FMNIST_MODELS_BUCKET"}
+BUCKET_VARS = {"dev": "FMNIST_DEV_BUCKET", "datasets": "FMNIST_DATASETS_BUCKET", "models": "FMNIST_MODELS_BUCKET"}
 
 def store_uris(backend: str,  # local | vertex
                project: str | None,  # names the default buckets on vertex
@@ -160,7 +160,7 @@ def store_uris(backend: str,  # local | vertex
                ) -> dict[str, str]:  # role -> URI
     "URI of each store: its variable, else `gs://<project>-fmnist-<role>` (vertex) or `<home>/<role>` (local)."
     uris = {}
-    for role, var in _BUCKET_VARS.items():
+    for role, var in BUCKET_VARS.items():
         uri = (env.get(var) or "").strip() or (f"gs://{project}-fmnist-{role}" if backend == "vertex" else f"{home}/{role}")
         if backend == "vertex" and not uri.startswith("gs://"):
             raise ConfigError(f"{var}={uri!r}: with FMNIST_BACKEND=vertex the stores must be gs:// URIs")

@@ -17,7 +17,7 @@ import pytest
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 from conftest import BIN, ROOT  # noqa: E402
-from fakes import FakeJobService  # noqa: E402
+from fakes import FakeJobService, FakeMetadataService  # noqa: E402
 from fmnist_gcp.config import Settings  # noqa: E402
 
 DONE_WHEN = {"FMNIST_BACKEND": "vertex", "FMNIST_PROJECT": "acme-ml", "FMNIST_REGION": "europe-west4",
@@ -131,6 +131,21 @@ def test_submit_sends_the_dry_run_job_as_the_service_account(anonymous_vertex):
     assert args[args.index("--stages") + 1] == "01_data" and "01_data.val_fraction=0.1" in args
     dry = custom_job_request(s, spec)["customJob"]
     assert dry["jobSpec"]["workerPoolSpecs"] == custom_job_request(s, custom_job.CustomJob.to_dict(sent))["customJob"]["jobSpec"]["workerPoolSpecs"]
+
+
+def test_a_run_with_an_experiment_gets_or_creates_it_and_the_training_stage_logs_into_the_jobs_run(anonymous_vertex, monkeypatch):
+    from fmnist_gcp.cloud.runs import run_job_spec, submit_run
+    metadata = FakeMetadataService().patch(monkeypatch)
+    s = Settings.from_env(DONE_WHEN)
+    fake = FakeJobService()
+    with fake.patch():
+        for run_id in ("r1", "r2"):
+            submit_run(s, run_job_spec(s, IMAGE, profile="smoke", run_id=run_id, experiment="fmnist-runs"), experiment="fmnist-runs")
+    exp = "projects/acme-ml/locations/europe-west4/metadataStores/default/contexts/fmnist-runs"
+    assert [n for c, n in metadata.calls if c == "create_context"] == [exp]  # created once, then found
+    for sent in fake.created:
+        assert (sent.job_spec.experiment, sent.job_spec.experiment_run) == (exp, "")  # Vertex makes each job's run
+        assert "07_training.experiment=fmnist-runs" in list(sent.job_spec.worker_pool_specs[0].container_spec.args)
 
 
 def test_wait_follows_the_job_pending_running_succeeded_and_a_missing_job_is_not_found(anonymous_vertex):

@@ -4,6 +4,7 @@ from unittest import mock
 import pytest
 
 from conftest import VERTEX_ENV
+from fakes import FakeMetadataService
 from fmnist_gcp.config import Settings
 
 
@@ -95,72 +96,6 @@ def test_epochs_are_time_series_in_an_experiment_backed_by_a_tensorboard(anonymo
     assert m["log_time_series_metrics"].call_args_list == [mock.call({"val_accuracy": 0.91}, step=1),
                                                            mock.call({"val_accuracy": 0.92}, step=2)]
     m["log_metrics"].assert_called_once_with({"temperature": 1.2})
-
-
-class FakeMetadataService:
-    "A stateful fake of the metadata service: stores and contexts kept by name, NotFound for what was never created."
-    def __init__(self):
-        self.stores, self.contexts, self.children, self.calls = {}, {}, {}, []
-        self.executions, self.artifacts = {}, {}  # never created here: runs of the old (v1) layout are looked up
-
-    def patch(self, monkeypatch):
-        from google.cloud.aiplatform.compat.services import metadata_service_client_v1 as metadata_service_client
-        cls = metadata_service_client.MetadataServiceClient
-        for n in (n for n in vars(cls) if not n.startswith("_") and callable(getattr(cls, n))
-                  and "path" not in n and n not in ("from_service_account_file", "from_service_account_info",
-                                                    "from_service_account_json", "get_mtls_endpoint_and_cert_source")):
-            # every service method answers from this fake; one it does not model fails the test (never the network)
-            monkeypatch.setattr(cls, n, lambda client, request=None, _n=n, **kw: self._call(_n, request, **kw))
-        return self
-
-    def _call(self, method, request, **kw):
-        if not hasattr(self, method): raise AssertionError(f"unexpected metadata service call {method}")
-        return getattr(self, method)(request, **kw)
-
-    @staticmethod
-    def _get(table, name):
-        from google.api_core import exceptions
-        if name not in table: raise exceptions.NotFound(f"{name} not found")
-        return table[name]
-
-    @staticmethod
-    def _lro(result):
-        op = mock.Mock(); op.result.return_value = result
-        return op
-
-    def get_metadata_store(self, request=None, *, name=None, **kw):
-        self.calls.append(("get_metadata_store", name)); return self._get(self.stores, name)
-
-    def create_metadata_store(self, request=None, *, parent=None, metadata_store=None, metadata_store_id=None, **kw):
-        from google.cloud.aiplatform.compat.types import metadata_store_v1 as gca_store
-        name = f"{parent}/metadataStores/{metadata_store_id}"
-        self.calls.append(("create_metadata_store", name))
-        self.stores[name] = gca_store.MetadataStore(metadata_store, name=name)
-        return self._lro(self.stores[name])
-
-    def get_context(self, request=None, *, name=None, **kw):
-        self.calls.append(("get_context", name)); return self._get(self.contexts, name)
-
-    def create_context(self, request=None, *, parent=None, context=None, context_id=None, **kw):
-        from google.api_core import exceptions
-        from google.cloud.aiplatform.compat.types import context_v1 as gca_context
-        self._get(self.stores, parent)  # the store must exist first
-        name = f"{parent}/contexts/{context_id}"
-        self.calls.append(("create_context", name))
-        if name in self.contexts: raise exceptions.AlreadyExists(f"{name} exists")
-        self.contexts[name] = gca_context.Context(context, name=name)
-        return self.contexts[name]
-
-    def get_execution(self, request=None, *, name=None, **kw):
-        self.calls.append(("get_execution", name)); return self._get(self.executions, name)
-
-    def get_artifact(self, request=None, *, name=None, **kw):
-        self.calls.append(("get_artifact", name)); return self._get(self.artifacts, name)
-
-    def add_context_children(self, request=None, *, context=None, child_contexts=None, **kw):
-        self.calls.append(("add_context_children", context))
-        self._get(self.contexts, context)
-        self.children.setdefault(context, []).extend(child_contexts)
 
 
 STORE = "projects/acme-ml/locations/europe-west4/metadataStores/default"

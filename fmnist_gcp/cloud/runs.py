@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..config import APP_LABELS, ROLES, ConfigError, Settings, _BUCKET_VARS, filesystem, write_bytes_atomic
+from ..config import APP_LABELS, BUCKET_VARS, ROLES, ConfigError, Settings, filesystem, vertex_init, write_bytes_atomic
 from ..pipeline import plan_run, write_index
-from ..vertex_training import STAGING_FOLDER, worker_pool_specs
+from ..vertex_training import STAGING_FOLDER, ensure_experiment, worker_pool_specs
 from .build import IMAGE_TARGETS, image_uris
 
 # %% auto #0
@@ -44,7 +44,7 @@ def run_env(settings: Settings) -> dict[str, str]:
     "Environment of the job's container: the backend, project, region, the three stores and a local runs folder."
     s = settings.require_vertex("Running the pipeline on Vertex AI")
     env = {"FMNIST_BACKEND": "vertex", "FMNIST_PROJECT": s.project, "FMNIST_REGION": s.region,
-           **{_BUCKET_VARS[r]: s.buckets[r] for r in ROLES}, "FMNIST_RUNS_DIR": CONTAINER_RUNS_DIR}
+           **{BUCKET_VARS[r]: s.buckets[r] for r in ROLES}, "FMNIST_RUNS_DIR": CONTAINER_RUNS_DIR}
     return env | ({"FMNIST_SERVICE_ACCOUNT": s.service_account} if s.service_account else {})
 
 # %% ../../nbs/cloud_runs.ipynb #7dea9e25
@@ -77,9 +77,11 @@ def run_job_spec(settings: Settings,
                  machine_type: str = "n1-standard-8",
                  accelerator_type: str | None = None,  # e.g. NVIDIA_TESLA_T4
                  accelerator_count: int = 0,
+                 experiment: str | None = None,  # Vertex AI experiment the training stage logs to
                  ) -> dict:  # CustomJob fields (proto names)
     "The CustomJob that runs `fmnist run` on Vertex AI; the run is planned (checked) here first."
     s = settings.require_vertex("fmnist run --on vertex")
+    if experiment: overrides = [*overrides, f"07_training.experiment={experiment}"]
     plan = plan_run(profile, list(stages) if stages else None, list(overrides), run_id)
     check_accelerator(accelerator_type, accelerator_count)
     args = run_args(profile, run_id, [p["stage"] for p in plan] if stages else None, overrides)
@@ -105,15 +107,18 @@ def custom_job_request(settings: Settings, spec: dict) -> dict:
     return json_format.MessageToDict(CreateCustomJobRequest.pb(req))
 
 # %% ../../nbs/cloud_runs.ipynb #8492891b
-def submit_run(settings: Settings, spec: dict):
+def submit_run(settings: Settings, spec: dict,
+               experiment: str | None = None):  # Vertex AI experiment (got or created first): Vertex makes the job's run in it
     "Create the CustomJob `spec` on Vertex AI; the submitted `aiplatform.CustomJob` (not waited for)."
     from google.cloud import aiplatform
     s = settings.require_vertex("Submitting a run to Vertex AI")
     js = spec["job_spec"]
+    exp = ensure_experiment(s, experiment)[0] if experiment else None
+    vertex_init(s)
     job = aiplatform.CustomJob(display_name=spec["display_name"], worker_pool_specs=js["worker_pool_specs"],
                                base_output_dir=js["base_output_directory"]["output_uri_prefix"], project=s.project,
                                location=s.region, labels=spec.get("labels"), staging_bucket=s.dev.uri(STAGING_FOLDER))
-    job.submit(service_account=js.get("service_account"))
+    job.submit(service_account=js.get("service_account"), experiment=exp)
     return job
 
 # %% ../../nbs/cloud_runs.ipynb #04583be4
@@ -159,11 +164,12 @@ def fetch_run(settings: Settings, run_id: str,
 # %% ../../nbs/cloud_runs.ipynb #edde28dd
 def run_on_vertex(settings: Settings, spec: dict, run_id: str,
                   *, wait: bool = True,  # False: return once submitted (`fmnist runs --fetch RUN_ID` later)
-                  poll_s: float = 30, log: Callable[[str], None] = print) -> dict:
+                  poll_s: float = 30, log: Callable[[str], None] = print,
+                  experiment: str | None = None) -> dict:  # Vertex AI experiment for the job's run
     "Submit the run `spec`, follow it and fetch its folder; {job, state, report} (state and report None without `wait`)."
     if settings.dev.exists(RUNS_FOLDER, run_id, MANIFEST):
         raise CloudRunError(f"run {run_id} already exists in {settings.dev.uri(RUNS_FOLDER, run_id)}: pick another --run-id")
-    job = submit_run(settings, spec)
+    job = submit_run(settings, spec, experiment)
     log(f"submitted {job.resource_name}")
     if not wait:
         log(f"fetch its reports when it ends: fmnist runs --fetch {run_id}")
