@@ -17,10 +17,11 @@ from .data import CLASS_NAMES
 from .training import log_loss
 
 # %% auto #0
-__all__ = ['VERTEX_THRESHOLDS', 'AUTOML_VISION', 'VERTEX_AUTOML', 'REFERENCES', 'HEADLINE', 'one_hot', 'vertex_pr_curve',
-           'vertex_au_prc', 'calibration_bins', 'expected_calibration_error', 'classification_metrics',
-           'per_class_report', 'confusion', 'most_confused', 'plot_confusion', 'plot_pr_curves', 'plot_reliability',
-           'worst_misclassifications', 'compare', 'beats_references', 'model_card']
+__all__ = ['VERTEX_THRESHOLDS', 'ENTRY_FIGURES', 'AUTOML_VISION', 'VERTEX_AUTOML', 'REFERENCES', 'HEADLINE', 'one_hot',
+           'vertex_pr_curve', 'au_prc_from_curve', 'vertex_au_prc', 'calibration_bins', 'expected_calibration_error',
+           'classification_metrics', 'per_class_report', 'confusion', 'most_confused', 'plot_confusion',
+           'plot_pr_curves', 'plot_reliability', 'worst_misclassifications', 'run_models', 'model_entry', 'compare',
+           'beats_references', 'model_card']
 
 # %% ../nbs/08_evaluation.ipynb #87e52a82
 def one_hot(y: np.ndarray, k: int = len(CLASS_NAMES)) -> np.ndarray:
@@ -42,11 +43,16 @@ def vertex_pr_curve(y: np.ndarray, proba: np.ndarray, thresholds: np.ndarray = V
     return pd.DataFrame(rows)
 
 # %% ../nbs/08_evaluation.ipynb #a77fc3b5
-def vertex_au_prc(y: np.ndarray, proba: np.ndarray, thresholds: np.ndarray = VERTEX_THRESHOLDS) -> float:
-    "Vertex AI's `auPrc`: trapezoidal area under the micro PR curve sampled at `thresholds`."
-    c = vertex_pr_curve(y, proba, thresholds).sort_values("threshold", ascending=False)
+def au_prc_from_curve(curve: pd.DataFrame,  # columns threshold, precision, recall: one row per threshold
+                      ) -> float:
+    "Trapezoidal area under a PR curve sampled at thresholds, from recall 0 at the highest threshold's precision."
+    c = curve.sort_values("threshold", ascending=False)
     r = np.concatenate([[0.0], c["recall"].to_numpy()]); pr = np.concatenate([[c["precision"].iloc[0]], c["precision"].to_numpy()])
     return float(np.sum(np.diff(r) * (pr[1:] + pr[:-1]) / 2))
+
+def vertex_au_prc(y: np.ndarray, proba: np.ndarray, thresholds: np.ndarray = VERTEX_THRESHOLDS) -> float:
+    "Vertex AI's `auPrc`: trapezoidal area under the micro PR curve sampled at `thresholds`."
+    return au_prc_from_curve(vertex_pr_curve(y, proba, thresholds))
 
 # %% ../nbs/08_evaluation.ipynb #f00d23a2
 def calibration_bins(y: np.ndarray, proba: np.ndarray, bins: int = 15) -> pd.DataFrame:
@@ -140,6 +146,27 @@ def worst_misclassifications(y: np.ndarray, proba: np.ndarray, k: int = 16) -> n
     "Indices of the `k` wrong predictions made with the highest confidence."
     wrong = np.flatnonzero(proba.argmax(1) != y)
     return wrong[np.argsort(-proba[wrong].max(1))][:k]
+
+# %% ../nbs/08_evaluation.ipynb #e7a1c0d1
+def run_models(settings, names: str,  # model names, comma-separated
+               run_id: str, primary: str,  # the model that must be there (its version: `version` or this run's)
+               version: int = 0, log=print) -> dict[str, int]:
+    "Model name -> version to score: `primary` first, then each of `names` with a version from run `run_id`."
+    from fmnist_gcp.registry import RegistryError, run_version
+    chosen = {primary: run_version(settings, primary, run_id, version)}
+    for name in (n.strip() for n in names.split(",")):
+        if not name or name in chosen: continue
+        try: chosen[name] = run_version(settings, name, run_id)
+        except RegistryError: log(f"{name}: run {run_id!r} made no version of it; not compared (run its stage in this run)")
+    return chosen
+
+# %% ../nbs/08_evaluation.ipynb #e7a1c0d4
+ENTRY_FIGURES = ("accuracy", "au_prc", "macro_roc_auc")
+
+def model_entry(model: str, version, metrics: dict) -> dict:
+    "One model's entry of the evaluation figures: model, version, accuracy, au_prc, macro_roc_auc (None: not measured)."
+    return {"model": model, "version": version,
+            **{k: round(float(metrics[k]), 6) if metrics.get(k) is not None else None for k in ENTRY_FIGURES}}
 
 # %% ../nbs/08_evaluation.ipynb #b42bd970
 AUTOML_VISION = "Google AutoML Vision (24 h, published)"

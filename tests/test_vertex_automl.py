@@ -1,0 +1,214 @@
+"""Vertex AutoML and the tuning job, checked on patched gapic clients with anonymous credentials (nothing reaches
+Google), and the resumable PNG upload against the GCS emulator."""
+import secrets
+from unittest import mock
+
+import numpy as np
+import pytest
+
+from conftest import VERTEX_ENV
+from fmnist_gcp.config import Settings, Store
+from fmnist_gcp.preprocessing import AUTOML_CSV_PATH, AUTOML_LABELS, ML_USE, PNG_DIR, png_bytes
+
+LOC = "projects/acme-ml/locations/europe-west4"
+
+
+@pytest.fixture
+def vertex(monkeypatch, anonymous):
+    "Vertex settings; google-auth never probes the metadata server."
+    monkeypatch.setenv("NO_GCE_CHECK", "True"); monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:1")
+    return Settings.from_env(VERTEX_ENV)
+
+
+def op(result):
+    "A finished long-running operation."
+    o = mock.Mock(); o.result.return_value = result; o.operation.name = f"{LOC}/operations/1"
+    return o
+
+
+@pytest.fixture
+def datasets(monkeypatch, vertex):
+    "A stateful fake of the dataset service: create, get and import, each request kept."
+    from google.cloud.aiplatform.compat.services import dataset_service_client
+    from google.cloud.aiplatform.compat.types import dataset as gca_dataset
+    calls, store = {}, {}
+    def create_dataset(self, parent, dataset, **kw):
+        calls.setdefault("create", []).append({"parent": parent, "dataset": dataset})
+        name = f"{parent}/datasets/11"
+        store[name] = gca_dataset.Dataset(dataset, name=name)
+        return op(store[name])
+    def get_dataset(self, name=None, **kw): return store[name]
+    def import_data(self, name, import_configs, **kw):
+        calls.setdefault("import", []).append({"name": name, "import_configs": list(import_configs)})
+        return op(None)
+    for f in (create_dataset, get_dataset, import_data):
+        monkeypatch.setattr(dataset_service_client.DatasetServiceClient, f.__name__, f)
+    return calls
+
+
+def test_dataset_is_created_and_imported_with_the_single_label_schema(vertex, datasets):
+    from google.cloud import aiplatform
+    from fmnist_gcp.vertex_automl import VERTEX_AUTOML_MODEL, create_image_dataset
+    csv = "gs://acme-ml-fmnist-datasets/exports/automl/import.csv"
+    ds = create_image_dataset(vertex, csv)
+    (create,), (imp,) = datasets["create"], datasets["import"]
+    assert create["parent"] == LOC and create["dataset"].display_name == VERTEX_AUTOML_MODEL
+    assert create["dataset"].metadata_schema_uri == aiplatform.schema.dataset.metadata.image
+    assert create["dataset"].labels["app"] == "fmnist-gcp"
+    assert imp["name"] == f"{LOC}/datasets/11" and len(imp["import_configs"]) == 1
+    cfg = imp["import_configs"][0]
+    assert list(cfg.gcs_source.uris) == [csv]
+    assert cfg.import_schema_uri == aiplatform.schema.dataset.ioformat.image.single_label_classification
+    assert ds.resource_name == f"{LOC}/datasets/11"
+
+
+@pytest.fixture
+def pipelines(monkeypatch, vertex, datasets):
+    "The training pipeline service (the created pipeline has succeeded) and the model service's get_model."
+    from google.cloud.aiplatform.compat.services import model_service_client, pipeline_service_client
+    from google.cloud.aiplatform.compat.types import model as gca_model, pipeline_state, training_pipeline as gca_tp
+    calls = {}
+    def create_training_pipeline(self, parent, training_pipeline, **kw):
+        calls.setdefault("create", []).append({"parent": parent, "training_pipeline": training_pipeline})
+        out = gca_tp.TrainingPipeline(training_pipeline, name=f"{LOC}/trainingPipelines/21",
+                                      state=pipeline_state.PipelineState.PIPELINE_STATE_SUCCEEDED)
+        out.model_to_upload.name = f"{LOC}/models/77"
+        calls["pipeline"] = out
+        return out
+    def get_training_pipeline(self, name=None, **kw): return calls["pipeline"]
+    def get_model(self, name=None, **kw):
+        return gca_model.Model(name=name.split("@")[0], display_name="fmnist-automl-vertex", version_id="1")
+    monkeypatch.setattr(pipeline_service_client.PipelineServiceClient, "create_training_pipeline", create_training_pipeline)
+    monkeypatch.setattr(pipeline_service_client.PipelineServiceClient, "get_training_pipeline", get_training_pipeline)
+    monkeypatch.setattr(model_service_client.ModelServiceClient, "get_model", get_model)
+    return calls
+
+
+def test_automl_training_uses_the_csv_splits_and_the_budget(vertex, pipelines):
+    from google.cloud import aiplatform
+    from fmnist_gcp.vertex_automl import VERTEX_AUTOML_MODEL, create_image_dataset, train_automl
+    ds = create_image_dataset(vertex, "gs://acme-ml-fmnist-datasets/exports/automl/import.csv")
+    model = train_automl(vertex, ds, budget_milli_node_hours=16_000, display_name="fmnist-automl-test")
+    (req,) = pipelines["create"]
+    tp = req["training_pipeline"]
+    assert req["parent"] == LOC and tp.display_name == "fmnist-automl-test" and tp.labels["app"] == "fmnist-gcp"
+    assert tp.training_task_definition == aiplatform.schema.training_job.definition.automl_image_classification
+    inputs = dict(tp.training_task_inputs)
+    assert inputs["modelType"] == "CLOUD" and inputs["budgetMilliNodeHours"] == 16_000 and inputs["multiLabel"] is False
+    cfg = tp.input_data_config
+    assert cfg.dataset_id == "11"
+    assert (cfg.filter_split.training_filter, cfg.filter_split.validation_filter, cfg.filter_split.test_filter) == tuple(
+        f"labels.aiplatform.googleapis.com/ml_use={ML_USE[s]}" for s in ("train", "val", "test"))
+    assert tp.model_to_upload.display_name == VERTEX_AUTOML_MODEL and tp.model_to_upload.labels["app"] == "fmnist-gcp"
+    assert model.resource_name == f"{LOC}/models/77"
+    with pytest.raises(ValueError, match="8,000..800,000"):
+        train_automl(vertex, ds, budget_milli_node_hours=500)
+
+
+@pytest.fixture(scope="module")
+def real_predictions():
+    "Probabilities of a logistic regression trained on 1,500 training images, on 1,000 test images."
+    import warnings
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from fmnist_gcp.data import load_split
+    x, y = load_split("train", limit=1500); xt, yt = load_split("test", limit=1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a few iterations make a fair, imperfect model
+        clf = LogisticRegression(max_iter=50).fit(x.reshape(len(x), -1) / 255.0, y)
+    return yt, clf.predict_proba(xt.reshape(len(xt), -1) / 255.0)
+
+
+def test_evaluation_is_fetched_and_parsed_into_our_figures(vertex, monkeypatch, real_predictions, tmp_path):
+    from google.cloud.aiplatform.compat.services import model_service_client
+    from google.cloud.aiplatform.compat.types import model_evaluation as gca_me
+    from google.protobuf import json_format, struct_pb2
+    from fmnist_gcp.evaluation import classification_metrics, confusion
+    from fmnist_gcp.vertex_automl import evaluation_payload, fetch_evaluation, read_vertex_evaluation, save_vertex_evaluation
+    y, p = real_predictions
+    payload = evaluation_payload(y, p, seed=5)  # what Vertex reports for these predictions, classes in its own order
+    model, asked = f"{LOC}/models/77", []
+    def list_model_evaluations(self, parent=None, **kw):
+        asked.append(parent)
+        return [gca_me.ModelEvaluation(name=f"{parent}/evaluations/3", metrics=json_format.ParseDict(payload, struct_pb2.Value()),
+                                       metrics_schema_uri="gs://google-cloud-aiplatform/schema/modelevaluation/classification_metrics_1.0.0.yaml")]
+    monkeypatch.setattr(model_service_client.ModelServiceClient, "list_model_evaluations", list_model_evaluations)
+    ev = fetch_evaluation(vertex, model)
+    assert asked == [model] and ev["name"] == f"{model}/evaluations/3"
+    m = ev["metrics"]
+    assert m["auPrc"] == pytest.approx(payload["auPrc"]) and m["confusionMatrix"]["annotationSpecs"][0]["displayName"] in AUTOML_LABELS
+    local = Settings.from_env({"FMNIST_HOME": str(tmp_path)})
+    save_vertex_evaluation(local, model, ev)
+    parsed = read_vertex_evaluation(local)["metrics"]
+    ours = classification_metrics(y, p)
+    assert parsed["au_prc_from_curve"] == pytest.approx(m["auPrc"], abs=1e-12)  # our au_prc from its confidence metrics
+    assert parsed["au_prc"] == pytest.approx(ours["au_prc"], abs=1e-12) and parsed["log_loss"] == pytest.approx(ours["log_loss"])
+    assert parsed["accuracy"] == pytest.approx(ours["accuracy"]) and parsed["n"] == len(y)
+    assert parsed["confusion"] == confusion(y, p.argmax(1)).tolist()
+
+
+def test_tuning_job_runs_the_training_container_over_the_local_search_space(vertex, monkeypatch):
+    from google.cloud.aiplatform.compat.services import job_service_client
+    from google.cloud.aiplatform.compat.types import hyperparameter_tuning_job as gca_hpt, job_state
+    from fmnist_gcp.automl import search_space
+    from fmnist_gcp.task import task_parser
+    from fmnist_gcp.vertex_automl import submit_tuning_job
+    sent = []
+    def create(self, parent, hyperparameter_tuning_job, **kw):
+        sent.append((parent, hyperparameter_tuning_job))
+        return gca_hpt.HyperparameterTuningJob(hyperparameter_tuning_job, name=f"{LOC}/hyperparameterTuningJobs/31",
+                                               state=job_state.JobState.JOB_STATE_SUCCEEDED)
+    monkeypatch.setattr(job_service_client.JobServiceClient, "create_hyperparameter_tuning_job", create)
+    monkeypatch.setattr(job_service_client.JobServiceClient, "get_hyperparameter_tuning_job", lambda self, name=None, **kw: sent and
+                        gca_hpt.HyperparameterTuningJob(sent[-1][1], name=name, state=job_state.JobState.JOB_STATE_SUCCEEDED))
+    space = search_space("16,32|32,64,128", "64,128")
+    job = submit_tuning_job(vertex, "europe-docker.pkg.dev/acme-ml/fmnist/train:1", space, max_trial_count=12,
+                            parallel_trial_count=3, display_name="fmnist-tune-test", log=lambda *a: None)
+    job.wait()
+    (parent, req), = sent
+    assert parent == LOC and req.display_name == "fmnist-tune-test" and req.labels["app"] == "fmnist-gcp"
+    assert (req.max_trial_count, req.parallel_trial_count) == (12, 3)
+    (metric,) = req.study_spec.metrics
+    assert metric.metric_id == "val_accuracy" and metric.goal.name == "MAXIMIZE"
+    assert req.study_spec.measurement_selection_type.name == "LAST_MEASUREMENT"
+    flags = {o for a in task_parser()._actions for o in a.option_strings}
+    params = {p.parameter_id: p for p in req.study_spec.parameters}
+    assert list(params) == [p.name for p in space if f"--{p.name}" in flags]  # what the task can take, in space order
+    assert list(params["widths"].categorical_value_spec.values) == ["16,32", "32,64,128"]
+    lr = params["lr"].double_value_spec
+    assert (lr.min_value, lr.max_value, params["lr"].scale_type.name) == (1e-3, 1.5e-2, "UNIT_LOG_SCALE")
+    assert (params["convs"].integer_value_spec.min_value, params["convs"].integer_value_spec.max_value) == (1, 3)
+    (pool,) = req.trial_job_spec.worker_pool_specs
+    c = pool.container_spec
+    assert c.image_uri == "europe-docker.pkg.dev/acme-ml/fmnist/train:1" and list(c.command) == ["python", "-m", "fmnist_gcp.task"]
+    assert list(c.args)[:2] == ["--epochs", "3"] and "--datasets-uri" in list(c.args)
+    assert req.trial_job_spec.service_account == VERTEX_ENV["FMNIST_SERVICE_ACCOUNT"]
+
+
+def test_upload_to_the_bucket_skips_objects_already_there(gcs_emulator, monkeypatch, tmp_path):
+    from fmnist_gcp.vertex_automl import stored_md5, upload_automl_export
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator); monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    src, dest = Store("datasets", str(tmp_path / "datasets")), Store("datasets", f"gs://fmnist-test/automl-{secrets.token_hex(4)}")
+    imgs = np.random.default_rng(0).integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    splits = ["train"] * 20 + ["val"] * 5 + ["test"] * 5
+    rels = [f"{PNG_DIR}/{s}/{AUTOML_LABELS[i % 10]}/{s}_{i:05d}.png" for i, s in enumerate(splits)]
+    for r, im in zip(rels, imgs): src.write_bytes(r, png_bytes(im))
+    src.write_text(AUTOML_CSV_PATH, "".join(f"{ML_USE[s]},{src.uri(r)},{AUTOML_LABELS[i % 10]}\n" for i, (s, r) in enumerate(zip(splits, rels))))
+    first = upload_automl_export(src, dest, workers=4, batch=7, log=lambda *a: None)
+    assert (first["files"], first["uploaded"], first["skipped"]) == (30, 30, 0)
+    assert first["csv"] == dest.uri(AUTOML_CSV_PATH)
+    rows = dest.read_text(AUTOML_CSV_PATH).splitlines()
+    assert rows[0] == f"training,{dest.uri(rels[0])},{AUTOML_LABELS[0]}" and all(r.split(",")[1].startswith("gs://") for r in rows)
+    assert dest.read_bytes(rels[29]) == src.read_bytes(rels[29]) and len(stored_md5(dest, PNG_DIR)) == 30
+    from fmnist_gcp.config import filesystem
+    fs, sends = filesystem(dest.root)[0], []  # fsspec hands every caller this one cached instance
+    real_pipe = fs.pipe
+    def counting_pipe(batch, *a, **k):
+        sends.append(sorted(batch)); return real_pipe(batch, *a, **k)
+    with mock.patch.object(fs, "pipe", counting_pipe):
+        again = upload_automl_export(src, dest, log=lambda *a: None)
+        assert (again["uploaded"], again["skipped"], sends) == (0, 30, [])  # everything there: nothing sent
+        src.write_bytes(rels[3], png_bytes(255 - imgs[3]))  # one image changed since
+        third = upload_automl_export(src, dest, log=lambda *a: None)
+    assert (third["uploaded"], third["skipped"]) == (1, 29) and len(sends) == 1 and sends[0][0].endswith(rels[3])
+    assert dest.read_bytes(rels[3]) == png_bytes(255 - imgs[3])
