@@ -25,7 +25,7 @@ def _add_run(sub) -> None:
     from fmnist_gcp.pipeline import PROFILE_NAMES
     r = sub.add_parser("run", help="execute the stage notebooks with papermill into runs/<run_id>/",
                        epilog=_stages_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("--profile", default="quick", choices=PROFILE_NAMES, help="parameter profile (default: quick)")
+    r.add_argument("--profile", choices=PROFILE_NAMES, help="parameter profile (default: quick)")
     r.add_argument("--stages", nargs="+", metavar="STAGE", help="stages to run, e.g. 01_data statistics (default: all)")
     r.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
                    help="set a parameter of every selected stage that declares it, or of one stage with STAGE.NAME=VALUE")
@@ -39,6 +39,18 @@ def _add_run(sub) -> None:
     r.add_argument("--accelerator-count", type=int, default=0, help="(--on vertex) accelerators on the machine")
     r.add_argument("--dry-run", action="store_true", help="(--on vertex) print the CustomJob request as JSON; send nothing")
     r.add_argument("--no-wait", dest="wait", action="store_false", help="(--on vertex) return once submitted; later: fmnist runs --fetch RUN_ID")
+    r.add_argument("--experiment", help="(--on vertex) Vertex AI experiment (got or created): the job's run logs the training stage's params and metrics")
+    r.add_argument("--no-cache", dest="cache", action="store_false", help="execute every stage (default: reuse a stage whose cache key is unchanged since an earlier run)")
+    r.add_argument("--explain-cache", action="store_true", help="print each stage's cache key parts and why it was reused or not")
+    r.add_argument("--resume", metavar="RUN_ID", help="continue a failed or interrupted run in its folder from its first stage that is not ok")
+    _add_rerun(sub)
+
+def _add_rerun(sub) -> None:
+    rr = sub.add_parser("rerun", help="execute a run again from its run.json (every stage) and compare every figure with it")
+    rr.add_argument("run", metavar="RUN_ID", help="the run to reproduce (its folder under the runs directory)")
+    rr.add_argument("--strict", action="store_true", help="refuse to start when the commit, a notebook or a package version differs (default: warn)")
+    rr.add_argument("--run-id", help="folder of the new run (default: RUN_ID-rerun)")
+    rr.add_argument("--no-check", action="store_true", help="skip the Google Cloud preflight check (vertex backend)")
 
 # %% ../nbs/cli.ipynb #b1c2d002
 def _add_runs(sub) -> None:
@@ -63,11 +75,17 @@ def _add_serving(sub) -> None:
 
 # %% ../nbs/cli.ipynb #b1c2d004
 def _add_models(sub) -> None:
-    mo = sub.add_parser("models", help="list registered model versions and aliases; promote a version")
-    mo.add_argument("name", nargs="?", default=DEFAULT_MODEL)
+    mo = sub.add_parser("models", help="list registered model versions and aliases; promote a version; import a Vertex job's model",
+                        usage="fmnist models [NAME] [--promote VERSION] | fmnist models import-job JOB [--model-name NAME] [--upload IMAGE]")
+    mo.add_argument("name", nargs="?", default=DEFAULT_MODEL, help="model name, or import-job")
+    mo.add_argument("job", nargs="?", help="with import-job: the training CustomJob's resource name or id")
     mo.add_argument("--promote", type=int, metavar="VERSION", help="move an alias (default champion) to VERSION if it is better")
     mo.add_argument("--alias", default="champion")
     mo.add_argument("--force", action="store_true", help="promote even if not better")
+    mo.add_argument("--model-name", default=DEFAULT_MODEL, help="import-job: the model the job trained")
+    mo.add_argument("--no-evaluate", action="store_true", help="import-job: copy only; skip the evaluation and registry stages")
+    mo.add_argument("--profile", default="quick", help="import-job: profile of the evaluation run (quick: all 10,000 test images)")
+    mo.add_argument("--upload", metavar="IMAGE", help="import-job: then upload the version to the Vertex Model Registry with this serving image")
 
 # %% ../nbs/cli.ipynb #b1c2d005
 def _add_submit_training(sub) -> None:
@@ -79,7 +97,12 @@ def _add_submit_training(sub) -> None:
     tv.add_argument("--workers", type=int, default=0, help="replicas in worker pool 1 (multi-worker training)")
     tv.add_argument("--experiment", help="Vertex AI experiment to attach")
     tv.add_argument("--experiment-run", help="run name in the experiment")
+    tv.add_argument("--model-name", default=DEFAULT_MODEL, help="with --import: the model the job trains")
     tv.add_argument("--no-check", action="store_true", help="skip the preflight (credentials, buckets, quota for this job)")
+    tv.add_argument("--import", dest="import_model", action="store_true",
+                    help="follow the job; when it succeeds, import its model as fmnist models import-job does (evaluated, promoted)")
+    tv.add_argument("--upload", metavar="IMAGE", help="with --import: upload the imported version to the Vertex Model Registry")
+    tv.add_argument("--poll-seconds", type=float, default=30, help="with --import: seconds between reads of the job's state")
     tv.add_argument("task_args", nargs=argparse.REMAINDER, help="after --: flags for python -m fmnist_gcp.task")
 
 # %% ../nbs/cli.ipynb #b1c2d020
@@ -115,6 +138,17 @@ def _add_vertex_serving(sub) -> None:
     b.add_argument("--machine-type", default="n1-standard-4"); b.add_argument("--max-replicas", type=int, default=2)
     for p in (d, b): p.add_argument("--dry-run", action="store_true", help="print the request as JSON and send nothing")
 
+# %% ../nbs/cli.ipynb #d352de16
+def _add_features(sub) -> None:
+    f = sub.add_parser("features", help="image features from the feature store (Feast locally, Vertex AI Feature Store on vertex)")
+    g = f.add_subparsers(dest="features_verb", required=True, metavar="ACTION").add_parser(
+        "get", help="one JSON object per image id: its online features")
+    g.add_argument("ids", nargs="+", metavar="ID", help="image ids <split>-<index>: train-0 ... train-59999, test-0 ... test-9999")
+    g.add_argument("--view", choices=("image_stats", "image_embedding"), help="one feature view (default: both)")
+    s = sub.add_parser("similar", help="the K catalogue images nearest to ID by cosine similarity of the champion's embeddings (JSON)")
+    s.add_argument("id", metavar="ID", help="an image id, e.g. test-17")
+    s.add_argument("-k", type=int, default=5, help="neighbours (default 5)")
+
 # %% ../nbs/cli.ipynb #b1c2d006
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fmnist", description="Fashion-MNIST on your machine or on Vertex AI: "
@@ -123,16 +157,22 @@ def _parser() -> argparse.ArgumentParser:
     _add_run(sub); _add_runs(sub)
     sub.add_parser("data", help="find (or download) the Fashion-MNIST files and verify their sha256")
     sub.add_parser("config", help="show the resolved settings (no credentials)")
-    _add_serving(sub); _add_models(sub); _add_submit_training(sub); _add_gcp(sub); _add_vertex_serving(sub)
+    _add_serving(sub); _add_models(sub); _add_submit_training(sub); _add_gcp(sub); _add_vertex_serving(sub); _add_features(sub)
     return p
 
 # %% ../nbs/cli.ipynb #b1c2d007
-def _progress(i: int, n: int, stage: str, entry: dict | None) -> None:
+def _progress(i: int, n: int, stage: str, entry: dict | None, explain: bool = False) -> None:
     if entry is None:
-        print(f"[{i}/{n}] {stage:<16}", end=" ", flush=True)
-    else:
-        extra = f" ({entry['overhead_seconds']:.1f} s kernel and papermill)" if "overhead_seconds" in entry else ""
-        print(f"{entry['status']:<6} {entry['seconds']:7.1f} s{extra}", flush=True)
+        print(f"[{i}/{n}] {stage:<16}", end=" ", flush=True); return
+    if entry.get("reused_from"): extra = f" (reused from {entry['reused_from']})"
+    elif entry.get("kept"): extra = " (kept from the earlier attempt)"
+    else: extra = f" ({entry['overhead_seconds']:.1f} s kernel and papermill)" if "overhead_seconds" in entry else ""
+    print(f"{entry['status']:<6} {entry['seconds']:7.1f} s{extra}", flush=True)
+    if explain:
+        from fmnist_gcp.pipeline import explain_cache
+        for line in explain_cache(entry): print(f"      {line}", flush=True)
+
+def _explained(i: int, n: int, stage: str, entry: dict | None) -> None: _progress(i, n, stage, entry, explain=True)
 
 # %% ../nbs/cli.ipynb #b1c2d008
 def _upload_after(s, run_id: str | None) -> None:
@@ -146,18 +186,29 @@ def _upload_after(s, run_id: str | None) -> None:
 def _cmd_run(a) -> int:
     from pathlib import Path
     from fmnist_gcp.config import ConfigError, Settings
-    from fmnist_gcp.pipeline import StageFailed, run_pipeline
+    from fmnist_gcp.pipeline import RunInterrupted, StageFailed, resume_run, run_pipeline
+    if a.resume and (a.profile or a.stages or a.param or a.run_id or a.on == "vertex"):
+        raise ConfigError("--resume RUN_ID continues that run with its own profile, stages and parameters, here: "
+                          "leave out --profile, --stages, -p, --run-id and --on")
+    a.profile = a.profile or "quick"
     if a.on == "vertex": return _cmd_run_vertex(a)
-    if a.upload and not a.run_id: raise ConfigError("--upload needs --run-id (the folder's name in the dev store)")
-    s = Settings.from_env()
+    if a.experiment: raise ConfigError("--experiment is for runs on Vertex AI (--on vertex); a local run's figures are in its run.json")
+    if a.upload and not (a.run_id or a.resume): raise ConfigError("--upload needs --run-id (the folder's name in the dev store)")
+    s, progress = Settings.from_env(), _explained if a.explain_cache else _progress
     try:
-        m = run_pipeline(a.profile, a.stages, a.param, a.run_id, settings=s, on_stage=_progress, check=not a.no_check)
+        if a.resume: m = resume_run(a.resume, settings=s, on_stage=progress, check=not a.no_check, cache=a.cache)
+        else: m = run_pipeline(a.profile, a.stages, a.param, a.run_id, settings=s, on_stage=progress, check=not a.no_check, cache=a.cache)
     except StageFailed as e:
         print(f"\nrun failed in {e.stage}: {e.error}\nreport: {e.report}", file=sys.stderr)
         return 1
+    except RunInterrupted as e:
+        print(f"\n{e}\nreport: {e.report}\ncontinue it with: fmnist run --resume {e.run_id}", file=sys.stderr)
+        return e.exit_status
     finally:
-        if a.upload: _upload_after(s, a.run_id)
-    print(f"run {m['run_id']} ok in {m['seconds']:.1f} s\nreport: {Path(s.runs_dir).resolve() / m['run_id'] / 'index.html'}")
+        if a.upload: _upload_after(s, a.run_id or a.resume)
+    reused = sum(bool(e.get("reused_from") or e.get("kept")) for e in m["stages"])
+    print(f"run {m['run_id']} ok in {m['seconds']:.1f} s" + (f" ({reused} of {len(m['stages'])} stages reused)" if reused else "")
+          + f"\nreport: {Path(s.runs_dir).resolve() / m['run_id'] / 'index.html'}")
     return 0
 
 # %% ../nbs/cli.ipynb #b1c2d033
@@ -170,15 +221,35 @@ def _cmd_run_vertex(a) -> int:
     run_id = a.run_id or new_run_id(a.profile)
     spec = runs.run_job_spec(s, a.image or runs.default_image(s, a.accelerator_type), profile=a.profile, run_id=run_id,
                              stages=a.stages, overrides=a.param, machine_type=a.machine_type,
-                             accelerator_type=a.accelerator_type, accelerator_count=a.accelerator_count)
+                             accelerator_type=a.accelerator_type, accelerator_count=a.accelerator_count,
+                             experiment=a.experiment)
     if a.dry_run: print(json.dumps(runs.custom_job_request(s, spec), indent=2)); return 0
     if a.no_check: print("skipped the Google Cloud preflight check (--no-check)", file=sys.stderr)
     else:
         from fmnist_gcp.cloud.preflight import preflight
         preflight(s, machine_type=a.machine_type, accelerator_type=a.accelerator_type, accelerator_count=a.accelerator_count)
-    out = runs.run_on_vertex(s, spec, run_id, wait=a.wait)
+    out = runs.run_on_vertex(s, spec, run_id, wait=a.wait, experiment=a.experiment)
     if out["report"]: print(f"run {run_id} {out['state'].removeprefix('JOB_STATE_').lower()}\nreport: {out['report']}")
     return 0 if out["state"] in (None, runs.SUCCEEDED) else 1
+
+# %% ../nbs/cli.ipynb #e8f1a002
+def _cmd_rerun(a) -> int:
+    from pathlib import Path
+    from fmnist_gcp.config import Settings
+    from fmnist_gcp.pipeline import RunInterrupted, StageFailed, format_reproduction, rerun
+    s = Settings.from_env()
+    try:
+        m = rerun(a.run, strict=a.strict, new_id=a.run_id, settings=s, on_stage=_progress, check=not a.no_check,
+                  warn=lambda w: print(f"warning: {w}", file=sys.stderr))
+    except StageFailed as e:
+        print(f"\nrerun failed in {e.stage}: {e.error}\nreport: {e.report}", file=sys.stderr); return 1
+    except RunInterrupted as e:
+        print(f"\n{e}\nreport: {e.report}", file=sys.stderr); return e.exit_status
+    rep = m["reproduction"]
+    print(f"\n{format_reproduction(rep)}\nrun {m['run_id']} reproduces {a.run}\nreport: {Path(s.runs_dir).resolve() / m['run_id'] / 'index.html'}")
+    if rep["identical"] or not rep["deterministic"]: return 0
+    print(f"{len(rep['differ'])} result figure(s) differ although training was deterministic: {', '.join(rep['differ'])}", file=sys.stderr)
+    return 1
 
 # %% ../nbs/cli.ipynb #b1c2d009
 def _print_runs(runs: list[dict]) -> None:
@@ -243,12 +314,38 @@ def _cmd_predict(a) -> int:
 def _cmd_models(a) -> int:
     from fmnist_gcp.config import Settings
     from fmnist_gcp.registry import Registry, promote, registry_table
+    if a.name == "import-job": return _cmd_import_job(a)
+    if a.job: raise SystemExit(f"fmnist models: unexpected {a.job!r} after the model name (did you mean import-job?)")
     reg = Registry(Settings.from_env(), a.name)
     if a.promote is not None:
         d = promote(reg, a.promote, a.alias, a.force)
         print(f"{a.alias}: {'promoted' if d['promoted'] else 'not promoted'} v{a.promote} ({d['reason']})")
     t = registry_table(reg)
     print(t.to_string() if len(t) else f"no registered versions of {a.name}: run the pipeline (fmnist run) first")
+    return 0
+
+def _cmd_import_job(a) -> int:
+    "A Vertex training job's model: copied in as the next version, evaluated and registered by the stages, optionally uploaded."
+    from fmnist_gcp.config import Settings
+    from fmnist_gcp.pipeline import StageFailed, new_run_id, run_pipeline
+    from fmnist_gcp.vertex_training import import_job_model
+    if not a.job: raise SystemExit("fmnist models import-job: name the job (its resource name or numeric id)")
+    s = Settings.from_env().require_vertex("fmnist models import-job")
+    run_id = new_run_id("import")
+    v = import_job_model(s, a.job, a.model_name, run_id)
+    print(f"{a.model_name} v{v}: imported from {a.job}")
+    if not a.no_evaluate:
+        try:
+            run_pipeline(a.profile, ["08_evaluation", "09_registry"], [f"model_name={a.model_name}", f"version={v}"], run_id,
+                         settings=s, on_stage=_progress, check=False)
+        except StageFailed as e:
+            print(f"\nimport run failed in {e.stage}: {e.error}\nreport: {e.report}", file=sys.stderr); return 1
+        from fmnist_gcp.registry import Registry, registry_table
+        print(registry_table(Registry(s, a.model_name)).to_string())
+    if a.upload:
+        from fmnist_gcp.registry import upload_to_vertex
+        m = upload_to_vertex(s, a.model_name, v, a.upload)
+        print(f"uploaded as {m.resource_name}@{m.version_id}")
     return 0
 
 # %% ../nbs/cli.ipynb #b1c2d017
@@ -266,7 +363,12 @@ def _cmd_submit_training(a) -> int:
                             accelerator_type=a.accelerator_type, accelerator_count=a.accelerator_count,
                             workers=a.workers, experiment=a.experiment, experiment_run=a.experiment_run)
     print(f"submitted {job.resource_name}")
-    return 0
+    if not a.import_model: return 0
+    from fmnist_gcp.cloud.runs import SUCCEEDED, wait_for_run
+    state = wait_for_run(job, a.poll_seconds)
+    if state != SUCCEEDED: print(f"{job.resource_name} ended {state}: nothing to import", file=sys.stderr); return 1
+    return _cmd_import_job(argparse.Namespace(job=job.resource_name, model_name=a.model_name, no_evaluate=False,
+                                              profile="quick", upload=a.upload))
 
 # %% ../nbs/cli.ipynb #b1c2d021
 def _cmd_gcp(a) -> int:
@@ -304,10 +406,27 @@ def _cmd_vertex_serving(a) -> int:
     print(done.resource_name)
     return 0
 
+# %% ../nbs/cli.ipynb #5863b66e
+def _cmd_features(a) -> int:
+    import json
+    from fmnist_gcp.config import Settings
+    from fmnist_gcp.features import lookup
+    for row in lookup(Settings.from_env(), a.ids, a.view): print(json.dumps(row))  # FeatureError before any output
+    return 0
+
+def _cmd_similar(a) -> int:
+    import json
+    from fmnist_gcp.config import Settings
+    from fmnist_gcp.features import similar
+    if a.k < 1: raise ValueError(f"-k {a.k}: ask for at least one neighbour")
+    print(json.dumps(similar(Settings.from_env(), a.id, a.k), indent=2))
+    return 0
+
 # %% ../nbs/cli.ipynb #b1c2d018
-_COMMANDS = {"run": _cmd_run, "runs": _cmd_runs, "data": _cmd_data, "config": _cmd_config, "serve": _cmd_serve,
+_COMMANDS = {"run": _cmd_run, "rerun": _cmd_rerun, "runs": _cmd_runs, "data": _cmd_data, "config": _cmd_config, "serve": _cmd_serve,
              "predict": _cmd_predict, "models": _cmd_models, "submit-training": _cmd_submit_training, "gcp": _cmd_gcp,
-             "deploy": _cmd_vertex_serving, "undeploy": _cmd_vertex_serving, "batch-predict": _cmd_vertex_serving}
+             "deploy": _cmd_vertex_serving, "undeploy": _cmd_vertex_serving, "batch-predict": _cmd_vertex_serving,
+             "features": _cmd_features, "similar": _cmd_similar}
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `fmnist` command."

@@ -7,23 +7,32 @@ Docs: https://fmnist-gcp.github.io/fmnist-gcp/pipeline.html.md"""
 # %% ../nbs/pipeline.ipynb #5e976f44
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import Settings, write_bytes_atomic, recorded
+from .config import DEFAULT_MODEL, Settings, write_bytes_atomic, recorded
 
 # %% auto #0
-__all__ = ['STAGES', 'RESERVED', 'PROFILE_NAMES', 'PACKAGES', 'REPORT_TEMPLATE', 'HEADLINE', 'COMPARE_FIGURES', 'PipelineError',
-           'Stage', 'prerequisites', 'nbs_dir', 'resolve_stages', 'declared_parameters', 'typed', 'parse_overrides',
-           'profile_params', 'plan_run', 'package_versions', 'git_state', 'report_tag', 'tag_report_cells',
-           'render_html', 'cell_seconds', 'execute_stage', 'run_page', 'list_runs', 'compare_runs', 'write_index',
-           'StageFailed', 'check_cloud', 'new_run_id', 'run_pipeline']
+__all__ = ['STAGES', 'RESERVED', 'PROFILE_NAMES', 'PACKAGES', 'REPORT_TEMPLATE', 'HEADLINE', 'COMPARE_FIGURES', 'RUN_SPECIFIC',
+           'PipelineError', 'Stage', 'prerequisites', 'nbs_dir', 'resolve_stages', 'declared_parameters', 'typed',
+           'parse_overrides', 'profile_params', 'plan_run', 'package_versions', 'git_state', 'report_tag',
+           'tag_report_cells', 'render_html', 'RunInterrupted', 'StopSignals', 'StageKernel', 'cell_seconds',
+           'execute_stage', 'notebook_source_sha256', 'notebook_imports', 'import_versions', 'resolve_artefact',
+           'artefact_hash', 'stage_key', 'output_hashes', 'find_reusable', 'reuse_stage', 'run_page', 'process_record',
+           'process_gone', 'list_runs', 'compare_runs', 'write_index', 'StageFailed', 'check_cloud', 'new_run_id',
+           'run_pipeline', 'read_run', 'replay_plan', 'resume_run', 'rerun_checks', 'figure_kind', 'compare_figures',
+           'reproduction', 'format_reproduction', 'rerun', 'explain_cache']
 
 # %% ../nbs/pipeline.ipynb #e84afd3e
 class PipelineError(ValueError):
@@ -38,6 +47,7 @@ class Stage:
     reads: tuple[str, ...] = ()  # store artefacts it reads, "store:path"
     writes: tuple[str, ...] = ()  # store artefacts it writes, "store:path" (a trailing / is a folder)
     side_effects: str = ""  # what it changes beyond its outputs
+    home_state: tuple[str, ...] = ()  # files it keeps under FMNIST_HOME (a local feature store): reused only if present
 
     @property
     def name(self) -> str: return self.notebook.split("_", 1)[1]  # short name = figure key
@@ -56,6 +66,13 @@ STAGES: tuple[Stage, ...] = (
     Stage("04_preprocessing", "augmentation and the dataset exports: TFRecord, NPZ, PNG + AutoML CSV, JSONL",
           reads=(_SPLIT, _NORM), writes=(_PRE, _TFR, "datasets:exports/npz/", "datasets:exports/png/",
                                           "datasets:exports/automl/import.csv", "datasets:exports/batch/test_instances.jsonl")),
+    Stage("05_features", "per-image statistics in the feature store (Feast locally; BigQuery + Vertex AI Feature Store on vertex)",
+          writes=("datasets:features/image_stats.parquet",),
+          side_effects="updates the Feast registry and SQLite online store under $FMNIST_HOME/feast (vertex: the BigQuery "
+                       "table, the online store and feature view, a sync)",
+          home_state=("feast/registry.db", "feast/online.db")),
+    Stage("06_automl", "local AutoML: a budgeted, pruned, resumable Optuna search; its best model exported as fmnist-automl",
+          reads=(_PRE, _TFR), writes=("models:fmnist-automl/", "models:fmnist-automl/studies/<run_id>/journal.log")),
     Stage("07_training", "the custom CNN trained, calibrated and exported as a new model version",
           reads=(_PRE, _TFR), writes=(_VERSION, "models:checkpoints/<run_id>/", "dev:runs/<run_id>/tensorboard/")),
     Stage("08_evaluation", "test metrics against the AutoML references, plots, the model card",
@@ -66,6 +83,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("09a_serving", "the prediction server on loopback: real requests, rejected ones, latency",
           reads=("models:<model>/registry.json", _VERSION),
           side_effects="runs a prediction server on 127.0.0.1 while the stage runs"),
+    Stage("10_embeddings", "the champion's embeddings in the feature store: point-in-time joins, nearest neighbours, lookup latency",
+          reads=("models:<model>/registry.json",), writes=("datasets:features/image_embedding.parquet",),
+          side_effects="updates $FMNIST_HOME/feast (online store, similarity index); vertex: BigQuery load, a feature view "
+                       "with an embedding index, a sync",
+          home_state=("feast/registry.db", "feast/online.db")),
 )
 
 # %% ../nbs/pipeline.ipynb #a2c1e002
@@ -168,9 +190,17 @@ def profile_params(profile: str) -> dict[str, dict[str, Any]]:
                   "03_statistics": {"max_images": 2000}, "04_preprocessing": {"max_images": 600, "shards": 2},
                   "08_evaluation": {"max_images": 1000}},
         "quick": {**all_data, "02_exploration": {"max_images": 0, "embed_images": 3000},
+                  "05_features": {"max_images": 0}, "10_embeddings": {"max_images": 10_000},
+                  "06_automl": {"budget_minutes": 2.5, "max_trials": 20, "trial_epochs": 2, "search_train_images": 15_000,
+                                "search_val_images": 2000, "widths_choices": "16,32,64|32,64|32,64,128", "batch_sizes": "128,256"},
                   "04_preprocessing": {"max_images": 0, "shards": 8, "erase_prob": 0.0},
-                  "07_training": {**recipe_params(), **run}},
+                  "07_training": {**recipe_params(), **run, "deterministic": True}},  # costs little: bench/determinism_cost.py
         "full": {**all_data, "02_exploration": {"max_images": 0, "embed_images": 5000, "embedding": "tsne"},
+                 "05_features": {"max_images": 0}, "10_embeddings": {"max_images": 0},
+                 "06_automl": {"budget_minutes": 30.0, "max_trials": 60, "trial_epochs": 4, "search_train_images": 20_000,
+                               "search_val_images": 0, "widths_choices": "32,64,128|64,128,256|32,64,128,256",
+                               "batch_sizes": "64,128,256", "pruner": "hyperband", "retrain_best": True, "retrain_epochs": 20,
+                               "saved_model": True},
                  "04_preprocessing": {"max_images": 0, "shards": 8, "erase_prob": 0.3},
                  "07_training": {**recipe_params(widths=(64, 128, 256), epochs=30, batch_size=128, lr=0.003,
                                                  warmup_frac=0.1), **run}},
@@ -214,7 +244,7 @@ def plan_run(profile: str = "quick", stages: list[str] | None = None, overrides:
 
 # %% ../nbs/pipeline.ipynb #7cafb1bf
 PACKAGES = ["fmnist-gcp", "numpy", "pandas", "scikit-learn", "tensorflow", "tensorflow-cpu", "keras", "matplotlib",
-            "papermill", "nbdev", "fsspec", "gcsfs", "google-cloud-aiplatform"]
+            "papermill", "nbdev", "fsspec", "gcsfs", "google-cloud-aiplatform", "feast", "optuna"]
 
 def package_versions(names: list[str] = PACKAGES) -> dict[str, str]:
     "Installed versions of `names` (missing ones are left out)."
@@ -298,39 +328,327 @@ def render_html(nb, html: Path) -> Path:
     write_bytes_atomic(str(html), body.encode())
     return html
 
+# %% ../nbs/pipeline.ipynb #b7e1a002
+class RunInterrupted(KeyboardInterrupt):
+    "SIGINT or SIGTERM stopped the run; `exit_status` is what the command exits with (128 + the signal number)."
+    def __init__(self, run_id: str, signum: int, stage: str | None = None, report: Path | None = None):
+        where = f" in {stage}" if stage else " between stages"
+        super().__init__(f"run {run_id} interrupted by {signal.Signals(signum).name}{where}")
+        self.run_id, self.signum, self.stage, self.report, self.exit_status = run_id, signum, stage, report, 128 + signum
+
+# %% ../nbs/pipeline.ipynb #b7e1a003
+class StopSignals:
+    "While open in the main thread, SIGINT and SIGTERM set `signum` (the first one that came) instead of stopping the process."
+    def __init__(self): self.signum, self._old = None, {}
+
+    def _note(self, signum, frame):
+        if self.signum is None: self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            self._old = {s: signal.signal(s, self._note) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items(): signal.signal(s, h)
+
+# %% ../nbs/pipeline.ipynb #b7e1a006
+class StageKernel:
+    "The kernel papermill starts for one stage: its manager, the event loop driving it, and its process id."
+    def __init__(self): self.km, self.loop, self.pid = None, None, None
+
+    def manager_class(self):
+        "A kernel manager class for papermill (`kernel_manager_class`) that reports its kernel to this object."
+        import asyncio
+        from jupyter_client.manager import AsyncKernelManager
+        holder = self
+        class StageKernelManager(AsyncKernelManager):
+            async def start_kernel(self, **kw):
+                holder.km, holder.loop = self, asyncio.get_running_loop()
+                await super().start_kernel(**kw)
+                holder.pid = getattr(self.provisioner, "pid", None)
+        return StageKernelManager
+
+    def call(self, method: str, timeout: float = 10, **kw) -> bool:
+        "Run the manager's `method` (e.g. `interrupt_kernel`) on papermill's loop; False if there is no kernel or no answer."
+        import asyncio
+        if self.km is None or self.loop is None or self.loop.is_closed(): return False
+        try:
+            asyncio.run_coroutine_threadsafe(getattr(self.km, method)(**kw), self.loop).result(timeout)
+            return True
+        except Exception: return False
+
+    def kill(self) -> None:
+        "SIGKILL the kernel's process group if it is still there (the kernel runs in a session of its own)."
+        if self.pid is None: return
+        try: os.killpg(os.getpgid(self.pid), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError): pass
+
+# %% ../nbs/pipeline.ipynb #b7e1a009
+def _papermill_thread(step: dict, out: Path, cwd: Path, kernel: StageKernel) -> tuple[threading.Thread, dict]:
+    "Start papermill on `step` in a thread; the dict receives the exception it raised, if any."
+    import papermill as pm
+    res = {}
+    def work():
+        try:
+            pm.execute_notebook(str(step["notebook"]), str(out), parameters=step["params"], kernel_name="python3",
+                                progress_bar=False, cwd=str(cwd), log_output=False, kernel_manager_class=kernel.manager_class(),
+                                extra_arguments=["--IPKernelApp.log_level=CRITICAL"])  # no TCP-encryption warning, no
+                                # "KeyboardInterrupt caught in kernel" when the kernel manager interrupts an idle kernel on shutdown
+        except BaseException as e:  # papermill's execution error, or a kernel that died
+            res["error"] = e
+    t = threading.Thread(target=work, name=f"papermill-{step['stage']}", daemon=True)
+    t.start()
+    return t, res
+
+# %% ../nbs/pipeline.ipynb #b7e1a010
+def _wait_or_stop(t: threading.Thread, kernel: StageKernel, stop: StopSignals | None, grace: float = 5.0) -> bool:
+    "Wait for papermill's thread; on a stop signal interrupt the kernel, then shut it down. True if it was stopped."
+    while t.is_alive() and not (stop and stop.signum): t.join(0.1)
+    if not t.is_alive(): return False
+    started = time.monotonic()  # a kernel still starting gets papermill's start timeout
+    while kernel.pid is None and t.is_alive() and time.monotonic() - started < 60: t.join(0.1)
+    kernel.call("interrupt_kernel"); t.join(grace)  # the running cell raises KeyboardInterrupt
+    if t.is_alive(): kernel.call("shutdown_kernel", now=True); t.join(grace)
+    if t.is_alive(): kernel.kill(); t.join(grace)
+    return True
+
 # %% ../nbs/pipeline.ipynb #09104c5c
 def cell_seconds(nb) -> float:
     "Sum of the cells' execution times papermill recorded in an executed notebook node."
     return float(sum((c.metadata.get("papermill", {}).get("duration") or 0) for c in nb.cells))
 
 # %% ../nbs/pipeline.ipynb #a2c1e015
-def execute_stage(step: dict, run_dir: Path, cwd: Path) -> dict:
+def execute_stage(step: dict, run_dir: Path, cwd: Path, stop: StopSignals | None = None) -> dict:
     "Run one planned stage with papermill; returns its manifest entry (status, seconds, paths, error)."
-    import papermill as pm
+    import nbformat
     out, html = run_dir / f"{step['stage']}.ipynb", run_dir / f"{step['stage']}.html"
-    t0, error, nb = time.perf_counter(), None, None
-    try:
-        nb = pm.execute_notebook(str(step["notebook"]), str(out), parameters=step["params"], kernel_name="python3",
-                                 progress_bar=False, cwd=str(cwd), log_output=False,
-                                 extra_arguments=["--IPKernelApp.log_level=ERROR"])  # no TCP-encryption warning
-    except Exception as e:  # papermill's execution error, or a kernel that died
-        error = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
-        if out.exists():  # the notebook as far as it ran, error included
-            import nbformat
-            nb = nbformat.read(out, 4)
+    t0, kernel = time.perf_counter(), StageKernel()
+    t, res = _papermill_thread(step, out, cwd, kernel)
+    stopped = _wait_or_stop(t, kernel, stop)
+    kernel.kill()  # no kernel outlives its stage, whatever happened to papermill
+    e = res.get("error") if not t.is_alive() else RuntimeError("papermill did not return after its kernel was killed")
+    error = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}" if e else None
+    if error and stopped: error = f"interrupted by {signal.Signals(stop.signum).name} ({error.rstrip(': ')})"
+    nb = nbformat.read(out, 4) if out.exists() else None  # the notebook as far as it ran, error included
     seconds = time.perf_counter() - t0
     cells = cell_seconds(nb) if nb is not None else 0.0
     if nb is not None: render_html(nb, html)
-    return {"stage": step["stage"], "status": "failed" if error else "ok", "seconds": round(seconds, 2),
+    status = ("interrupted" if stopped else "failed") if error else "ok"
+    return {"stage": step["stage"], "status": status, "seconds": round(seconds, 2),
             "cell_seconds": round(cells, 2), "overhead_seconds": round(seconds - cells, 2),
             "params": step["params"], "notebook": out.name, "report": html.name if html.exists() else None,
             **({"error": error} if error else {})}
 
+# %% ../nbs/pipeline.ipynb #c4a7e002
+def _sha(data: bytes | str) -> str: return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+def notebook_source_sha256(nb: str | Path) -> str:
+    "sha256 of a notebook's cleaned source: each cell's type and source (outputs, ids and metadata left out)."
+    import nbformat
+    return _sha(json.dumps([[c.cell_type, c.source] for c in nbformat.read(nb, 4).cells]))
+
+# %% ../nbs/pipeline.ipynb #c4a7e005
+def _imported(source: str, package: str = "", top_level: bool = False) -> set[str]:
+    "Modules that Python `source` imports, at any depth or at `top_level` only (% and ! lines skipped; relative ones from `package`)."
+    import ast
+    try: tree = ast.parse("\n".join(l for l in source.splitlines() if not l.lstrip().startswith(("%", "!"))))
+    except SyntaxError: return set()
+    out = set()
+    for node in (tree.body if top_level else ast.walk(tree)):
+        if isinstance(node, ast.Import): out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and (package or not node.level):
+            base = ".".join([*package.split(".")[:len(package.split(".")) - node.level + 1], *([node.module] if node.module else [])]) if node.level else node.module
+            out |= {base, *(f"{base}.{a.name}" for a in node.names)}  # `from pkg import module` imports a module too
+    return out
+
+def notebook_imports(nb: str | Path) -> set[str]:
+    "Modules the code cells of notebook `nb` import."
+    import nbformat
+    return set().union(*(_imported(c.source) for c in nbformat.read(nb, 4).cells if c.cell_type == "code"))
+
+# %% ../nbs/pipeline.ipynb #c4a7e007
+def _package(name: str, f: Path) -> str: return name if f.name == "__init__.py" else name.rsplit(".", 1)[0]
+
+def _own_modules(names: set[str]) -> dict[str, Path]:
+    "This package's modules among `names` and those they import at module level, transitively: name -> source file."
+    import fmnist_gcp
+    root = Path(fmnist_gcp.__file__).resolve().parent
+    todo, seen, found = [n for n in names if n.split(".")[0] == "fmnist_gcp"], set(), {}
+    while todo:
+        name = todo.pop()
+        if name in seen: continue
+        seen.add(name)
+        rel = Path(*name.split(".")[1:])
+        f = next((p for p in ([root / f"{rel}.py"] if rel.parts else []) + [root / rel / "__init__.py"] if p.is_file()), None)
+        if f is None: continue  # a name imported from a module, not a module
+        found[name] = f
+        todo += [n for n in _imported(f.read_text(), _package(name, f), top_level=True) if n.split(".")[0] == "fmnist_gcp"]
+    return found
+
+# %% ../nbs/pipeline.ipynb #c4a7e008
+def import_versions(modules: set[str]) -> dict[str, str]:
+    "Python's version, the versions of the distributions `modules` import (also inside functions, and through this package's modules), and the sha256 of those modules."
+    from importlib.metadata import PackageNotFoundError, packages_distributions, version
+    import fmnist_gcp
+    own, root = _own_modules(modules), Path(fmnist_gcp.__file__).resolve().parent
+    tops = {m.split(".")[0] for m in set(modules).union(*(_imported(p.read_text(), _package(n, p)) for n, p in own.items()))}
+    dists, out = _distributions(), {"python": sys.version.split()[0]}
+    for top in sorted(tops - {"fmnist_gcp"} - set(sys.stdlib_module_names)):
+        for d in dists.get(top, []):
+            try: out[d] = version(d)
+            except PackageNotFoundError: pass
+    return {**out, **{f"fmnist_gcp/{p.relative_to(root)}": _sha(p.read_bytes())[:16] for p in sorted(own.values())}}
+
+def _distributions() -> dict[str, list[str]]:
+    from importlib.metadata import packages_distributions
+    global _DISTS
+    if "_DISTS" not in globals(): _DISTS = packages_distributions()
+    return _DISTS
+
+# %% ../nbs/pipeline.ipynb #c4a7e011
+def resolve_artefact(art: str, values: dict) -> str | None:
+    "`art` with `<name>` placeholders filled from `values`; None while one of them is unknown."
+    for k, v in values.items():
+        if v not in (None, ""): art = art.replace(f"<{k}>", str(v))
+    return None if re.search(r"<\w+>", art) else art
+
+def _nested(art: str) -> tuple[str, ...]:
+    "Declared outputs of any stage inside folder artefact `art` (not part of it)."
+    return tuple(w for s in STAGES for w in s.writes if art.endswith("/") and w != art and w.startswith(art))
+
+# %% ../nbs/pipeline.ipynb #c4a7e013
+_HASHED: dict[tuple, str] = {}  # (path, size, inode, mtime) -> sha256
+
+def _file_hash(fs, path: str, info: dict) -> str:
+    "sha256 of a local file (memoised while unchanged); an object store's md5 (or crc32c) from its metadata."
+    if "file" not in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+        return f"md5:{info['md5Hash']}" if info.get("md5Hash") else f"crc32c:{info.get('crc32c') or info.get('etag')}"
+    key = (path, info.get("size"), info.get("ino"), info.get("mtime"))
+    if key not in _HASHED:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20): h.update(chunk)
+        _HASHED[key] = h.hexdigest()
+    return _HASHED[key]
+
+# %% ../nbs/pipeline.ipynb #c4a7e014
+def artefact_hash(settings: Settings, art: str,  # "store:path"; a trailing / makes it a folder
+                  exclude: tuple[str, ...] = ()) -> str | None:  # artefacts inside the folder that are not part of it
+    "Content hash of a store artefact (a folder: over its files' relative names and hashes); None if it does not exist."
+    from fmnist_gcp.config import _is_temp, filesystem
+    store, rel = art.split(":", 1)
+    fs, path = filesystem(settings.store(store).uri(rel))
+    if not rel.endswith("/"): return _file_hash(fs, path, fs.info(path)) if fs.isfile(path) else None
+    root, skip = path.rstrip("/") + "/", [e.split(":", 1)[1][len(rel):] for e in exclude]
+    files = fs.find(root, detail=True) if fs.isdir(root) else {}
+    items = sorted((p[len(root):], _file_hash(fs, p, i)) for p, i in files.items() if p.startswith(root)
+                   and not _is_temp(p.rsplit("/", 1)[-1]) and not any(p[len(root):] == s or (s.endswith("/") and p[len(root):].startswith(s)) for s in skip))
+    return _sha(json.dumps(items)) if items else None
+
+# %% ../nbs/pipeline.ipynb #c4a7e017
+_STAGE = {s.notebook: s for s in STAGES}
+_VERSION_WRITER = next(s.notebook for s in STAGES if _VERSION in s.writes)  # the stage that makes model versions
+
+def _values(step: dict, figures: dict) -> dict:
+    "What `<model>`, `<version>` and `<run_id>` stand for in `step`, given the figures its run recorded so far."
+    made = figures.get(_STAGE[_VERSION_WRITER].name) or {}
+    p = step["params"]
+    return {"model": p.get("model_name") or made.get("model") or DEFAULT_MODEL, "run_id": p["run_id"],
+            "version": p.get("version") or made.get("version")}
+
+def _resolved(arts, values: dict) -> tuple[str, ...]:
+    return tuple(r for r in (resolve_artefact(a, values) for a in arts) if r)
+
+# %% ../nbs/pipeline.ipynb #c4a7e018
+def stage_key(step: dict, settings: Settings, data_sha256: dict, figures: dict) -> dict:
+    "The cache key of planned stage `step` and the parts it hashes: notebook, params, inputs, data, packages, stores."
+    values = _values(step, figures)
+    params = {k: v for k, v in step["params"].items() if k != "run_id"}
+    if params.get("version") == 0 and values["version"]: params["version"] = int(values["version"])
+    inputs = {}
+    for art in _STAGE[step["stage"]].reads:
+        r = resolve_artefact(art, values)
+        inputs[r or art] = artefact_hash(settings, r, _resolved(_nested(art), values)) if r else None
+    parts = {"notebook": notebook_source_sha256(step["notebook"]), "params": params, "inputs": inputs,
+             "data": dict(data_sha256), "packages": import_versions(notebook_imports(step["notebook"])),
+             "stores": {"backend": settings.backend, **settings.buckets}}
+    return {"key": _sha(json.dumps(parts, sort_keys=True, default=str)), "parts": parts}
+
+def output_hashes(stage: str, settings: Settings, values: dict) -> dict[str, str | None]:
+    "The hash of each output `stage` declares, by resolved `store:path` (None: missing or unresolved)."
+    return {resolve_artefact(a, values) or a: artefact_hash(settings, resolve_artefact(a, values), _resolved(_nested(a), values))
+            if resolve_artefact(a, values) else None for a in _STAGE[stage].writes}
+
+# %% ../nbs/pipeline.ipynb #c4a7e021
+def _short(s: Any) -> str: return re.sub(r"\b([0-9a-f]{12})[0-9a-f]{20,}\b", r"\1…", str(s))
+
+def _changes(parts: dict, old: dict) -> list[str]:
+    "What differs between the parts of two cache keys, in words."
+    out = []
+    for k in ("notebook", "params", "inputs", "data", "packages", "stores"):
+        a, b = old.get(k), parts.get(k)
+        if a == b: continue
+        if not (isinstance(a, dict) and isinstance(b, dict)): out.append(f"{k} changed"); continue
+        v = lambda d, n: "(none)" if d.get(n) is None else d[n]
+        diff = [f"{n} {v(a, n)} -> {v(b, n)}" for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)]
+        out.append(f"{k}: {_short('; '.join(diff[:4]))}{' …' if len(diff) > 4 else ''}")
+    return out
+
+# %% ../nbs/pipeline.ipynb #c4a7e023
+def _unusable(m: dict, e: dict, settings: Settings, runs_dir: Path) -> str | None:
+    "Why the `ok` entry `e` of run `m` cannot stand in for a new execution, or None."
+    values = (e.get("cache") or {}).get("values") or {}
+    now = output_hashes(e["stage"], settings, values)
+    if now != e.get("outputs"):
+        bad = [a for a in set(now) | set(e.get("outputs") or {}) if now.get(a) != (e.get("outputs") or {}).get(a)]
+        return f"output {bad[0]} {'is missing' if now.get(bad[0]) is None else 'changed'} since {m['folder']}"
+    if not (runs_dir / m["folder"] / (e.get("notebook") or "-")).is_file(): return f"{m['folder']} has no {e.get('notebook')}"
+    fig = f"runs/{m['run_id']}/figures/{_STAGE[e['stage']].name}.json"
+    if _STAGE[e["stage"]].name in (m.get("figures") or {}) and not settings.dev.exists(fig):
+        return f"its figures are gone from the dev store ({fig})"
+    return None
+
+# %% ../nbs/pipeline.ipynb #c4a7e024
+def find_reusable(step: dict, key: dict, runs: list[dict], settings: Settings) -> tuple[dict | None, str]:
+    "({manifest, entry}, reason) of an earlier `ok` execution that can stand in for `step`; (None, why not) otherwise."
+    st = _STAGE[step["stage"]]
+    if st.side_effects and not st.writes: return None, f"always runs: it {st.side_effects} and has no outputs to check"
+    gone = [p for p in st.home_state if not (Path(settings.home) / p).exists()]
+    if gone: return None, f"its local state is missing ({', '.join(gone)} under {settings.home})"
+    mine = [(m, e) for m in runs for e in m.get("stages", []) if e["stage"] == st.notebook and e.get("status") == "ok" and e.get("cache")]
+    same = [(m, e) for m, e in mine if e["cache"]["key"] == key["key"]]
+    if not mine: return None, "no earlier run of this stage with a cache key"
+    if not same: return None, f"changed since {mine[0][0]['folder']}: " + "; ".join(_changes(key["parts"], mine[0][1]["cache"]["parts"]))
+    runs_dir, why = Path(settings.runs_dir).resolve(), []
+    for m, e in same:
+        bad = _unusable(m, e, settings, runs_dir)
+        if not bad: return {"manifest": m, "entry": e}, f"key unchanged since {m['folder']}; {len(e.get('outputs') or {})} output(s) verified"
+        why.append(bad)
+    return None, "key unchanged, but " + "; ".join(dict.fromkeys(why[:3]))
+
+# %% ../nbs/pipeline.ipynb #c4a7e025
+def reuse_stage(step: dict, source: dict, run_dir: Path, settings: Settings) -> dict:
+    "Copy a reused stage's executed notebook, report and figures from the earlier run into `run_dir`; returns its entry."
+    t0, m, e = time.perf_counter(), source["manifest"], source["entry"]
+    src_dir = run_dir.parent / m["folder"]
+    if src_dir.resolve() == run_dir.resolve():  # resuming: the stage finished in this very run
+        return {**e, "kept": True}
+    for f in (e.get("notebook"), e.get("report")):
+        if f: shutil.copy2(src_dir / f, run_dir / f)
+    name = _STAGE[step["stage"]].name
+    rel = f"runs/{m['run_id']}/figures/{name}.json"
+    if settings.dev.exists(rel): settings.dev.write_bytes(f"runs/{step['params']['run_id']}/figures/{name}.json", settings.dev.read_bytes(rel))
+    keep = {k: e[k] for k in ("notebook", "report", "outputs", "cell_seconds") if k in e}
+    return {"stage": step["stage"], "status": "ok", "reused_from": e.get("reused_from") or m["folder"],
+            "seconds": round(time.perf_counter() - t0, 2), "source_seconds": e.get("source_seconds", e.get("seconds")),
+            "params": step["params"], **keep}
+
 # %% ../nbs/pipeline.ipynb #86ea25b4
 _CSS = """<style>body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:70em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
-th{background:#f3f3f3}.ok,.yes{color:#176f2c}.failed,.interrupted,.no{color:#b00020;font-weight:bold}.running{color:#a66}
-.big{font-size:130%;font-weight:bold}summary{cursor:pointer;margin:.6em 0}code{font-size:90%}</style>"""
+th{background:#f3f3f3}.ok,.yes{color:#176f2c}.failed,.interrupted,.no{color:#b00020;font-weight:bold}.running,.stale{color:#a66}
+.reused{color:#57606a;font-size:90%}.big{font-size:130%;font-weight:bold}summary{cursor:pointer;margin:.6em 0}code{font-size:90%}</style>"""
 
 def _esc(s: Any) -> str:
     import html
@@ -361,12 +679,37 @@ def _details(title: str, rows: dict) -> str:
     body = "".join(f"<tr><td>{_esc(k)}</td><td><code>{_esc(v if isinstance(v, str) else json.dumps(v))}</code></td></tr>" for k, v in rows.items())
     return f"<details><summary>{_esc(title)}</summary><table>{body}</table></details>"
 
+def _origin(s: dict) -> str:
+    "Where a reused stage came from, for its status cell."
+    if s.get("reused_from"): return f" <span class=reused>reused from {_link('../' + s['reused_from'] + '/index.html', s['reused_from'])}</span>"
+    return " <span class=reused>kept from the earlier attempt</span>" if s.get("kept") else ""
+
 def _stage_rows(m: dict) -> str:
     about = {s.notebook: s.summary for s in STAGES}
     return "".join(
         f"<tr><td>{i}</td><td>{_link(s.get('report'), s['stage'])}</td><td>{_esc(about.get(s['stage'], ''))}</td>"
-        f"<td class={s['status']}>{s['status']}</td><td>{s.get('seconds', '')}</td><td>{_esc(s.get('error', ''))}</td></tr>"
+        f"<td><span class={s['status']}>{s['status']}</span>{_origin(s)}</td><td>{s.get('seconds', '')}</td><td>{_esc(s.get('error', ''))}</td></tr>"
         for i, s in enumerate(m["stages"], 1))
+
+# %% ../nbs/pipeline.ipynb #a9e1c001
+def _figure_table(rows: list[dict]) -> str:
+    v = lambda x: "–" if x is None else _esc(x if isinstance(x, str) else json.dumps(x))
+    ok = lambda r: "<span class=yes>yes</span>" if r["identical"] else f"({r['kind']})" if r["kind"] != "result" else "<span class=no>no</span>"
+    return ("<table><tr><th>figure</th><th>original</th><th>rerun</th><th>identical</th></tr>"
+            + "".join(f"<tr><td>{_esc(r['figure'])}</td><td>{v(r['original'])}</td><td>{v(r['rerun'])}</td><td>{ok(r)}</td></tr>" for r in rows) + "</table>")
+
+def _reproduction_html(m: dict) -> str:
+    "The run page's section on the run a rerun reproduces: the verdict, the headline figures side by side, every figure folded."
+    of, rep = m.get("reproduces"), m.get("reproduction")
+    if not of: return ""
+    head = f"<h2>Reproduces run {_link(f'../{of}/index.html', of)}</h2>" + "".join(f"<p>warning: {_esc(w)}</p>" for w in m.get("rerun_warnings", []))
+    if not rep: return head + "<p>The comparison is written when the rerun ends.</p>"
+    det = "training was deterministic" if rep["deterministic"] else "training was not deterministic: differences are expected"
+    verdict = ("<span class=yes>every result figure is identical</span>" if rep["identical"]
+               else f"<span class=no>{len(rep['differ'])} result figure(s) differ</span>: {_esc(', '.join(rep['differ']))}")
+    top = [r for r in rep["rows"] if r["figure"] in _headline_paths()]
+    return (f"{head}<p>{verdict} ({det}).</p>{_figure_table(top)}"
+            f"<details><summary>Every figure ({len(rep['rows'])})</summary>{_figure_table(rep['rows'])}</details>")
 
 # %% ../nbs/pipeline.ipynb #a2c1e018
 def run_page(m: dict) -> str:
@@ -376,21 +719,44 @@ def run_page(m: dict) -> str:
             f"<p><a href=../index.html>all runs</a></p><h1>Run {_esc(m['run_id'])} <span class={m['status']}>{m['status']}</span></h1>"
             f"<p>profile <b>{_esc(m['profile'])}</b> · backend {_esc(m['backend'])} · started {_esc(m['started'])} · "
             f"{m.get('seconds', '?')} s · git <code>{_esc((git.get('sha') or '')[:10])}</code>{' (uncommitted changes)' if git.get('dirty') else ''}</p>"
-            f"<h2>Results</h2>{_headline_html(m.get('figures', {}))}"
+            f"<h2>Results</h2>{_headline_html(m.get('figures', {}))}{_reproduction_html(m)}"
             f"<h2>Stages</h2><table><tr><th>#</th><th>report</th><th>what it does</th><th>status</th><th>seconds</th><th>error</th></tr>{_stage_rows(m)}</table>"
             + _details("Parameters of each stage", {s["stage"]: s.get("params", {}) for s in m["stages"]})
             + _details("Every figure the stages recorded", {f"{st}.{k}": v for st, d in m.get("figures", {}).items() for k, v in d.items()})
             + _details("Data (sha256 of the decompressed IDX files)", m.get("data_sha256") or {})
             + _details("Stores, git and packages", {**(m.get("settings") or {}), "git": git, **(m.get("packages") or {})})
+            + _details("Cache keys and reasons", {s["stage"]: f"{s['cache']['key'][:12]}: {s['cache'].get('reason', '')}" for s in m["stages"] if s.get("cache")})
             + "<p><a href=run.json>run.json</a></p></body></html>")
+
+# %% ../nbs/pipeline.ipynb #d5b8f002
+def _proc_start(pid: int) -> str | None:
+    "Start time of process `pid` in clock ticks since boot (Linux), or None."
+    try: return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError): return None
+
+def process_record() -> dict:
+    "Host, pid and start time of this process."
+    import socket
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _proc_start(os.getpid())}
+
+def process_gone(p: dict | None) -> bool:
+    "True when the process in record `p` is known to have ended (it can only be known on the same host)."
+    import socket
+    if not p or p.get("host") != socket.gethostname(): return False
+    try: os.kill(p["pid"], 0)
+    except ProcessLookupError: return True
+    except PermissionError: pass
+    return p.get("start") is not None and _proc_start(p["pid"]) not in (None, p["start"])
 
 # %% ../nbs/pipeline.ipynb #a2c1e020
 def list_runs(runs_dir: str | Path) -> list[dict]:
-    "Manifests of all runs under `runs_dir`, newest first, each with `folder`, its directory name (unreadable ones are skipped)."
+    "Manifests of all runs under `runs_dir`, newest first, each with `folder`, its directory name (unreadable ones are skipped); a run whose process died is `stale`."
     out = []
     for p in Path(runs_dir).glob("*/run.json"):
-        try: out.append({**json.loads(p.read_text()), "folder": p.parent.name})
+        try: m = {**json.loads(p.read_text()), "folder": p.parent.name}
         except (OSError, ValueError): continue
+        if m.get("status") == "running" and process_gone(m.get("process")): m["status"] = "stale"
+        out.append(m)
     return sorted(out, key=lambda m: (m.get("started", ""), m["folder"]), reverse=True)
 
 # %% ../nbs/pipeline.ipynb #a2c1e021
@@ -441,19 +807,78 @@ def _manifest(run_id: str, profile: str, plan: list, overrides: list | None, set
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "params": {s["stage"]: s["params"] for s in plan},
             "overrides": overrides or [], "data_sha256": {d["file"]: d["sha256"] for d in data.values()},
             "data_sources": sorted({d["source"] for d in data.values()}), "git": git_state(nbs),
-            "packages": package_versions(), "settings": settings.report(), "stages": [], "figures": {}}
+            "packages": package_versions(), "settings": settings.report(), "process": process_record(), "stages": [], "figures": {}}
 
-# %% ../nbs/pipeline.ipynb #a2c1e025
-def _execute(plan: list, m: dict, run_dir: Path, nbs: Path, settings: Settings, on_stage) -> None:
+# %% ../nbs/pipeline.ipynb #d5b8f010
+def _with_run_version(step: dict, m: dict, figures: dict) -> dict:
+    "`step` with `version` 0 ('the version this run trained') made explicit when that stage was reused from another run."
+    src = next((e for e in m["stages"] if e["stage"] == _VERSION_WRITER and e.get("reused_from")), None)
+    v = (figures.get(_STAGE[_VERSION_WRITER].name) or {}).get("version")
+    if step["params"].get("version") != 0 or not src or not v: return step
+    return {**step, "params": {**step["params"], "version": int(v)}}
+
+def _forget_figures(settings: Settings, run_id: str, stage: str) -> None:
+    "Remove what an earlier attempt of `stage` in this run recorded (a resumed stage records afresh)."
+    from fmnist_gcp.config import filesystem
+    fs, path = filesystem(settings.dev.uri(f"runs/{run_id}/figures/{_STAGE[stage].name}.json"))
+    if fs.exists(path): fs.rm(path)
+
+# %% ../nbs/pipeline.ipynb #d5b8f011
+def _stage_entry(step: dict, m: dict, run_dir: Path, nbs: Path, settings: Settings, stop: StopSignals,
+                 runs: list[dict] | None, off: str) -> dict:
+    "Reuse the stage when its key allows, else execute it; the entry records the key, its parts and why."
+    figures = recorded(m["run_id"], settings)
+    key = stage_key(step, settings, m["data_sha256"], figures)
+    source, reason = find_reusable(step, key, runs, settings) if runs is not None else (None, off)
+    if source:
+        entry = reuse_stage(step, source, run_dir, settings)
+        values = source["entry"]["cache"]["values"]
+    else:
+        step = _with_run_version(step, m, figures)
+        _forget_figures(settings, m["run_id"], step["stage"])
+        entry = execute_stage(step, run_dir, nbs, stop)
+        values = _values(step, recorded(m["run_id"], settings))
+        if entry["status"] == "ok": entry["outputs"] = output_hashes(step["stage"], settings, values)
+    entry["cache"] = {**key, "values": values, "reason": ("kept from the earlier attempt: " if entry.get("kept") else "") + reason}
+    return entry
+
+# %% ../nbs/pipeline.ipynb #d5b8f012
+def _execute(plan: list, m: dict, run_dir: Path, nbs: Path, settings: Settings, on_stage, stop: StopSignals,
+             runs: list[dict] | None, off: str) -> None:
     for i, step in enumerate(plan, 1):
+        if stop.signum: break
         if on_stage: on_stage(i, len(plan), step["stage"], None)
-        entry = execute_stage(step, run_dir, nbs)
+        entry = _stage_entry(step, m, run_dir, nbs, settings, stop, runs, off)
         m["stages"].append(entry)
         if on_stage: on_stage(i, len(plan), step["stage"], entry)
-        if entry["status"] == "failed":
-            m["status"] = "failed"; return
         _write_run(m, run_dir, settings)
-    m["status"] = "ok"
+        if entry["status"] != "ok":
+            m["status"] = entry["status"]; return
+    m["status"] = "ok" if len(m["stages"]) == len(plan) else "interrupted"
+
+# %% ../nbs/pipeline.ipynb #d5b8f013
+def _run(plan: list, m: dict, run_dir: Path, nbs: Path, settings: Settings, on_stage,
+         runs: list[dict] | None, off: str = "the cache is off (--no-cache)") -> dict:
+    "Execute `plan` into `run_dir` under manifest `m`: the body of a run, a resumed run and a rerun."
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0, before = time.perf_counter(), m.get("seconds") or 0
+    with StopSignals() as stop:
+        try:
+            _write_run(m, run_dir, settings)  # `running`, with this process: from now on the run is listed
+            _execute(plan, m, run_dir, nbs, settings, on_stage, stop, runs, off)
+        except KeyboardInterrupt:  # where no handler could be installed (not the main thread)
+            m["status"] = "interrupted"; raise
+        finally:
+            m["seconds"], m["finished"] = round(before + time.perf_counter() - t0, 2), time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            done = {s["stage"] for s in m["stages"]}
+            m["stages"] += [{"stage": s["stage"], "status": "skipped", "params": s["params"]} for s in plan if s["stage"] not in done]
+            if stop.signum: m["interrupted_by"] = signal.Signals(stop.signum).name
+            _write_run(m, run_dir, settings)
+    bad = next((s for s in m["stages"] if s["status"] in ("failed", "interrupted")), None)
+    if m["status"] == "interrupted":
+        raise RunInterrupted(m["run_id"], stop.signum or signal.SIGINT, bad and bad["stage"], run_dir / ((bad or {}).get("report") or "index.html"))
+    if m["status"] == "failed": raise StageFailed(bad["stage"], run_dir / (bad.get("report") or "index.html"), bad["error"])
+    return m
 
 # %% ../nbs/pipeline.ipynb #c7ecf1a1
 def check_cloud(settings: Settings, plan: list[dict], check: bool = True) -> None:
@@ -479,6 +904,7 @@ def run_pipeline(profile: str = "quick",  # smoke | quick | full
                  settings: Settings | None = None,
                  on_stage: Callable[[int, int, str, dict | None], None] | None = None,  # progress callback
                  check: bool = True,  # run the Google Cloud preflight first (vertex backend); False skips it
+                 cache: bool = True,  # reuse stages whose cache key is unchanged since an earlier run
                  ) -> dict:
     "Execute the selected stages with papermill into `runs/<run_id>/`; returns the manifest."
     from fmnist_gcp.data import ensure_data
@@ -490,17 +916,169 @@ def run_pipeline(profile: str = "quick",  # smoke | quick | full
     run_dir = Path(settings.runs_dir).resolve() / run_id
     if run_dir.exists(): raise PipelineError(f"{run_dir} already exists: pick another --run-id or delete that run")
     m = _manifest(run_id, profile, plan, overrides, settings, ensure_data(settings), nbs)
-    run_dir.mkdir(parents=True)
-    t0 = time.perf_counter()
-    try:
-        _execute(plan, m, run_dir, nbs, settings, on_stage)
-    except KeyboardInterrupt:
-        m["status"] = "interrupted"; raise
-    finally:
-        m["seconds"], m["finished"] = round(time.perf_counter() - t0, 2), time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        m["stages"] += [{"stage": s["stage"], "status": "skipped", "params": s["params"]} for s in plan[len(m["stages"]):]]
-        _write_run(m, run_dir, settings)
-    if m["status"] == "failed":
-        bad = next(s for s in m["stages"] if s["status"] == "failed")
-        raise StageFailed(bad["stage"], run_dir / (bad.get("report") or "index.html"), bad["error"])
+    return _run(plan, m, run_dir, nbs, settings, on_stage, list_runs(run_dir.parent) if cache else None)
+
+# %% ../nbs/pipeline.ipynb #e6c9a002
+def read_run(run_dir: Path) -> dict:
+    "The manifest of the run in `run_dir`, with `folder` (and `stale` status when its process died)."
+    found = [m for m in list_runs(run_dir.parent) if m["folder"] == run_dir.name] if run_dir.is_dir() else []
+    if not found: raise PipelineError(f"no run {run_dir.name} under {run_dir.parent} (no readable run.json); see `fmnist runs`")
+    return found[0]
+
+def replay_plan(m: dict, run_id: str, nbs: Path) -> list[dict]:
+    "The plan of recorded run `m` (its stages and resolved parameters) under `run_id`, checked against the notebooks now."
+    import ast
+    plan = []
+    for stage, params in m["params"].items():
+        nb = nbs / f"{stage}.ipynb"
+        if stage not in _STAGE or not nb.exists(): raise PipelineError(f"run {m['run_id']} ran {stage}, which is not a stage here ({nb})")
+        decl = declared_parameters(nb)
+        gone = sorted(set(params) - set(decl))
+        if gone: raise PipelineError(f"{nb.name} no longer declares {', '.join(gone)}, which run {m['run_id']} set")
+        p = {k: typed(params[k], d["type"], f"{stage}.{k}") if k in params else ast.literal_eval(d["default"]) for k, d in decl.items()}
+        plan.append({"stage": stage, "notebook": nb, "params": {**p, "run_id": run_id}})
+    return plan
+
+# %% ../nbs/pipeline.ipynb #e6c9a004
+def _data_now(settings: Settings) -> dict[str, tuple[str, str]]:
+    "File name -> (sha256, path) of the data files found now (a DataIntegrityError names a corrupt one)."
+    from fmnist_gcp.data import ensure_data
+    return {d["file"]: (d["sha256"], d["path"]) for d in ensure_data(settings).values()}
+
+def _data_changes(m: dict, now: dict) -> list[str]:
+    return [f"{now[f][1]}: sha256 {now[f][0]} now, {sha} when run {m['run_id']} ran"
+            for f, sha in (m.get("data_sha256") or {}).items() if f in now and now[f][0] != sha]
+
+# %% ../nbs/pipeline.ipynb #e6c9a005
+def resume_run(run_id: str, settings: Settings | None = None, on_stage=None, check: bool = True,
+               cache: bool = True,  # also reuse stages from other runs (a run's own finished stages are always kept)
+               ) -> dict:
+    "Continue a failed, interrupted or stale run in its own folder from its first stage that is not ok."
+    settings = settings or Settings.from_env()
+    run_dir = Path(settings.runs_dir).resolve() / run_id
+    old = read_run(run_dir)
+    if old["status"] == "ok": raise PipelineError(f"run {run_id} finished ok: nothing to resume (`fmnist rerun {run_id}` repeats it)")
+    if old["status"] == "running":
+        raise PipelineError(f"run {run_id} is still running (pid {(old.get('process') or {}).get('pid')}): stop it first")
+    nbs = nbs_dir()
+    plan = replay_plan(old, run_id, nbs)
+    check_cloud(settings, plan, check)
+    changed = _data_changes(old, _data_now(settings))
+    if changed: raise PipelineError(f"cannot resume {run_id}: the data changed since it ran:\n  " + "\n  ".join(changed))
+    m = {**{k: v for k, v in old.items() if k not in ("folder", "interrupted_by")}, "status": "running", "stages": [],
+         "process": process_record(), "resumed": [*old.get("resumed", []), {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                   "was": old["status"], "git": git_state(nbs)}]}
+    others = [r for r in list_runs(run_dir.parent) if r["folder"] != run_id] if cache else []
+    return _run(plan, m, run_dir, nbs, settings, on_stage, [old, *others])
+
+# %% ../nbs/pipeline.ipynb #f7d0b002
+def rerun_checks(m: dict, settings: Settings, nbs: Path) -> tuple[list[str], list[str]]:
+    "(errors, warnings) before re-running recorded run `m`."
+    from fmnist_gcp.data import DataIntegrityError
+    errors, warnings, run = [], [], m["run_id"]
+    try: errors += _data_changes(m, _data_now(settings))
+    except DataIntegrityError as e: errors.append(str(e))
+    then, now = m.get("git") or {}, git_state(nbs)
+    if then.get("sha") != now.get("sha"): warnings.append(f"git commit {(then.get('sha') or 'none')[:10]} when {run} ran, {(now.get('sha') or 'none')[:10]} now")
+    if then.get("dirty"): warnings.append(f"{run} ran with uncommitted changes: its code is in no commit")
+    if now.get("dirty"): warnings.append("this work tree has uncommitted changes")
+    for e in m.get("stages", []):
+        nb, old = nbs / f"{e['stage']}.ipynb", ((e.get("cache") or {}).get("parts") or {}).get("notebook")
+        if nb.exists() and old and notebook_source_sha256(nb) != old: warnings.append(f"{nb.name} changed since {run} ran")
+        elif nb.exists() and not old and e.get("status") == "ok": warnings.append(f"{run} did not record the content of {nb.name}")
+    pk_then, pk_now = m.get("packages") or {}, package_versions()
+    warnings += [f"package {k}: {pk_then.get(k, 'absent')} when {run} ran, {pk_now.get(k, 'absent')} now"
+                 for k in sorted(set(pk_then) | set(pk_now)) if pk_then.get(k) != pk_now.get(k)]
+    return errors, warnings
+
+# %% ../nbs/pipeline.ipynb #f7d0b004
+_TIMING = re.compile(r"(seconds|minutes|_ms|per_s)$")
+RUN_SPECIFIC = {"version", "model_uri", "promoted", "champion", "previous", "reason", "sources", "run_id"}
+
+def figure_kind(path: str) -> str:
+    "'timing', 'run-specific' or 'result' for a figure path such as `training.history[0].seconds`."
+    leaf = re.sub(r"\[\d+\]$", "", path.rsplit(".", 1)[-1])
+    return "timing" if _TIMING.search(leaf) else "run-specific" if leaf in RUN_SPECIFIC or leaf.endswith("_store") else "result"
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict): return {k: v for key, x in d.items() for k, v in _flat(x, f"{prefix}.{key}" if prefix else str(key)).items()}
+    if isinstance(d, list) and d and all(isinstance(x, dict) for x in d):
+        return {k: v for i, x in enumerate(d) for k, v in _flat(x, f"{prefix}[{i}]").items()}
+    return {prefix: d}
+
+# %% ../nbs/pipeline.ipynb #f7d0b006
+def compare_figures(old: dict, new: dict) -> list[dict]:
+    "Every figure of two runs' `figures`, side by side: {figure, original, rerun, kind, identical}."
+    a, b, order = _flat(old), _flat(new), [s.name for s in STAGES]
+    rank = lambda k: (order.index(k.split(".")[0]) if k.split(".")[0] in order else len(order), k)
+    return [{"figure": k, "original": a.get(k), "rerun": b.get(k), "kind": figure_kind(k),
+             "identical": k in a and k in b and json.dumps(a[k]) == json.dumps(b[k])} for k in sorted(set(a) | set(b), key=rank)]
+
+def reproduction(old: dict, new: dict) -> dict:
+    "The comparison a rerun records: every figure, those that differ, and whether training was deterministic."
+    rows = compare_figures(old.get("figures") or {}, new.get("figures") or {})
+    differ = [r["figure"] for r in rows if r["kind"] == "result" and not r["identical"]]
+    det = all(p.get("deterministic", True) for p in (old.get("params") or {}).values())
+    return {"of": old["run_id"], "deterministic": det, "identical": not differ, "differ": differ, "rows": rows}
+
+# %% ../nbs/pipeline.ipynb #f7d0b008
+def _headline_paths() -> list[str]:
+    return list(dict.fromkeys(f"{st}.{k}" for st, k, *_ in HEADLINE + COMPARE_FIGURES))
+
+def format_reproduction(rep: dict) -> str:
+    "The comparison as text: the headline figures side by side, then what else differs."
+    fmt = lambda v: "–" if v is None else _short(v)[:18]
+    rows = {r["figure"]: r for r in rep["rows"]}
+    verdict = lambda r: "yes" if r["identical"] else f"({r['kind']})" if r["kind"] != "result" else "NO"
+    lines = [f"{'figure':<28} {'original':<18} {'rerun':<18} identical"]
+    lines += [f"{k:<28} {fmt(rows[k]['original']):<18} {fmt(rows[k]['rerun']):<18} {verdict(rows[k])}" for k in _headline_paths() if k in rows]
+    rest = [r for r in rep["rows"] if r["figure"] not in _headline_paths()]
+    res = [r for r in rest if r["kind"] == "result"]
+    lines.append(f"{sum(r['identical'] for r in res)} of {len(res)} other result figures identical"
+                 + "".join(f"\n  differs: {r['figure']} {fmt(r['original'])} -> {fmt(r['rerun'])}" for r in res if not r["identical"]))
+    n = lambda kind: sum(r["kind"] == kind for r in rep["rows"])
+    lines.append(f"not compared: {n('timing')} timing figures; {n('run-specific')} run-specific figures (model versions, registry decision, stores)")
+    return "\n".join(lines)
+
+# %% ../nbs/pipeline.ipynb #f7d0b010
+def _rerun_id(runs_dir: Path, run_id: str) -> str:
+    base = f"{run_id[:54]}-rerun"
+    return next(f"{base}{n or ''}" for n in range(1000) if n != 1 and not (runs_dir / f"{base}{n or ''}").exists())
+
+def rerun(run_id: str, strict: bool = False, new_id: str | None = None, settings: Settings | None = None,
+          on_stage=None, check: bool = True, warn: Callable[[str], None] = print) -> dict:
+    "Execute recorded run `run_id` again into a new run (every stage); the manifest's `reproduction` compares the figures."
+    settings = settings or Settings.from_env()
+    runs_dir, nbs = Path(settings.runs_dir).resolve(), nbs_dir()
+    old = read_run(runs_dir / run_id)
+    errors, warnings = rerun_checks(old, settings, nbs)
+    if strict: errors, warnings = errors + warnings, []
+    if errors: raise PipelineError(f"cannot rerun {run_id}:\n  " + "\n  ".join(errors))
+    new_id = new_id or _rerun_id(runs_dir, run_id)
+    plan = replay_plan(old, new_id, nbs)
+    check_cloud(settings, plan, check)
+    if (runs_dir / new_id).exists(): raise PipelineError(f"{runs_dir / new_id} already exists: pick another --run-id")
+    for w in warnings: warn(w)
+    from fmnist_gcp.data import ensure_data
+    m = {**_manifest(new_id, old["profile"], plan, old.get("overrides"), settings, ensure_data(settings), nbs),
+         "reproduces": run_id, "rerun_warnings": warnings}
+    _run(plan, m, runs_dir / new_id, nbs, settings, on_stage, None, off=f"a rerun executes every stage (it reproduces {run_id})")
+    m["reproduction"] = reproduction(old, m)
+    _write_run(m, runs_dir / new_id, settings)
     return m
+
+# %% ../nbs/pipeline.ipynb #f7d0b021
+def explain_cache(entry: dict) -> list[str]:
+    "Lines describing a stage entry's cache key parts and why it was reused or executed."
+    c = entry.get("cache") or {}
+    p = c.get("parts") or {}
+    if not p: return []
+    h = lambda v: _sha(json.dumps(v, sort_keys=True, default=str))[:12]
+    pk = p.get("packages") or {}
+    return [f"key      {c['key'][:12]}", f"notebook {p['notebook'][:12]}",
+            f"params   {json.dumps(p['params'], sort_keys=True, default=str)}",
+            *[f"input    {a} {_short(v) if v else '(missing)'}" for a, v in p["inputs"].items()],
+            f"data     {h(p['data'])} ({len(p['data'])} files)",
+            f"packages {h(pk)} ({', '.join(f'{k} {v}' for k, v in list(pk.items())[:4])}, … {len(pk)} in all)",
+            f"stores   {h(p['stores'])} ({p['stores'].get('backend')})",
+            f"{'reused' if entry.get('reused_from') or entry.get('kept') else 'ran'}: {c.get('reason', '')}"]

@@ -147,6 +147,21 @@ def test_exports_agree_with_the_data_and_statistics_stages(smoke):
     assert (np.load(ds / "exports/npz/fashion_mnist.npz")["index_val"] == va[:n]).all()
 
 
+def test_every_stage_records_its_cache_key_and_output_hashes(smoke):
+    m = smoke["m"]
+    assert m["process"]["pid"] > 0 and m["process"]["host"]
+    for s in m["stages"]:
+        c, st = s["cache"], next(x for x in STAGES if x.notebook == s["stage"])
+        assert re.fullmatch(r"[0-9a-f]{64}", c["key"]), s["stage"]
+        assert set(c["parts"]) == {"notebook", "params", "inputs", "data", "packages", "stores"} and "run_id" not in c["parts"]["params"]
+        assert c["parts"]["data"] == m["data_sha256"] and c["parts"]["packages"]["python"] == m["packages"]["python"]
+        assert len(c["parts"]["inputs"]) == len(st.reads) and all(c["parts"]["inputs"].values()), s["stage"]  # each input existed
+        assert len(s["outputs"]) == len(st.writes) and all(s["outputs"].values()), s["stage"]  # and each output was written
+        first = "always runs: it " if st.side_effects and not st.writes else "no earlier run of this stage with a cache key"
+        assert "reused_from" not in s and c["reason"].startswith(first), (s["stage"], c["reason"])
+    assert "models:fmnist-cnn/1/" in m["stages"][NAMES.index("07_training")]["outputs"]
+
+
 def test_runs_are_listed_and_compared_by_folder(smoke, tmp_path):
     import shutil
     env = {**smoke["env"], "FMNIST_RUNS_DIR": str(tmp_path)}
