@@ -17,6 +17,7 @@ from typing import get_origin, get_type_hints
 
 from .config import DEFAULT_MODEL, Settings, Store, write_bytes_atomic
 from .training import Checkpoints, LocalTracker, TrainConfig, is_chief, parse_widths, train_and_export
+from .vertex_automl import report_hypertune_metric
 
 # %% auto #0
 __all__ = ['add_config_flags', 'task_parser', 'parse_args', 'cluster_size', 'make_strategy', 'task_settings',
@@ -33,7 +34,8 @@ def add_config_flags(p):  # an argparse parser or argument group
         elif get_origin(hints[f.name]) is tuple:  # a comma list; argparse parses a string default with `type` too
             kw |= {"type": parse_widths, "default": ",".join(map(str, f.default)), "help": kw["help"] + ", comma-separated"}
         else: kw["type"] = hints[f.name]
-        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+        # Vertex hyperparameter tuning passes --batch_size=...; the spelling people type is --batch-size: both work
+        p.add_argument(*dict.fromkeys(["--" + f.name.replace("_", "-"), "--" + f.name]), **kw)
 
 # %% ../nbs/task.ipynb #ff495540
 def task_parser() -> argparse.ArgumentParser:
@@ -42,6 +44,8 @@ def task_parser() -> argparse.ArgumentParser:
                                 description="Train the Fashion-MNIST CNN (reads AIP_MODEL_DIR, AIP_CHECKPOINT_DIR, "
                                 "AIP_TENSORBOARD_LOG_DIR and TF_CONFIG).")
     add_config_flags(p.add_argument_group("recipe (fmnist_gcp.training.TrainConfig)"))
+    p.add_argument("--max-shift", "--max_shift", type=int, default=None, help="augmentation: largest shift (default: the preprocessing record's)")
+    p.add_argument("--erase-prob", "--erase_prob", type=float, default=None, help="augmentation: erase probability (default: the preprocessing record's)")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                    help="fit a temperature on the validation split and build it into the exported model")
     p.add_argument("--saved-model", action=argparse.BooleanOptionalAction, default=False,
@@ -107,12 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     settings = task_settings(a.datasets_uri)
     tracker = experiment_tracker(settings, a.experiment, a.experiment_run, a.run_id, a.experiment_tensorboard)
     print(f"task: {strategy.num_replicas_in_sync} replica(s), chief={is_chief()}", flush=True)
-    on_epoch = (lambda h: tracker.log_metrics({k: h[k] for k in ("loss", "val_loss", "val_accuracy")}, step=h["epoch"])) if tracker else None
+    def on_epoch(h):
+        report_hypertune_metric(h["val_accuracy"], h["epoch"])  # a Vertex tuning trial reads it; elsewhere nothing
+        if tracker: tracker.log_metrics({k: h[k] for k in ("loss", "val_loss", "val_accuracy")}, step=h["epoch"])
     meta = train_and_export(TrainConfig.from_params(vars(a)), settings, a.model_dir, run_id=a.run_id,
                             model_name=a.model_name, max_train_images=a.max_train_images, max_val_images=a.max_val_images,
                             checkpoints=Checkpoints(Store("models", a.checkpoint_dir)) if a.checkpoint_dir else None,
                             tensorboard_dir=a.tensorboard_dir, strategy=strategy, calibrate=a.calibrate,
-                            saved_model=a.saved_model, log=lambda m: print(m, flush=True), on_epoch=on_epoch)
+                            saved_model=a.saved_model, log=lambda m: print(m, flush=True), on_epoch=on_epoch,
+                            augment_changes={k: getattr(a, k) for k in ("max_shift", "erase_prob") if getattr(a, k) is not None})
     if meta["model_uri"]: print(f"task: model written to {meta['model_uri']}", flush=True)
     if tracker:
         tracker.log_params({k: str(v) for k, v in meta["config"].items()})

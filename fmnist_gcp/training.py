@@ -434,12 +434,14 @@ def train_and_export(cfg: TrainConfig,  # the recipe; augmentation comes from th
                      max_train_images: int = 0, max_val_images: int = 0,  # first N images of each split (0: all)
                      checkpoints: Checkpoints | None = None, tensorboard_dir: str | None = None, strategy=None,
                      calibrate: bool = True,  # fit a temperature on the validation split and build it in
-                     saved_model: bool = False, log=print, on_epoch=None) -> dict:
+                     saved_model: bool = False, log=print, on_epoch=None,
+                     augment_changes: Mapping | None = None,  # Augment fields to change (a tuning trial's max_shift, ...)
+                     ) -> dict:
     "Train, calibrate on validation and (the chief only) export one model; its metadata and `model_uri`."
     norm, aug = read_preprocessing(settings)
     x_tr, y_tr = (a[:max_train_images or None] for a in load_tfrecords("train", settings)[:2])
     x_va, y_va = (a[:max_val_images or None] for a in load_tfrecords("val", settings)[:2])
-    cfg = replace(cfg, augment=aug, precision=resolve_precision(cfg.precision))
+    cfg = replace(cfg, augment=replace(aug, **(augment_changes or {})), precision=resolve_precision(cfg.precision))
     t0 = time.perf_counter()
     model, history = fit(cfg, x_tr, y_tr, x_va, y_va, norm["mean"], norm["std"], checkpoints=checkpoints, strategy=strategy,
                          tensorboard_dir=tensorboard_dir, log=log, on_epoch=on_epoch)

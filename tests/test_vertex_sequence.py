@@ -145,3 +145,22 @@ def test_from_a_finished_job_to_predictions_through_an_endpoint_and_back(vertex,
         aiplatform.Endpoint(ep.resource_name).list_models()
     out = capsys.readouterr().out
     assert f"{DEFAULT_MODEL} v1: imported from {job}" in out and f"uploaded as {vertex_model}@2" in out
+
+
+def test_submit_training_with_import_follows_the_job_then_imports_and_evaluates_its_model(vertex, job_model, monkeypatch):
+    from fmnist_gcp import pipeline
+    from fmnist_gcp.cli import main
+    from fmnist_gcp.config import filesystem
+    evaluated = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda *a, **kw: evaluated.append(a))  # the stages: tested above
+    def container(job):  # what the task does in the job: the model lands in <base output>/model
+        fs, root = filesystem(job.job_spec.base_output_directory.output_uri_prefix.rstrip("/") + "/model")
+        fs.put(str(job_model), root, recursive=True)
+    jobs = vertex["jobs"]; jobs._on_end = container
+    assert main(["submit-training", "--image", "img:1", "--no-check", "--import", "--poll-seconds", "0", "--", "--epochs", "1"]) == 0
+    (job,) = jobs.jobs
+    assert jobs.jobs[job].state.name == "JOB_STATE_SUCCEEDED" and jobs.gets >= 3  # followed: pending, running, succeeded
+    meta = vertex["settings"].models.read_json(f"{DEFAULT_MODEL}/1/metadata.json")
+    assert meta["source_job"] == job and meta["imported_from"].endswith("/model")
+    (args,) = evaluated
+    assert args[1:3] == (["08_evaluation", "09_registry"], [f"model_name={DEFAULT_MODEL}", "version=1"])
