@@ -36,6 +36,14 @@ AUTOML_MODEL = "fmnist-automl"  # the local AutoML model's name in the models st
 AUGMENT_PARAMS = ("max_shift", "erase_prob")  # searched fields of the preprocessing stage's `Augment`
 KINDS = ("float", "int", "categorical")
 
+def _optuna():
+    "optuna, imported without tqdm's 'IProgress not found' warning (no ipywidgets in a papermill kernel)."
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import optuna
+    return optuna
+
 @dataclass(frozen=True)
 class Param:
     "One dimension of the search space."
@@ -103,7 +111,7 @@ def study_store(settings: Settings, run_id: str, model_name: str = AUTOML_MODEL)
 def make_pruner(name: str = "median",  # median | hyperband | none
                 trial_epochs: int = 3):  # the largest fidelity (hyperband's max_resource)
     "The Optuna pruner named `name`."
-    import optuna
+    optuna = _optuna()
     if name == "median": return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
     if name == "hyperband": return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, trial_epochs), reduction_factor=3)
     if name == "none": return optuna.pruners.NopPruner()
@@ -115,7 +123,7 @@ def open_study(folder: Store,  # the study's folder in the models store
                workdir: str,  # local folder for the working copy of the journal
                seed: int = 0, pruner=None, log=print):
     "Create or resume the study `name` from `folder`; stale RUNNING trials become FAIL and are queued again."
-    import optuna
+    optuna = _optuna()
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
     from optuna.trial import TrialState
@@ -165,7 +173,7 @@ def run_search(study, train_trial: Callable,  # train_trial(trial, params, repor
                sync: Callable[[], object] = lambda: None,  # called after every finished trial (copies the journal)
                log=print) -> dict:
     "Optimise `study` until `max_trials` trials have finished or the budget is used; `search_summary` of it."
-    import optuna
+    optuna = _optuna()
     prior, t0 = float(study.user_attrs.get("search_seconds", 0.0)), time.monotonic()
     spent = lambda: prior + time.monotonic() - t0
     def objective(trial):

@@ -152,8 +152,16 @@ def feast_objects(settings: Settings) -> list:
 
 _STORES: dict[str, object] = {}
 
+def _feast_sqlite_timestamps() -> None:
+    "Feast's SQLite store reads TIMESTAMP columns through sqlite3's global converter; IPython's history registers its"
+    # own (ISO strings) whenever a shell starts, and Feast's epoch integers then fail to parse: put Feast's back
+    import sqlite3
+    from feast.infra.online_stores import sqlite as feast_sqlite
+    sqlite3.register_converter("timestamp", feast_sqlite.convert_timestamp)
+
 def feature_store(settings: Settings):
     "Feast's FeatureStore for `settings`, with the entity and views applied."
+    _feast_sqlite_timestamps()
     key = str(feast_dir(settings))
     if key not in _STORES:
         from feast import FeatureStore

@@ -614,12 +614,12 @@ def find_reusable(step: dict, key: dict, runs: list[dict], settings: Settings) -
     "({manifest, entry}, reason) of an earlier `ok` execution that can stand in for `step`; (None, why not) otherwise."
     st = _STAGE[step["stage"]]
     if st.side_effects and not st.writes: return None, f"always runs: it {st.side_effects} and has no outputs to check"
-    gone = [p for p in st.home_state if not (Path(settings.home) / p).exists()]
-    if gone: return None, f"its local state is missing ({', '.join(gone)} under {settings.home})"
     mine = [(m, e) for m in runs for e in m.get("stages", []) if e["stage"] == st.notebook and e.get("status") == "ok" and e.get("cache")]
     same = [(m, e) for m, e in mine if e["cache"]["key"] == key["key"]]
     if not mine: return None, "no earlier run of this stage with a cache key"
     if not same: return None, f"changed since {mine[0][0]['folder']}: " + "; ".join(_changes(key["parts"], mine[0][1]["cache"]["parts"]))
+    gone = [p for p in st.home_state if not (Path(settings.home) / p).exists()]
+    if gone: return None, f"key unchanged, but its local state is missing ({', '.join(gone)} under {settings.home})"
     runs_dir, why = Path(settings.runs_dir).resolve(), []
     for m, e in same:
         bad = _unusable(m, e, settings, runs_dir)
@@ -661,6 +661,8 @@ def _link(href: str | None, text: str) -> str:
 HEADLINE = [  # (stage, figure, label, format): the run page's first table
     ("evaluation", "accuracy", "test accuracy", "{:.2%}"), ("evaluation", "au_prc", "Vertex auPrc", "{:.4f}"),
     ("evaluation", "macro_roc_auc", "macro ROC AUC", "{:.4f}"), ("training", "train_minutes", "training minutes", "{:.1f}"),
+    ("evaluation", "automl_accuracy", "local AutoML (fmnist-automl) test accuracy", "{:.2%}"),
+    ("evaluation", "automl_au_prc", "local AutoML auPrc", "{:.4f}"), ("automl", "used_minutes", "AutoML search minutes", "{:.1f}"),
     ("serving", "p99_ms", "serving p99, one image (ms)", "{:.1f}")]
 
 def _headline_html(figs: dict) -> str:
