@@ -72,11 +72,13 @@ STAGES: tuple[Stage, ...] = (
                        "table, the online store and feature view, a sync)",
           home_state=("feast/registry.db", "feast/online.db")),
     Stage("06_automl", "local AutoML: a budgeted, pruned, resumable Optuna search; its best model exported as fmnist-automl",
-          reads=(_PRE, _TFR), writes=("models:fmnist-automl/", "models:fmnist-automl/studies/<run_id>/journal.log")),
+          # the studies (journal, best weights per run id) are what a reuse verifies; its version is found by run id
+          reads=(_PRE, _TFR), writes=("models:fmnist-automl/studies/",)),
     Stage("07_training", "the custom CNN trained, calibrated and exported as a new model version",
           reads=(_PRE, _TFR), writes=(_VERSION, "models:checkpoints/<run_id>/", "dev:runs/<run_id>/tensorboard/")),
     Stage("08_evaluation", "test metrics against the AutoML references, plots, the model card",
-          reads=(_VERSION,), writes=(_VERSION + "evaluation.json", _VERSION + "model_card.md")),
+          # the AutoML studies change exactly when 06_automl searched: then the fmnist-automl it scores may be new
+          reads=(_VERSION, "models:fmnist-automl/studies/"), writes=(_VERSION + "evaluation.json", _VERSION + "model_card.md")),
     Stage("09_registry", "the version registered; the champion alias moves only to a better model",
           reads=(_VERSION + "evaluation.json",), writes=("models:<model>/registry.json",),
           side_effects="moves the model's `default` and `champion` aliases"),
