@@ -185,7 +185,7 @@ def fetch_evaluation(settings: Settings, model: str,  # Vertex model resource na
     from google.cloud.aiplatform_v1.services.model_service import ModelServiceClient
     from google.protobuf import json_format
     s = settings.require_vertex("Fetching a Vertex model evaluation")
-    client = ModelServiceClient(client_options=vertex_client_options(s))
+    client = ModelServiceClient(client_options=vertex_client_options(s), transport=s.vertex_transport or "grpc")
     for ev in client.list_model_evaluations(parent=model):
         return {"name": ev.name, "metrics_schema_uri": ev.metrics_schema_uri,
                 "metrics": json_format.MessageToDict(ev._pb.metrics)}
