@@ -20,8 +20,8 @@ from .training import Checkpoints, LocalTracker, TrainConfig, is_chief, parse_wi
 from .vertex_automl import report_hypertune_metric
 
 # %% auto #0
-__all__ = ['add_config_flags', 'task_parser', 'parse_args', 'cluster_size', 'make_strategy', 'task_settings',
-           'experiment_tracker', 'main']
+__all__ = ['EPOCH_METRICS', 'FINAL_METRICS', 'add_config_flags', 'task_parser', 'parse_args', 'cluster_size', 'make_strategy',
+           'task_settings', 'experiment_tracker', 'epoch_logger', 'finish_tracking', 'main']
 
 # %% ../nbs/task.ipynb #ec9869ae
 def add_config_flags(p):  # an argparse parser or argument group
@@ -103,6 +103,19 @@ def experiment_tracker(settings: Settings, experiment: str | None, run: str | No
         return ExperimentRun(settings, experiment, run or run_id or f"run-{int(time.time())}", tensorboard=tensorboard)
     return LocalTracker(run_id, settings) if run_id else None
 
+EPOCH_METRICS = ("loss", "val_loss", "val_accuracy")  # each epoch's points in a tracker
+FINAL_METRICS = ("val_accuracy", "val_log_loss_calibrated", "temperature")  # the trained model's, once
+
+def epoch_logger(tracker):
+    "An `on_epoch` callback logging each epoch's metrics to `tracker` with the epoch as step (None without a tracker)."
+    return tracker and (lambda h: tracker.log_metrics({k: h[k] for k in EPOCH_METRICS}, step=h["epoch"]))
+
+def finish_tracking(tracker, meta: dict) -> None:
+    "Log the recipe and the trained model's final metrics to `tracker` (if any) and end its run."
+    if not tracker: return
+    tracker.log_params({k: str(v) for k, v in meta["config"].items()})
+    tracker.log_metrics({k: meta[k] for k in FINAL_METRICS}); tracker.end()
+
 # %% ../nbs/task.ipynb #a2f41def
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the training task: train, calibrate and (the chief) export one model; 0 when done."
@@ -111,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = task_settings(a.datasets_uri)
     tracker = experiment_tracker(settings, a.experiment, a.experiment_run, a.run_id, a.experiment_tensorboard)
     print(f"task: {strategy.num_replicas_in_sync} replica(s), chief={is_chief()}", flush=True)
+    log_epoch = epoch_logger(tracker)
     def on_epoch(h):
         report_hypertune_metric(h["val_accuracy"], h["epoch"])  # a Vertex tuning trial reads it; elsewhere nothing
-        if tracker: tracker.log_metrics({k: h[k] for k in ("loss", "val_loss", "val_accuracy")}, step=h["epoch"])
+        if log_epoch: log_epoch(h)
     meta = train_and_export(TrainConfig.from_params(vars(a)), settings, a.model_dir, run_id=a.run_id,
                             model_name=a.model_name, max_train_images=a.max_train_images, max_val_images=a.max_val_images,
                             checkpoints=Checkpoints(Store("models", a.checkpoint_dir)) if a.checkpoint_dir else None,
@@ -121,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                             saved_model=a.saved_model, log=lambda m: print(m, flush=True), on_epoch=on_epoch,
                             augment_changes={k: getattr(a, k) for k in ("max_shift", "erase_prob") if getattr(a, k) is not None})
     if meta["model_uri"]: print(f"task: model written to {meta['model_uri']}", flush=True)
-    if tracker:
-        tracker.log_params({k: str(v) for k, v in meta["config"].items()})
-        tracker.log_metrics({k: meta[k] for k in ("val_accuracy", "val_log_loss_calibrated", "temperature")}); tracker.end()
+    finish_tracking(tracker, meta)
     if a.metrics_file:
         write_bytes_atomic(a.metrics_file, json.dumps({**meta, "replicas": strategy.num_replicas_in_sync}, indent=2).encode())
     return 0

@@ -18,14 +18,14 @@ import numpy as np
 
 from .config import APP_LABELS, Settings, Store, filesystem, is_local, vertex_client_options, vertex_init
 from .preprocessing import AUTOML_CSV_PATH, AUTOML_LABELS, ML_USE, PNG_DIR, png_bytes
+from .vertex_serving import png_instances
 
 # %% auto #0
 __all__ = ['VERTEX_AUTOML_MODEL', 'ML_USE_LABEL', 'MIN_BUDGET', 'MAX_BUDGET', 'VERTEX_EVALUATION', 'HP_METRIC', 'HP_METRIC_FILE',
            'md5_base64', 'stored_md5', 'csv_rows', 'upload_automl_export', 'filter_splits', 'create_image_dataset',
            'train_automl', 'evaluation_payload', 'confidence_curve', 'confusion_in_class_order', 'parse_evaluation',
-           'fetch_evaluation', 'save_vertex_evaluation', 'read_vertex_evaluation', 'automl_instances',
-           'automl_probabilities', 'deploy_automl', 'predict_automl', 'vertex_parameter_spec',
-           'report_hypertune_metric', 'submit_tuning_job']
+           'fetch_evaluation', 'save_vertex_evaluation', 'read_vertex_evaluation', 'automl_probabilities',
+           'deploy_automl', 'predict_automl', 'vertex_parameter_spec', 'report_hypertune_metric', 'submit_tuning_job']
 
 # %% ../nbs/vertex_automl.ipynb #278443d1
 def md5_base64(data: bytes) -> str:
@@ -203,10 +203,6 @@ def read_vertex_evaluation(settings: Settings) -> dict | None:
     return settings.models.read_json(VERTEX_EVALUATION) if settings.models.exists(VERTEX_EVALUATION) else None
 
 # %% ../nbs/vertex_automl.ipynb #df4440e9
-def automl_instances(x: np.ndarray) -> list[dict]:
-    "Prediction instances of an AutoML image model: each 28x28 image as base64 PNG."
-    return [{"content": base64.b64encode(png_bytes(im)).decode()} for im in x]
-
 def automl_probabilities(predictions: Iterable[dict], labels: Sequence[str] = AUTOML_LABELS) -> np.ndarray:
     "(n, k) confidences, columns in the order of `labels`, from AutoML's `displayNames`/`confidences` answers."
     rows = []
@@ -225,7 +221,7 @@ def predict_automl(endpoint, x: np.ndarray, batch: int = 100) -> np.ndarray:
     "Class confidences of images `x` from a deployed AutoML model (`endpoint`: an aiplatform.Endpoint)."
     preds = []
     for i in range(0, len(x), batch):
-        preds += endpoint.predict(instances=automl_instances(x[i:i + batch]), parameters={"maxPredictions": len(AUTOML_LABELS)}).predictions
+        preds += endpoint.predict(instances=png_instances(x[i:i + batch]), parameters={"maxPredictions": len(AUTOML_LABELS)}).predictions
     return automl_probabilities(preds)
 
 # %% ../nbs/vertex_automl.ipynb #59ef1aa7

@@ -8,7 +8,7 @@ Docs: https://fmnist-gcp.github.io/fmnist-gcp/vertex_serving.html.md"""
 from __future__ import annotations
 
 from .config import APP_LABELS, Settings, vertex_init
-from .preprocessing import BATCH_JSONL_PATH
+from .preprocessing import BATCH_JSONL_PATH, png_bytes
 
 # %% auto #0
 __all__ = ['deploy_request', 'batch_predict_request', 'deploy', 'undeploy_and_delete', 'png_instances', 'predict',
@@ -87,14 +87,9 @@ def undeploy_and_delete(settings: Settings, endpoint: str) -> None:
 
 # %% ../nbs/vertex_serving.ipynb #9ebd05f2
 def png_instances(images) -> list[dict]:
-    "Images (n, 28, 28) uint8 as the serving contract's `{\"content\": PNG}` instances."
-    import base64, io
-    import numpy as np
-    from PIL import Image
-    def one(a):
-        buf = io.BytesIO(); Image.fromarray(np.asarray(a, np.uint8)).save(buf, format="PNG")
-        return {"content": base64.b64encode(buf.getvalue()).decode()}
-    return [one(a) for a in images]
+    "Images (n, 28, 28) uint8 as the serving contract's `{\"content\": base64 PNG}` instances (AutoML's too)."
+    import base64
+    return [{"content": base64.b64encode(png_bytes(a)).decode()} for a in images]
 
 def predict(settings: Settings, endpoint: str,  # endpoint resource name
             images,  # (n, 28, 28) uint8

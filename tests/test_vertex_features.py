@@ -2,12 +2,12 @@
 
 The gapic clients' methods are patched with stateful fakes that check each request proto; BigQuery's HTTP
 connection is answered in process. Credentials are anonymous; nothing reaches Google."""
-from unittest import mock
 
 import numpy as np
 import pytest
 
 from conftest import VERTEX_ENV
+from fakes import lro
 from fmnist_gcp import features as F
 from fmnist_gcp import vertex_features as V
 from fmnist_gcp.config import Settings
@@ -73,9 +73,6 @@ class FakeFeatureStore:
         if name not in table: raise exceptions.NotFound(f"{name} not found")
         return table[name]
 
-    def _op(self, result):
-        op = mock.Mock(); op.result.return_value = result; return op
-
     def get_feature_online_store(self, request=None, *, name=None, **kw): return self._get(self.stores, name)
     def get_feature_view(self, request=None, *, name=None, **kw): return self._get(self.views, name)
 
@@ -85,7 +82,7 @@ class FakeFeatureStore:
         name = f"{request.parent}/featureOnlineStores/{request.feature_online_store_id}"
         store = FeatureOnlineStore(request.feature_online_store, name=name, dedicated_serving_endpoint={"public_endpoint_domain_name": DOMAIN})
         self.stores[name] = store
-        return self._op(store)
+        return lro(store)
 
     def create_feature_view(self, request, **kw):
         from google.cloud.aiplatform_v1.types import FeatureView
@@ -93,7 +90,7 @@ class FakeFeatureStore:
         self._get(self.stores, request.parent)
         name = f"{request.parent}/featureViews/{request.feature_view_id}"
         self.views[name] = FeatureView(request.feature_view, name=name)
-        return self._op(self.views[name])
+        return lro(self.views[name])
 
     def sync_feature_view(self, request=None, *, feature_view=None, **kw):
         from google.cloud.aiplatform_v1.types import feature_online_store_admin_service as admin
