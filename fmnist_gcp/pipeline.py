@@ -996,8 +996,10 @@ def rerun_checks(m: dict, settings: Settings, nbs: Path) -> tuple[list[str], lis
     return errors, warnings
 
 # %% ../nbs/pipeline.ipynb #f7d0b004
-_TIMING = re.compile(r"(seconds|minutes|_ms|per_s)$")
-RUN_SPECIFIC = {"version", "model_uri", "promoted", "champion", "previous", "reason", "sources", "run_id"}
+_TIMING = re.compile(r"(seconds|minutes|_ms|per_s|_s)$")  # embed_s, publish_s: seconds too
+RUN_SPECIFIC = {"version", "model_uri", "promoted", "champion", "previous", "reason", "sources", "run_id",
+                "study",  # the AutoML study's path, named by the run id
+                "embedded"}  # images this run embedded: 0 when the shared feature store already held that version's
 
 def figure_kind(path: str) -> str:
     "'timing', 'run-specific' or 'result' for a figure path such as `training.history[0].seconds`."
