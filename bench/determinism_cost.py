@@ -28,6 +28,8 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
+from bench_host import host  # run as `python bench/determinism_cost.py`: bench/ is on the path
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 OUT = Path(__file__).resolve().parent / "results" / "determinism_cost.json"
 
@@ -57,13 +59,6 @@ def one(deterministic: bool, images: int, epochs: int) -> dict:
             "cpu_seconds": round(time.process_time() - c0, 3), "epoch_seconds": [h["seconds"] for h in history],
             "learned": [{k: h[k] for k in ("loss", "val_loss", "val_accuracy")} for h in history],
             "precision": cfg.precision, "widths": list(cfg.widths), "batch_size": cfg.batch_size}
-
-
-def host() -> dict:
-    try:
-        with open("/proc/cpuinfo") as f: cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
-    except OSError: cpu = ""
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": [round(v, 2) for v in os.getloadavg()]}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -34,6 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pandas as pd
+from bench_host import host  # run as `python bench/train_recipe.py`: bench/ is on the path
 
 from fmnist_gcp.config import Settings
 from fmnist_gcp.data import load_split, read_split
@@ -70,30 +71,34 @@ def data_split(settings: Settings, max_train_images: int = 0) -> tuple[np.ndarra
     return x[tr], y[tr], x[va], y[va]
 
 
-def measure(cfg: TrainConfig, settings: Settings, max_train_images: int = 0) -> dict:
-    "Train `cfg`, fit the temperature on validation, score the test set once."
+TARGET = 0.939  # Google AutoML Vision's test accuracy
+
+
+def measure(cfg: TrainConfig, settings: Settings, max_train_images: int = 0, test_each_epoch: bool = False) -> dict:
+    "Train `cfg`, fit the temperature on validation, score the test set once (and after every epoch if asked)."
     x_tr, y_tr, x_va, y_va = data_split(settings, max_train_images)
-    norm = normalisation(x_tr)
-    t0, c0 = time.perf_counter(), time.process_time()
-    model, history = fit(cfg, x_tr, y_tr, x_va, y_va, norm["mean"], norm["std"])
-    train_seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-    temperature, p_va = calibration(model, cfg, x_va, y_va)
     x_te, y_te = load_split("test", settings=settings)
+    norm = normalisation(x_tr)
+    probe_s = []
+    def probe(model):  # test accuracy of the mirror-averaged model after this epoch; its time is not training time
+        t = time.perf_counter()
+        acc = float((predict(serving_model(model, cfg.tta_flip), x_te).argmax(1) == y_te).mean())
+        probe_s.append(time.perf_counter() - t)
+        return {"test_accuracy": acc}
+    t0, c0 = time.perf_counter(), time.process_time()
+    model, history = fit(cfg, x_tr, y_tr, x_va, y_va, norm["mean"], norm["std"], probe=probe if test_each_epoch else None)
+    train_seconds, cpu_seconds = time.perf_counter() - t0 - sum(probe_s), time.process_time() - c0
+    elapsed = np.cumsum([h["seconds"] for h in history])
+    reached = next((i for i, h in enumerate(history) if h.get("test_accuracy", 0) >= TARGET), None)
+    temperature, p_va = calibration(model, cfg, x_va, y_va)
     p_te = predict(serving_model(model, cfg.tta_flip, temperature), x_te)
     return {"config": cfg.to_dict(), "params": int(model.count_params()), "epochs": len(history),
             "train_images": len(x_tr), "train_seconds": round(train_seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
             "s_per_epoch": round(statistics.median(h["seconds"] for h in history), 1), "temperature": temperature,
             "val_uncalibrated": classification_metrics(y_va, p_va), "val": classification_metrics(y_va, soften(p_va, temperature)),
-            "test": classification_metrics(y_te, p_te), "history": history}
-
-
-def host() -> dict:
-    "The machine a measurement ran on."
-    import keras
-    try:
-        with open("/proc/cpuinfo") as f: cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
-    except OSError: cpu = ""
-    return {"cpu": cpu, "cores": os.cpu_count(), "keras": keras.__version__, "backend": keras.backend.backend()}
+            "test": classification_metrics(y_te, p_te), "history": history,
+            **({"target": TARGET, "epochs_to_target": None if reached is None else reached + 1,
+                "minutes_to_target": None if reached is None else round(float(elapsed[reached]) / 60, 2)} if test_each_epoch else {})}
 
 
 def label(r: dict) -> str:
@@ -105,7 +110,18 @@ def comparison(row: dict, earlier: list[dict], last: int = 8) -> pd.DataFrame:
     runs = {f"this run: {label(row)}": row, **{label(r): r for r in earlier[-last:]}}
     table = compare({k: r["test"] for k, r in runs.items()}, REFERENCES)
     table["train min"] = [round(r["train_seconds"] / 60, 1) for r in runs.values()] + [np.nan] * len(REFERENCES)
+    table[f"min to {TARGET:.1%}"] = [r.get("minutes_to_target") for r in runs.values()] + [np.nan] * len(REFERENCES)
     return table
+
+
+def median_of_seeds(rows: list[dict]) -> dict:
+    "Medians over the seeds of one recipe: test accuracy, auPrc, macro ROC AUC, training minutes, minutes to the target."
+    med = lambda xs: float(np.median(xs)) if xs else None
+    reached = [r["minutes_to_target"] for r in rows if r.get("minutes_to_target") is not None]
+    return {"seeds": [r["config"]["seed"] for r in rows],
+            **{k: med([r["test"][k] for r in rows]) for k in ("accuracy", "au_prc", "macro_roc_auc")},
+            "train_minutes": med([r["train_seconds"] / 60 for r in rows]),
+            "minutes_to_target": med(reached) if len(reached) > len(rows) // 2 else None}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -114,21 +130,28 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", default="{}", help='JSON object of TrainConfig fields to change, e.g. \'{"lr": 0.003}\'')
     ap.add_argument("--epochs", type=int, help="shorthand for --set '{\"epochs\": N}'")
     ap.add_argument("--max-train-images", type=int, default=0, help="train on the first N images of the split (0: all)")
+    ap.add_argument("--test-each-epoch", action="store_true",
+                    help=f"score the test set after every epoch (benchmark only) and report the minutes to {TARGET:.1%}")
+    ap.add_argument("--seeds", default="", help="comma-separated seeds, trained one after another; prints their medians")
     a = ap.parse_args(argv)
     changes = json.loads(a.set) | ({"epochs": a.epochs} if a.epochs else {})
     cfg = with_changes(profile_recipe(a.recipe), changes)
     cfg = replace(cfg, precision=resolve_precision(cfg.precision))
     print(f"{a.recipe} recipe{' with ' + json.dumps(changes) if changes else ''}: {cfg}", flush=True)
     settings = Settings.from_env()
-    row = {"recipe": a.recipe, "overrides": changes, **measure(cfg, settings, a.max_train_images), "host": host(),
-           "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    dev = settings.dev
-    earlier = [json.loads(l) for l in dev.read_text(RECIPE_RESULTS).splitlines() if l.strip()] if dev.exists(RECIPE_RESULTS) else []
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(comparison(row, earlier).round(4).to_string())
-    dev.write_text(RECIPE_RESULTS, "".join(json.dumps(r) + "\n" for r in [*earlier, row]))
-    print(f"appended to {dev.uri(RECIPE_RESULTS)}")
-    return row
+    dev, rows = settings.dev, []
+    for seed in [int(s) for s in a.seeds.split(",")] if a.seeds else [cfg.seed]:
+        c = replace(cfg, seed=seed)
+        row = {"recipe": a.recipe, "overrides": changes, **measure(c, settings, a.max_train_images, a.test_each_epoch),
+               "host": host(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        earlier = [json.loads(l) for l in dev.read_text(RECIPE_RESULTS).splitlines() if l.strip()] if dev.exists(RECIPE_RESULTS) else []
+        with pd.option_context("display.width", 200, "display.max_columns", 20):
+            print(comparison(row, earlier).round(4).to_string())
+        dev.write_text(RECIPE_RESULTS, "".join(json.dumps(r) + "\n" for r in [*earlier, row]))
+        print(f"appended to {dev.uri(RECIPE_RESULTS)}", flush=True)
+        rows.append(row)
+    if len(rows) > 1: print(f"medians of {len(rows)} seeds: {json.dumps(median_of_seeds(rows))}")
+    return rows
 
 
 if __name__ == "__main__":

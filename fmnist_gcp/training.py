@@ -27,9 +27,10 @@ from .preprocessing import Augment, load_tfrecords, make_dataset, read_preproces
 # %% auto #0
 __all__ = ['PRECISIONS', 'RECIPE_RESULTS', 'TENSORBOARD_SCALARS', 'TrainConfig', 'parse_widths', 'recipe_params',
            'resolve_precision', 'build_model', 'serving_model', 'load_model', 'log_loss', 'soften', 'fit_temperature',
-           'one_cycle', 'make_optimizer', 'CheckpointMismatch', 'Checkpoints', 'is_chief', 'predict', 'make_train_step',
-           'epoch_dataset', 'validation_metrics', 'upload_dir', 'TensorBoardLog', 'LocalTracker', 'fit',
-           'model_versions', 'resolve_version', 'export_model', 'calibration', 'train_and_export']
+           'one_cycle', 'make_optimizer', 'averaged_weights', 'CheckpointMismatch', 'Checkpoints', 'is_chief',
+           'predict', 'make_train_step', 'epoch_dataset', 'validation_metrics', 'upload_dir', 'TensorBoardLog',
+           'LocalTracker', 'fit', 'model_versions', 'resolve_version', 'export_model', 'calibration',
+           'train_and_export']
 
 # %% ../nbs/07_training.ipynb #833f9af4
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")  # "auto" is resolved when training starts (`resolve_precision`)
@@ -42,12 +43,14 @@ class TrainConfig:
     "The training recipe. The defaults are the quick recipe; profiles and flags change single fields."
     widths: tuple[int, ...] = _knob((32, 64, 128), "channels of each stage")
     convs: int = _knob(2, "3x3 conv-BN-ReLU layers per stage after the first (the first stage has one)")
-    epochs: int = _knob(12, "training epochs")
+    epochs: int = _knob(8, "training epochs")
     batch_size: int = _knob(256, "global batch size (all workers together)")
     lr: float = _knob(0.004, "peak learning rate of the one-cycle schedule")
     weight_decay: float = _knob(5e-4, "AdamW decoupled weight decay")
     warmup_frac: float = _knob(0.15, "share of training spent warming the learning rate up")
     label_smoothing: float = _knob(0.0, "label smoothing of the cross-entropy")
+    residual: bool = _knob(False, "identity shortcuts around the convolutions after each stage's first (same FLOPs)")
+    ema: float = _knob(0.0, "momentum of an exponential moving average of the weights, evaluated and exported (0: none)")
     precision: str = _knob("auto", "mixed_bfloat16 (bf16 convolutions, float32 weights), float32, or auto: "
                            "bf16 where the CPU computes it natively or a GPU is present", choices=PRECISIONS)
     tta_flip: bool = _knob(True, "average predictions over the image and its mirror, inside the exported model")
@@ -60,6 +63,7 @@ class TrainConfig:
         if not self.widths or min(self.widths) < 1: raise ValueError(f"widths must be positive channel counts, not {self.widths}")
         if self.precision not in PRECISIONS: raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.epochs < 1 or self.batch_size < 1: raise ValueError("epochs and batch_size must be >= 1")
+        if not 0 <= self.ema < 1: raise ValueError(f"ema must be a momentum in [0, 1) (0: no averaging), not {self.ema}")
 
     def to_dict(self) -> dict:
         d = asdict(self); d["widths"] = list(self.widths); return d
@@ -117,15 +121,22 @@ def build_model(cfg: TrainConfig, mean: float, std: float, name: str = "fmnist_c
     "Keras model: raw pixels (n, 28, 28) -> class probabilities (n, 10)."
     keras = import_keras(); from keras import layers
     dt = resolve_precision(cfg.precision)
-    def conv_bn_relu(x, c):
+    def conv_bn(x, c):
         x = layers.Conv2D(c, 3, padding="same", use_bias=False, dtype=dt)(x)
-        x = layers.BatchNormalization(momentum=0.9, dtype=dt)(x)  # statistics settle within a short run
-        return layers.ReLU(dtype=dt)(x)
+        return layers.BatchNormalization(momentum=0.9, dtype=dt)(x)  # statistics settle within a short run
+    def unit(x, c, k):  # k conv-BN layers; with cfg.residual a shortcut around them, then ReLU
+        y = x
+        for j in range(k): y = conv_bn(y, c) if j == k - 1 else layers.ReLU(dtype=dt)(conv_bn(y, c))
+        return layers.ReLU(dtype=dt)(layers.Add(dtype=dt)([x, y]) if cfg.residual else y)
     inp = keras.Input((28, 28), name="pixels")
     x = layers.Reshape((28, 28, 1))(inp)
     x = layers.Rescaling(1.0 / (255.0 * std), offset=-mean / std, name="normalise")(x)  # (x/255 - mean) / std
     for i, w in enumerate(cfg.widths):
-        for _ in range(1 if i == 0 else cfg.convs): x = conv_bn_relu(x, w)
+        x = layers.ReLU(dtype=dt)(conv_bn(x, w))  # the stage's first conv sets its width
+        rest = 0 if i == 0 else cfg.convs - 1
+        while rest > 0:  # the rest in units of two convs (a basic residual block), one where a single conv is left
+            k = 2 if rest >= 2 and cfg.residual else 1
+            x = unit(x, w, k); rest -= k
         if i < len(cfg.widths) - 1: x = layers.MaxPooling2D(dtype=dt)(x)
     x = layers.GlobalAveragePooling2D(dtype=dt)(x)
     out = layers.Dense(10, activation="softmax", dtype="float32", name="probs")(x)
@@ -210,13 +221,23 @@ def one_cycle(step, total_steps: int, peak: float, warmup_frac: float):
 
 # %% ../nbs/07_training.ipynb #8848bfbe
 def make_optimizer(cfg: TrainConfig, total_steps: int):
-    "AdamW on the one-cycle schedule."
+    "AdamW on the one-cycle schedule, keeping a moving average of the weights where `cfg.ema` is set."
     keras = import_keras()
     @keras.saving.register_keras_serializable(package="fmnist_gcp")
     class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
         def __call__(self, step): return one_cycle(step, total_steps, cfg.lr, cfg.warmup_frac)
         def get_config(self): return {}
-    return keras.optimizers.AdamW(OneCycle(), weight_decay=cfg.weight_decay)
+    return keras.optimizers.AdamW(OneCycle(), weight_decay=cfg.weight_decay, use_ema=cfg.ema > 0, ema_momentum=cfg.ema or 0.99)
+
+@contextlib.contextmanager
+def averaged_weights(model, optimizer):
+    "Inside the block the model's trainable weights are the optimizer's moving averages (unchanged without EMA)."
+    if not optimizer.use_ema: yield model; return
+    saved = [np.asarray(v) for v in model.trainable_variables]
+    optimizer.finalize_variable_values(model.trainable_variables)
+    try: yield model
+    finally:
+        for v, s in zip(model.trainable_variables, saved): v.assign(s)
 
 # %% ../nbs/07_training.ipynb #e8a2e1da
 class CheckpointMismatch(ValueError):
@@ -356,6 +377,7 @@ def fit(cfg: TrainConfig, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, 
         mean: float, std: float, checkpoints: Checkpoints | None = None, strategy=None,
         tensorboard_dir: str | None = None, log=print,
         on_epoch=None,  # called with each epoch's history entry, after its checkpoint is written
+        probe=None,  # called with the (averaged) model after each epoch; its figures join the entry, its time does not
         ) -> tuple[object, list[dict]]:
     "Train (or resume) a model; returns (trained model, per-epoch history)."
     tf = import_tensorflow(); keras = import_keras()
@@ -375,7 +397,8 @@ def fit(cfg: TrainConfig, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, 
             for xb, yb in epoch_dataset(x_tr, y_tr, cfg, epoch, strategy):
                 total += float(train_step(xb, yb)); n += 1
             s = time.perf_counter() - t0
-            h = {"epoch": epoch + 1, "loss": total / max(n, 1), **validation_metrics(model, x_va, y_va),
+            with averaged_weights(model, opt): val, extra = validation_metrics(model, x_va, y_va), probe(model) if probe else {}
+            h = {"epoch": epoch + 1, "loss": total / max(n, 1), **val, **extra,
                  "lr": float(np.asarray(opt.learning_rate)), "seconds": round(s, 2), "images_per_s": round(len(x_tr) / s, 1)}
             history.append(h)
             log(f"epoch {h['epoch']:>3}/{cfg.epochs}  loss {h['loss']:.4f}  val_loss {h['val_loss']:.4f}  "
@@ -383,6 +406,7 @@ def fit(cfg: TrainConfig, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, 
             if tb: tb.log(epoch + 1, {k: h[k] for k in TENSORBOARD_SCALARS})
             if checkpoints and chief: checkpoints.save(model, opt, epoch + 1, history, cfg)
             if on_epoch: on_epoch(h)
+    opt.finalize_variable_values(model.trainable_variables)  # the moving averages are the model (no-op without EMA)
     return model, history
 
 # %% ../nbs/07_training.ipynb #15c1e138
