@@ -34,9 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's
 
 TARGET = 0.939  # Google AutoML Vision's test accuracy
 
-QUICK = {}  # the quick profile's recipe: TrainConfig's defaults, no random erasing (its 04_preprocessing)
+# the profiles' recipes when the search ran (bench/results/recipe_search_h100.jsonl): every recipe is one of them
+# with changes, whatever TrainConfig's defaults are today (each result line holds its whole config as well)
+QUICK = {"widths": [32, 64, 128], "convs": 2, "residual": False, "epochs": 12, "batch_size": 256, "lr": 0.004,
+         "warmup_frac": 0.15, "label_smoothing": 0.0, "weight_decay": 5e-4, "ema": 0.0}
 QUICK_AUG = {"erase_prob": 0.0}
-FULL = {"widths": [64, 128, 256], "epochs": 30, "batch_size": 128, "lr": 0.003, "warmup_frac": 0.1}
+FULL = {**QUICK, "widths": [64, 128, 256], "epochs": 30, "batch_size": 128, "lr": 0.003, "warmup_frac": 0.1}
 FULL_AUG = {"erase_prob": 0.3}
 
 

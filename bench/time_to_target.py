@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only", default="", help="comma-separated recipe names (default: all)")
     ap.add_argument("--images", type=int, default=12_800, help="images per timed epoch")
     ap.add_argument("--epochs", type=int, default=4, help="epochs timed per architecture (the first is not counted)")
-    ap.add_argument("--float32", default="quick-e8,quick-e12,full", help="recipes whose float32 path is timed too")
-    ap.add_argument("--deterministic", default="quick-e8", help="recipes timed with TensorFlow op determinism too "
+    ap.add_argument("--float32", default="residual-c3-e6,w48-res-ls-e30", help="recipes whose float32 path is timed too")
+    ap.add_argument("--deterministic", default="residual-c3-e6", help="recipes timed with TensorFlow op determinism too "
                     "(last: it cannot be switched off in a process)")
     a = ap.parse_args(argv)
     from fmnist_gcp.training import resolve_precision

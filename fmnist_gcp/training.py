@@ -42,14 +42,14 @@ def _knob(default, help: str, **more):
 class TrainConfig:
     "The training recipe. The defaults are the quick recipe; profiles and flags change single fields."
     widths: tuple[int, ...] = _knob((32, 64, 128), "channels of each stage")
-    convs: int = _knob(2, "3x3 conv-BN-ReLU layers per stage after the first (the first stage has one)")
-    epochs: int = _knob(8, "training epochs")
+    convs: int = _knob(3, "3x3 conv-BN-ReLU layers per stage after the first (the first stage has one)")
+    epochs: int = _knob(6, "training epochs")
     batch_size: int = _knob(256, "global batch size (all workers together)")
     lr: float = _knob(0.004, "peak learning rate of the one-cycle schedule")
     weight_decay: float = _knob(5e-4, "AdamW decoupled weight decay")
     warmup_frac: float = _knob(0.15, "share of training spent warming the learning rate up")
     label_smoothing: float = _knob(0.0, "label smoothing of the cross-entropy")
-    residual: bool = _knob(False, "identity shortcuts around the convolutions after each stage's first (same FLOPs)")
+    residual: bool = _knob(True, "identity shortcuts around the convolutions after each stage's first (same FLOPs)")
     ema: float = _knob(0.0, "momentum of an exponential moving average of the weights, evaluated and exported (0: none)")
     precision: str = _knob("auto", "mixed_bfloat16 (bf16 convolutions, float32 weights), float32, or auto: "
                            "bf16 where the CPU computes it natively or a GPU is present", choices=PRECISIONS)
