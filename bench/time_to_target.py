@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
            for name, s in summary.items() if name in a.float32.split(",")}
     if f32: print("\nfloat32 path / " + native + " path, seconds per epoch: " + ", ".join(f"{k} {v:.2f}x" for k, v in f32.items()))
     result = {"what": __doc__.splitlines()[0], "target": TARGET, "precision": native, "search": os.path.relpath(a.search, ROOT),
-              "float32_factor": f32, "deterministic_factor": det, "rows": t, "host": host(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "float32_factor": f32, "deterministic_factor": det,
+              "timed": {"images_per_epoch": a.images, "epochs": a.epochs, "not_counted": "the first epoch"}, "rows": t, "host": host(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     tmp = a.out + ".tmp"
     with open(tmp, "w") as f: json.dump(result, f, indent=1)
     os.replace(tmp, a.out)
