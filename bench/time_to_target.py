@@ -33,8 +33,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np
-from bench_host import host  # run as `python bench/time_to_target.py`: bench/ is on the path
+from bench_host import host, steady_images_per_s  # run as `python bench/time_to_target.py`: bench/ is on the path
 
 TRAIN_IMAGES = 54_000  # the data stage's training split
 from fmnist_gcp.evaluation import AUTOML_VISION, REFERENCES  # noqa: E402
@@ -65,14 +64,10 @@ def arch_key(cfg: dict) -> str:
 
 
 def seconds_per_epoch(cfg: dict, precision: str, images: int, epochs: int, deterministic: bool = False) -> float:
-    "Median seconds of the timed epochs (the first traces the step) of `training.fit` here, scaled to TRAIN_IMAGES."
-    from fmnist_gcp.preprocessing import Augment
-    from fmnist_gcp.training import TrainConfig, fit
-    rng = np.random.default_rng(0)
-    x, y = rng.integers(0, 256, (images, 28, 28), dtype=np.uint8), rng.integers(0, 10, images)
+    "Seconds of one epoch of `training.fit` here at its steady speed (`steady_images_per_s`), scaled to TRAIN_IMAGES."
+    from fmnist_gcp.training import TrainConfig
     c = TrainConfig.from_dict({**cfg, "epochs": epochs, "precision": precision, "ema": 0.0, "deterministic": deterministic})
-    _, hist = fit(c, x, y, x[:256], y[:256], 0.286, 0.353, log=lambda *_: None)
-    return statistics.median(h["seconds"] for h in hist[1:]) * TRAIN_IMAGES / images
+    return TRAIN_IMAGES / steady_images_per_s(c, images)
 
 
 def table(summary: dict, spe: dict) -> list[dict]:

@@ -16,7 +16,6 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 
 
 def forward_flops(model) -> int:
@@ -46,7 +45,8 @@ def matmul_peak(tf, dtype, n=2048, repeats=7) -> float:
 
 
 def main():
-    from fmnist_gcp.training import TrainConfig, build_model, fit, parse_widths
+    from bench_host import steady_images_per_s  # run as `python bench/train_throughput.py`: bench/ is on the path
+    from fmnist_gcp.training import TrainConfig, build_model, parse_widths
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--widths", type=parse_widths, default=TrainConfig.widths, help="channels of each stage, comma-separated")
     ap.add_argument("--convs", type=int, default=TrainConfig.convs)
@@ -57,8 +57,6 @@ def main():
     from fmnist_gcp.config import import_tensorflow
     from fmnist_gcp.preprocessing import Augment
     tf = import_tensorflow()
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (a.images, 28, 28), dtype=np.uint8); y = rng.integers(0, 10, a.images)
     peak = {"float32": matmul_peak(tf, tf.float32), "mixed_bfloat16": matmul_peak(tf, tf.bfloat16)}
     print(f"matmul peak (median of 7, 2048^2): float32 {peak['float32'] / 1e9:.1f} GFLOP/s, "
           f"bfloat16 {peak['mixed_bfloat16'] / 1e9:.1f} GFLOP/s")
@@ -67,8 +65,7 @@ def main():
         cfg = TrainConfig(widths=a.widths, convs=a.convs, batch_size=a.batch_size, epochs=a.repeats + 1, precision=precision,
                           augment=Augment(True, 2, 0.0))
         flops = forward_flops(build_model(cfg, 0.286, 0.353))
-        _, hist = fit(cfg, x, y, x[:256], y[:256], 0.286, 0.353, log=lambda *_: None)
-        ips = statistics.median(h["images_per_s"] for h in hist[1:])  # first epoch traces the step
+        ips = steady_images_per_s(cfg, a.images)
         achieved = ips * 3 * flops  # forward + backward ~ 3x forward
         rows.append((precision, flops, ips, achieved, achieved / peak[precision]))
     print(f"\nmodel widths {','.join(map(str, a.widths))}, convs {a.convs}, batch {a.batch_size}: {rows[0][1] / 1e6:.1f} forward MFLOP per image")
