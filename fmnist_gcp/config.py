@@ -69,9 +69,7 @@ def _temp_path(p: Path) -> Path: return p.with_name(f".{p.name}.tmp-{secrets.tok
 def _is_temp(name: str) -> bool: return re.fullmatch(r"\..+\.tmp-[0-9a-f]{8}", name) is not None
 
 def write_bytes_atomic(uri: str,  # a local path or a `gs://` URI
-                       data: bytes,
-                       durable: bool = True,  # fsync before the rename; bulk exports of many small files skip it
-                       ) -> str:
+                       data: bytes) -> str:
     "Write `data` to `uri` so that readers see the old file or the whole new one, never a part."
     fs, path = filesystem(uri)
     if not is_local(uri):
@@ -82,8 +80,7 @@ def write_bytes_atomic(uri: str,  # a local path or a `gs://` URI
     tmp = _temp_path(p)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
-            if durable: f.flush(); os.fsync(f.fileno())
+            f.write(data); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, p)
     finally:
         if tmp.exists(): tmp.unlink()
@@ -110,7 +107,7 @@ class Store:
     def exists(self, *parts: str) -> bool:
         fs, path = filesystem(self.uri(*parts)); return fs.exists(path)
 
-    def write_bytes(self, rel: str, data: bytes, durable: bool = True) -> str: return write_bytes_atomic(self.uri(rel), data, durable)
+    def write_bytes(self, rel: str, data: bytes) -> str: return write_bytes_atomic(self.uri(rel), data)
     def write_text(self, rel: str, text: str) -> str: return self.write_bytes(rel, text.encode())
     def write_json(self, rel: str, obj: Any) -> str:
         return self.write_text(rel, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")

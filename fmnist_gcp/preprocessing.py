@@ -207,8 +207,7 @@ def export_png_automl(settings: Settings, splits: dict[str, tuple[np.ndarray, np
             rel = f"{PNG_DIR}/{split}/{AUTOML_LABELS[label]}/{split}_{int(i):05d}.png"
             jobs.append((rel, img)); rows.append(f"{ML_USE[split]},{ds.uri(rel)},{AUTOML_LABELS[label]}")
     with ThreadPoolExecutor(workers) as pool:
-        # 70,000 small files: each is still renamed into place whole, but not fsynced one by one
-        list(pool.map(lambda j: ds.write_bytes(j[0], png_bytes(j[1]), durable=False), jobs))
+        list(pool.map(lambda j: ds.write_bytes(j[0], png_bytes(j[1])), jobs))
     return ds.write_text(AUTOML_CSV_PATH, "\n".join(rows) + "\n"), len(rows)
 
 # %% ../nbs/04_preprocessing.ipynb #a02f9e32
