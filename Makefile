@@ -34,11 +34,15 @@ data: install
 run: data
 	$(BIN)/fmnist run --profile $(PROFILE)
 
+# lint-imports first: the layers in pyproject.toml (README, "Architecture"); a broken one names the import.
 test: data
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
 
+# As root (a fresh cloud VM or container, where root is the only user) JupyterLab refuses to start without
+# --allow-root; we pass it only then, so a normal user's lab is started exactly as before.
 lab: install
-	$(BIN)/jupyter lab nbs/
+	$(BIN)/jupyter lab nbs/ $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 # A user kernelspec for another JupyterLab (Vertex AI Workbench's own): this venv's python, and the FMNIST_*
 # variables exported now written into the spec's env, so notebooks opened there see the same settings.
