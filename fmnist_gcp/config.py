@@ -56,8 +56,9 @@ def filesystem(uri: str):  # a local path or a `gs://` URI
     "The fsspec filesystem and the path inside it for `uri`."
     import fsspec
     if uri.startswith("gs://"):
-        # no listing cache: the stages are other processes, and a cached listing would hide what they wrote
-        return fsspec.filesystem("gs", use_listings_cache=False, **storage_options()),  # explicit credentials, never silently anonymous uri[len("gs://"):]
+        # explicit credentials (`storage_options` below), never silently anonymous; no listing cache: the stages
+        # are other processes, and a cached listing would hide what they wrote
+        return fsspec.filesystem("gs", use_listings_cache=False, **storage_options()), uri[len("gs://"):]
     return fsspec.filesystem("file"), str(Path(uri).expanduser())
 
 # %% ../nbs/00_config.ipynb #f3e6758a
