@@ -26,10 +26,10 @@ from .training import (TrainConfig, build_model, calibration, export_model, fit,
                                  parse_widths, soften)
 
 # %% auto #0
-__all__ = ['AUTOML_MODEL', 'AUGMENT_PARAMS', 'KINDS', 'STUDIES', 'JOURNAL', 'BEST_WEIGHTS', 'BEST_JSON', 'Param', 'search_space',
-           'suggest', 'trial_config', 'next_trial_fits', 'study_store', 'make_pruner', 'open_study', 'push_study',
-           'search_summary', 'run_search', 'trials_table', 'save_best', 'load_best', 'keras_trainer', 'export_automl',
-           'run_export']
+__all__ = ['AUTOML_MODEL', 'AUGMENT_PARAMS', 'KINDS', 'STUDIES', 'JOURNAL', 'BEST_WEIGHTS', 'BEST_JSON', 'VERTEX_AUTOML_MODEL',
+           'VERTEX_EVALUATION', 'Param', 'search_space', 'suggest', 'trial_config', 'next_trial_fits', 'study_store',
+           'make_pruner', 'open_study', 'push_study', 'search_summary', 'run_search', 'trials_table', 'save_best',
+           'load_best', 'keras_trainer', 'export_automl', 'run_export', 'read_vertex_evaluation']
 
 # %% ../nbs/06_automl.ipynb #62433d8c
 AUTOML_MODEL = "fmnist-automl"  # the local AutoML model's name in the models store and the registry
@@ -261,3 +261,11 @@ def run_export(settings: Settings, model_name: str, run_id: str) -> dict | None:
         meta = settings.models.read_json(f"{model_name}/{v}/metadata.json")
         if meta.get("run_id") == run_id: return {**meta, "model_uri": settings.models.uri(model_name, str(v))}
     return None
+
+# %% ../nbs/06_automl.ipynb #a6v3ev02
+VERTEX_AUTOML_MODEL = "fmnist-automl-vertex"  # display name of the Vertex AutoML model (and its folder in the models store)
+VERTEX_EVALUATION = f"{VERTEX_AUTOML_MODEL}/evaluation.json"  # in the models store; the evaluation stage reads it
+
+def read_vertex_evaluation(settings: Settings) -> dict | None:
+    "The stored Vertex AutoML evaluation, or None when none was fetched."
+    return settings.models.read_json(VERTEX_EVALUATION) if settings.models.exists(VERTEX_EVALUATION) else None

@@ -125,7 +125,7 @@ def _add_gcp(sub) -> None:
     b.add_argument("--no-wait", dest="wait", action="store_false", help="submit the Cloud Build and return")
 
 # %% ../nbs/cli.ipynb #b1c2d030
-def _add_vertex_serving(sub) -> None:
+def _add_endpoints(sub) -> None:
     d = sub.add_parser("deploy", help="deploy a model to a Vertex AI endpoint (FMNIST_BACKEND=vertex)")
     d.add_argument("model", help="NAME@ALIAS uploaded from the registry (e.g. fmnist-cnn@champion) or a Vertex model resource name")
     d.add_argument("--endpoint", help="existing endpoint resource name (default: create one)")
@@ -157,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_run(sub); _add_runs(sub)
     sub.add_parser("data", help="find (or download) the Fashion-MNIST files and verify their sha256")
     sub.add_parser("config", help="show the resolved settings (no credentials)")
-    _add_serving(sub); _add_models(sub); _add_submit_training(sub); _add_gcp(sub); _add_vertex_serving(sub); _add_features(sub)
+    _add_serving(sub); _add_models(sub); _add_submit_training(sub); _add_gcp(sub); _add_endpoints(sub); _add_features(sub)
     return p
 
 # %% ../nbs/cli.ipynb #b1c2d007
@@ -328,7 +328,7 @@ def _cmd_import_job(a) -> int:
     "A Vertex training job's model: copied in as the next version, evaluated and registered by the stages, optionally uploaded."
     from fmnist_gcp.config import Settings
     from fmnist_gcp.pipeline import StageFailed, new_run_id, run_pipeline
-    from fmnist_gcp.vertex_training import import_job_model
+    from fmnist_gcp.cloud.jobs import import_job_model
     if not a.job: raise SystemExit("fmnist models import-job: name the job (its resource name or numeric id)")
     s = Settings.from_env().require_vertex("fmnist models import-job")
     run_id = new_run_id("import")
@@ -343,7 +343,7 @@ def _cmd_import_job(a) -> int:
         from fmnist_gcp.registry import Registry, registry_table
         print(registry_table(Registry(s, a.model_name)).to_string())
     if a.upload:
-        from fmnist_gcp.registry import upload_to_vertex
+        from fmnist_gcp.cloud.models import upload_to_vertex
         m = upload_to_vertex(s, a.model_name, v, a.upload)
         print(f"uploaded as {m.resource_name}@{m.version_id}")
     return 0
@@ -351,7 +351,7 @@ def _cmd_import_job(a) -> int:
 # %% ../nbs/cli.ipynb #b1c2d017
 def _cmd_submit_training(a) -> int:
     from fmnist_gcp.config import Settings
-    from fmnist_gcp.vertex_training import submit_custom_job
+    from fmnist_gcp.cloud.jobs import submit_custom_job
     args = a.task_args[1:] if a.task_args[:1] == ["--"] else a.task_args
     s = Settings.from_env().require_vertex("fmnist submit-training")
     if a.no_check: print("skipped the Google Cloud preflight check (--no-check)", file=sys.stderr)
@@ -389,11 +389,11 @@ def _cmd_gcp(a) -> int:
     return 0
 
 # %% ../nbs/cli.ipynb #b1c2d031
-def _cmd_vertex_serving(a) -> int:
+def _cmd_endpoints(a) -> int:
     import json
-    from fmnist_gcp import vertex_serving as vs
+    from fmnist_gcp.cloud import endpoints as vs
     from fmnist_gcp.config import Settings
-    from fmnist_gcp.registry import vertex_model_ref
+    from fmnist_gcp.cloud.models import vertex_model_ref
     s = Settings.from_env().require_vertex(f"fmnist {a.verb}")
     if a.verb == "undeploy": vs.undeploy_and_delete(s, a.endpoint); print(f"deleted {a.endpoint}"); return 0
     model = vertex_model_ref(s, a.model)
@@ -410,22 +410,26 @@ def _cmd_vertex_serving(a) -> int:
 def _cmd_features(a) -> int:
     import json
     from fmnist_gcp.config import Settings
-    from fmnist_gcp.features import lookup
-    for row in lookup(Settings.from_env(), a.ids, a.view): print(json.dumps(row))  # FeatureError before any output
+    s = Settings.from_env()
+    if s.backend == "vertex": from fmnist_gcp.cloud.features import lookup  # the Vertex AI Feature Store
+    else: from fmnist_gcp.features import lookup  # Feast
+    for row in lookup(s, a.ids, a.view): print(json.dumps(row))  # FeatureError before any output
     return 0
 
 def _cmd_similar(a) -> int:
     import json
     from fmnist_gcp.config import Settings
-    from fmnist_gcp.features import similar
     if a.k < 1: raise ValueError(f"-k {a.k}: ask for at least one neighbour")
-    print(json.dumps(similar(Settings.from_env(), a.id, a.k), indent=2))
+    s = Settings.from_env()
+    if s.backend == "vertex": from fmnist_gcp.cloud.features import similar  # the Feature Store's search
+    else: from fmnist_gcp.features import similar  # the local index
+    print(json.dumps(similar(s, a.id, a.k), indent=2))
     return 0
 
 # %% ../nbs/cli.ipynb #b1c2d018
 _COMMANDS = {"run": _cmd_run, "rerun": _cmd_rerun, "runs": _cmd_runs, "data": _cmd_data, "config": _cmd_config, "serve": _cmd_serve,
              "predict": _cmd_predict, "models": _cmd_models, "submit-training": _cmd_submit_training, "gcp": _cmd_gcp,
-             "deploy": _cmd_vertex_serving, "undeploy": _cmd_vertex_serving, "batch-predict": _cmd_vertex_serving,
+             "deploy": _cmd_endpoints, "undeploy": _cmd_endpoints, "batch-predict": _cmd_endpoints,
              "features": _cmd_features, "similar": _cmd_similar}
 
 def main(argv: list[str] | None = None) -> int:

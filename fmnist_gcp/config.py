@@ -13,15 +13,17 @@ import os
 import re
 import secrets
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any, Mapping
 
 # %% auto #0
 __all__ = ['DEFAULT_HOME', 'DEFAULT_CACHE_DIR', 'DEFAULT_RUNS_DIR', 'ENV_VARS', 'BACKENDS', 'ROLES', 'DEFAULT_MODEL',
-           'APP_LABELS', 'BUCKET_VARS', 'VERTEX_TRANSPORTS', 'TF_INSTALL_HINT', 'filesystem', 'is_local',
-           'write_bytes_atomic', 'Store', 'ConfigError', 'check_vertex', 'store_uris', 'vertex_endpoint',
-           'vertex_transport', 'credentials_summary', 'env_settings', 'Settings', 'vertex_client_options',
-           'vertex_init', 'create_local_stores', 'import_tensorflow', 'import_keras', 'record', 'recorded']
+           'APP_LABELS', 'BUCKET_VARS', 'VERTEX_TRANSPORTS', 'CLOUD_SCOPE', 'LOGIN_FIX', 'TF_INSTALL_HINT',
+           'filesystem', 'is_local', 'write_bytes_atomic', 'Store', 'ConfigError', 'check_vertex', 'store_uris',
+           'vertex_endpoint', 'vertex_transport', 'credentials_summary', 'env_settings', 'Settings',
+           'default_credentials', 'storage_options', 'create_local_stores', 'import_tensorflow', 'import_keras',
+           'record', 'recorded']
 
 # %% ../nbs/00_config.ipynb #1f69a9c7
 DEFAULT_HOME = "~/.fmnist-gcp"  # root of the local stores
@@ -54,8 +56,8 @@ def filesystem(uri: str):  # a local path or a `gs://` URI
     "The fsspec filesystem and the path inside it for `uri`."
     import fsspec
     if uri.startswith("gs://"):
-        from fmnist_gcp.cloud.preflight import storage_options  # explicit credentials, never silently anonymous
-        # no listing cache: the stages are other processes, and a cached listing would hide what they wrote
+        # explicit credentials (`storage_options` below), never silently anonymous; no listing cache: the stages
+        # are other processes, and a cached listing would hide what they wrote
         return fsspec.filesystem("gs", use_listings_cache=False, **storage_options()), uri[len("gs://"):]
     return fsspec.filesystem("file"), str(Path(uri).expanduser())
 
@@ -271,18 +273,34 @@ class Settings:
                 "data_dir": self.data_dir, "cache_dir": self.cache_dir, "runs_dir": self.runs_dir,
                 "credentials": self.credentials}
 
-# %% ../nbs/00_config.ipynb #b38640b3
-def vertex_client_options(settings: Settings) -> dict:
-    "`client_options` for a Vertex gapic client made directly: the override or the region's endpoint."
-    return {"api_endpoint": settings.vertex_endpoint or f"{settings.region}-aiplatform.googleapis.com"}
+# %% ../nbs/00_config.ipynb #c0nfcred2
+CLOUD_SCOPE = "https://www.googleapis.com/auth/cloud-platform"  # what the clients ask the credentials for
+LOGIN_FIX = "run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key)"
 
-def vertex_init(settings: Settings, **more) -> None:
-    "`aiplatform.init` for `settings`: project, region, endpoint and transport (always all four), `more` passed on."
-    from google.cloud import aiplatform
-    s = settings.require_vertex("Vertex AI")
-    # `init` keeps an endpoint or transport from an earlier call unless it is given again: so both are always given
-    aiplatform.init(project=s.project, location=s.region, api_endpoint=vertex_client_options(s)["api_endpoint"],
-                    api_transport=s.vertex_transport or "grpc", **more)
+def _no_credentials_problem() -> str:
+    var = (os.environ.get("GOOGLE_APPLICATION_CREDENTIALS") or "").strip()
+    missing = f"; GOOGLE_APPLICATION_CREDENTIALS={var} names no file" if var and not Path(var).expanduser().is_file() else ""
+    return f"no application-default credentials: {LOGIN_FIX}{missing}"
+
+def default_credentials(settings: Settings):  # its project becomes the credentials' quota project
+    "The application-default credentials (google-auth), or a ConfigError saying how to log in."
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+    try: credentials, _ = google.auth.default(scopes=[CLOUD_SCOPE], quota_project_id=settings.project)
+    except DefaultCredentialsError: raise ConfigError(_no_credentials_problem()) from None
+    return credentials
+
+# %% ../nbs/00_config.ipynb #082704de
+@cache
+def _cached_credentials(project: str | None):
+    return default_credentials(Settings(project=project))
+
+def storage_options(settings: Settings | None = None,  # its project bills the requests (default: from the environment)
+                    ) -> dict:
+    "Keyword arguments for `fsspec.filesystem('gs', ...)`: explicit credentials, never silently anonymous."
+    if os.environ.get("STORAGE_EMULATOR_HOST"): return {"token": "anon"}
+    project = settings.project if settings else (os.environ.get("FMNIST_PROJECT") or os.environ.get("GOOGLE_CLOUD_PROJECT"))
+    return {"token": _cached_credentials(project), **({"project": project} if project else {})}
 
 # %% ../nbs/00_config.ipynb #2c2629fb
 def create_local_stores(settings: Settings) -> list[str]:

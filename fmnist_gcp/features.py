@@ -198,13 +198,15 @@ def materialize(settings: Settings, view: str) -> dict:
     return record_state(settings, view, table)
 
 # %% ../nbs/05_features.ipynb #f05a001d
-def publish(settings: Settings, view: str, rows) -> dict:
-    "Merge `rows` into the view's offline table and update the online store; the view's summary."
-    table = write_offline(settings, view, rows)
+def _feast_only(settings: Settings, what: str) -> None:
+    "A FeatureError on the vertex backend, whose views the Vertex AI Feature Store serves (`fmnist_gcp.cloud.features`)."
     if settings.backend == "vertex":
-        from fmnist_gcp.vertex_features import publish_view
-        dims = len(table["embedding"].iloc[0]) if view == "image_embedding" else None
-        return record_state(settings, view, table, **publish_view(settings, view, dims))
+        raise FeatureError(f"on the vertex backend the Vertex AI Feature Store serves the views: use fmnist_gcp.cloud.features.{what}")
+
+def publish(settings: Settings, view: str, rows) -> dict:
+    "Merge `rows` into the view's offline table and materialise it into Feast's online store; the view's summary."
+    _feast_only(settings, "publish")
+    write_offline(settings, view, rows)
     return materialize(settings, view)
 
 # %% ../nbs/05_features.ipynb #f05a001f
@@ -220,17 +222,18 @@ def online_rows(fs, view: str, ids: list[str]) -> list[dict | None]:
     return [None if all(v is None for v in r.values()) else r for r in rows]
 
 # %% ../nbs/05_features.ipynb #f05a0020
-def lookup(settings: Settings, ids: list[str], view: str | None = None) -> list[dict]:
+def lookup(settings: Settings, ids: list[str], view: str | None = None,
+           read_rows=None,  # `(settings, view, ids)` -> rows or None; default: Feast's online store
+           ) -> list[dict]:
     "Each id's online features, `{image_id, <view>: {...} | None}`; FeatureError naming every unknown id."
     views, ids = _views(view), [str(i) for i in ids]
     if not ids: raise FeatureError("no image ids given")
     bad = [i for i in ids if not _is_id(i)]
     if bad: raise FeatureError(f"not image ids: {', '.join(bad)} (ids are train-0 ... train-59999 and test-0 ... test-9999)")
-    if settings.backend == "vertex":
-        from fmnist_gcp.vertex_features import read_rows
-        per_view = {v: read_rows(settings, v, ids) for v in views}
-    else:
-        fs = feature_store(settings); per_view = {v: online_rows(fs, v, ids) for v in views}
+    if read_rows is None:
+        _feast_only(settings, "lookup")
+        fs = feature_store(settings); read_rows = lambda _, v, i: online_rows(fs, v, i)
+    per_view = {v: read_rows(settings, v, ids) for v in views}
     held = per_view["image_stats" if view is None else view]
     unknown = [i for i, r in zip(ids, held) if r is None]
     if unknown:
@@ -294,13 +297,14 @@ def load_index(settings: Settings) -> dict:
     return index
 
 # %% ../nbs/05_features.ipynb #f05a0026
-def similar(settings: Settings, image_id: str, k: int = 5) -> dict:
+def similar(settings: Settings, image_id: str, k: int = 5,
+            search=None,  # `(settings, image_id, k)` -> the answer; default: the local index
+            ) -> dict:
     "The `k` catalogue images nearest to `image_id` by cosine similarity of the champion's embeddings."
     parse_image_id(image_id)
     if k < 1: raise FeatureError(f"k must be at least 1, not {k}")
-    if settings.backend == "vertex":
-        from fmnist_gcp.vertex_features import search_neighbours
-        return search_neighbours(settings, image_id, k)
+    if search is not None: return search(settings, image_id, k)
+    _feast_only(settings, "similar")
     index = load_index(settings)
     where = np.flatnonzero(index["ids"] == image_id)
     if not len(where): raise FeatureError(f"{image_id} has no embedding of {index['model']} v{int(index['version'])} in the "
@@ -311,13 +315,14 @@ def similar(settings: Settings, image_id: str, k: int = 5) -> dict:
             "neighbours": [{**item(r), "similarity": round(float(s), 6)} for r, s in zip(rows, sims)]}
 
 # %% ../nbs/05_features.ipynb #f05a0029
-def lookup_latency(settings: Settings, ids: list[str], repeats: int, view: str = "image_stats") -> dict:
-    "p50 and p99 in ms of `repeats` online lookups of all of `ids` in `view` (Feast's, or Vertex's on that backend)."
-    if settings.backend == "vertex":
-        from fmnist_gcp.vertex_features import read_rows
-        read = lambda: read_rows(settings, view, ids)
-    else:
+def lookup_latency(settings: Settings, ids: list[str], repeats: int, view: str = "image_stats",
+                   read_rows=None,  # as `lookup` takes it; default: Feast's online store
+                   ) -> dict:
+    "p50 and p99 in ms of `repeats` online lookups of all of `ids` in `view` (Feast's, or `read_rows`')."
+    if read_rows is None:
+        _feast_only(settings, "lookup_latency")
         fs = feature_store(settings); read = lambda: online_rows(fs, view, ids)
+    else: read = lambda: read_rows(settings, view, ids)
     read()  # warm-up
     t = np.empty(repeats)
     for r in range(repeats):

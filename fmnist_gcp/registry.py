@@ -1,4 +1,4 @@
-"""Registered model versions with their metrics and provenance, aliases (`default`, `champion`, your own), a promotion rule that only moves `champion` to a better model, and the same model uploaded to the Vertex AI Model Registry.
+"""Registered model versions with their metrics and provenance, aliases (`default`, `champion`, your own), a promotion rule that only moves `champion` to a better model; the upload to the Vertex AI Model Registry is `cloud.models`.
 
 Docs: https://fmnist-gcp.github.io/fmnist-gcp/registry.html.md"""
 
@@ -12,11 +12,11 @@ import time
 
 from fastcore.basics import patch
 
-from .config import APP_LABELS, DEFAULT_MODEL, Settings, Store, vertex_init
+from .config import DEFAULT_MODEL, Settings, Store
 
 # %% auto #0
-__all__ = ['ALIAS_RE', 'VERTEX_LABELS', 'RegistryError', 'check_alias', 'parse_ref', 'Registry', 'better', 'promote',
-           'run_version', 'vertex_model', 'vertex_model_ref', 'upload_to_vertex', 'registry_table']
+__all__ = ['ALIAS_RE', 'RegistryError', 'check_alias', 'parse_ref', 'Registry', 'better', 'promote', 'run_version',
+           'registry_table']
 
 # %% ../nbs/09_registry.ipynb #95945025
 class RegistryError(ValueError):
@@ -138,52 +138,6 @@ def run_version(settings: Settings, name: str, run_id: str,
                             f"has run_id {run_id!r}; versions: {versions or 'none'}): run the training stage in this run, "
                             f"or name a version with -p version=N")
     return mine[-1]
-
-# %% ../nbs/09_registry.ipynb #780a2fcc
-VERTEX_LABELS = APP_LABELS  # on every Vertex resource this package creates
-
-def vertex_model(settings: Settings, name: str) -> str | None:
-    "Resource name of the Vertex model holding our uploads of `name` (the oldest, if several), or None."
-    settings.require_vertex("Looking models up in the Vertex AI Model Registry")
-    from google.cloud import aiplatform
-    vertex_init(settings)
-    labels = " AND ".join(f'labels.{k}="{v}"' for k, v in VERTEX_LABELS.items())
-    found = aiplatform.Model.list(filter=f'display_name="{name}" AND {labels}', order_by="create_time")
-    return found[0].resource_name if found else None
-
-# %% ../nbs/09_registry.ipynb #vmref002
-def vertex_model_ref(settings: Settings, ref: str) -> str:
-    "A Vertex model resource name (with @alias) for `NAME@ALIAS`, or `ref` itself when it is a resource name."
-    if ref.startswith("projects/"): return ref
-    name, tag = parse_ref(ref)
-    if tag.isdigit():
-        raise RegistryError(f"{ref!r}: name an alias (e.g. {name}@champion); local version numbers are not Vertex version ids")
-    parent = vertex_model(settings, name)
-    if parent is None: raise RegistryError(f"{name!r} is not in the Vertex AI Model Registry: upload it first")
-    return f"{parent}@{tag}"
-
-# %% ../nbs/09_registry.ipynb #b0769045
-def upload_to_vertex(settings: Settings, name: str, version: int,
-                     serving_image: str,  # serving image in Artifact Registry
-                     parent_model: str | None = None,  # Vertex model to add a version to; default: `vertex_model`
-                     aliases: tuple[str, ...] | None = None,  # default: this version's aliases in our registry
-                     ):
-    "Upload a registered version to the Vertex AI Model Registry as a version of one model; returns the `aiplatform.Model`."
-    settings.require_vertex("Uploading to the Vertex AI Model Registry")
-    from google.cloud import aiplatform
-    from fmnist_gcp.serving import SERVING_CONTRACT as c
-    reg = Registry(settings, name)
-    rec = reg.versions.get(version) or reg.register(version)
-    if aliases is None: aliases = tuple(a for a, v in reg.aliases.items() if v == version and a != "default")
-    parent_model = parent_model or vertex_model(settings, name)  # None: the first upload creates the model
-    vertex_init(settings)
-    return aiplatform.Model.upload(
-        display_name=name, artifact_uri=rec["uri"], parent_model=parent_model,
-        is_default_version=reg.aliases.get("default") == version, version_aliases=list(aliases),
-        version_description=f"run {rec.get('run_id')}, au_prc {rec['metrics'].get('au_prc', 'n/a')}",
-        serving_container_image_uri=serving_image, serving_container_ports=[c.port],
-        serving_container_health_route=c.health_route, serving_container_predict_route=c.predict_route,
-        labels={**VERTEX_LABELS, "fmnist-version": str(version)})
 
 # %% ../nbs/09_registry.ipynb #e5c6ecab
 def registry_table(reg: Registry):

@@ -15,13 +15,13 @@ import time
 from dataclasses import fields, replace
 from typing import get_origin, get_type_hints
 
-from .config import DEFAULT_MODEL, Settings, Store, write_bytes_atomic
+from .config import DEFAULT_MODEL, ConfigError, Settings, Store, write_bytes_atomic
 from .training import Checkpoints, LocalTracker, TrainConfig, is_chief, parse_widths, train_and_export
-from .vertex_automl import report_hypertune_metric
 
 # %% auto #0
-__all__ = ['EPOCH_METRICS', 'FINAL_METRICS', 'add_config_flags', 'task_parser', 'parse_args', 'cluster_size', 'make_strategy',
-           'task_settings', 'experiment_tracker', 'epoch_logger', 'finish_tracking', 'main']
+__all__ = ['HP_METRIC', 'HP_METRIC_FILE', 'EPOCH_METRICS', 'FINAL_METRICS', 'add_config_flags', 'task_parser', 'parse_args',
+           'cluster_size', 'make_strategy', 'task_settings', 'report_hypertune_metric', 'experiment_tracker',
+           'epoch_logger', 'finish_tracking', 'main']
 
 # %% ../nbs/task.ipynb #ec9869ae
 def add_config_flags(p):  # an argparse parser or argument group
@@ -93,14 +93,31 @@ def task_settings(datasets_uri: str | None = None) -> Settings:
     s = Settings.from_env()
     return replace(s, buckets={**s.buckets, "datasets": datasets_uri}) if datasets_uri else s
 
+# %% ../nbs/task.ipynb #c1683240
+HP_METRIC = "val_accuracy"  # what the tuning job maximises
+HP_METRIC_FILE = "/tmp/hypertune/output.metrics"  # cloudml-hypertune's default
+
+def report_hypertune_metric(value: float, step: int, tag: str = HP_METRIC, env: dict | None = None) -> str | None:
+    "Append one metric line the way cloudml-hypertune does, inside a Vertex tuning trial (else do nothing); the file."
+    env = os.environ if env is None else env
+    if not (env.get("CLOUD_ML_TRIAL_ID") or env.get("CLOUD_ML_HP_METRIC_FILE")): return None
+    path = env.get("CLOUD_ML_HP_METRIC_FILE") or HP_METRIC_FILE
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    line = {"timestamp": time.time(), "trial": str(env.get("CLOUD_ML_TRIAL_ID", 0)), tag: str(float(value)), "global_step": str(int(step))}
+    with open(path, "a") as f: f.write(json.dumps(line, sort_keys=True) + "\n")
+    return path
+
 # %% ../nbs/task.ipynb #9f550193
 def experiment_tracker(settings: Settings, experiment: str | None, run: str | None, run_id: str | None = None,
-                       tensorboard: str | None = None):
-    "The chief's tracker: a Vertex AI Experiments run (vertex backend, with an experiment), a `LocalTracker` (a run id), or None."
+                       tensorboard: str | None = None,
+                       vertex_tracker=None):  # `(settings, experiment, run, tensorboard=...)`: cloud.jobs.ExperimentRun
+    "The chief's tracker: `vertex_tracker`'s run (vertex backend, with an experiment), a `LocalTracker` (a run id), or None."
     if not is_chief(): return None
     if experiment and settings.backend == "vertex":
-        from fmnist_gcp.vertex_training import ExperimentRun
-        return ExperimentRun(settings, experiment, run or run_id or f"run-{int(time.time())}", tensorboard=tensorboard)
+        if vertex_tracker is None:  # the task does not reach up into the Google Cloud wing: its entry point brings it
+            raise ConfigError(f"--experiment {experiment} logs to Vertex AI Experiments: run `python -m fmnist_gcp.cloud.jobs` "
+                              "(the same flags) rather than `python -m fmnist_gcp.task`")
+        return vertex_tracker(settings, experiment, run or run_id or f"run-{int(time.time())}", tensorboard=tensorboard)
     return LocalTracker(run_id, settings) if run_id else None
 
 EPOCH_METRICS = ("loss", "val_loss", "val_accuracy")  # each epoch's points in a tracker
@@ -117,12 +134,14 @@ def finish_tracking(tracker, meta: dict) -> None:
     tracker.log_metrics({k: meta[k] for k in FINAL_METRICS}); tracker.end()
 
 # %% ../nbs/task.ipynb #a2f41def
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None,
+         vertex_tracker=None,  # Vertex AI Experiments' tracker, given by `python -m fmnist_gcp.cloud.jobs`
+         ) -> int:
     "Entry point of the training task: train, calibrate and (the chief) export one model; 0 when done."
     a = parse_args(argv)
     strategy = make_strategy()  # first: MultiWorkerMirroredStrategy must exist before other TF work
     settings = task_settings(a.datasets_uri)
-    tracker = experiment_tracker(settings, a.experiment, a.experiment_run, a.run_id, a.experiment_tensorboard)
+    tracker = experiment_tracker(settings, a.experiment, a.experiment_run, a.run_id, a.experiment_tensorboard, vertex_tracker)
     print(f"task: {strategy.num_replicas_in_sync} replica(s), chief={is_chief()}", flush=True)
     log_epoch = epoch_logger(tracker)
     def on_epoch(h):

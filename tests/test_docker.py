@@ -115,7 +115,7 @@ def test_build_context_holds_only_what_copy_names_and_imports_from_there(images)
 
 
 def test_train_image_runs_the_task_module_the_custom_job_names(images):
-    from fmnist_gcp.vertex_training import worker_pool_specs
+    from fmnist_gcp.cloud.jobs import worker_pool_specs
     img = images["train"]
     assert img.spec["entrypoint"] == worker_pool_specs("img", [])[0]["container_spec"]["command"]
     out = img.entrypoint("--help").stdout

@@ -153,7 +153,7 @@ def test_batch_prediction_writes_to_gcs(gcs_emulator, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("notebook,name", [("08_evaluation", "model_name"), ("09_registry", "model_name"),
-                                           ("09a_serving", "model_name"), ("vertex_serving", "model_ref")])
+                                           ("09a_serving", "model_name"), ("cloud_endpoints", "model_ref")])
 def test_stage_parameters_default_to_the_config_model(notebook, name):
     # a papermill parameter must be a literal, so it cannot import config.DEFAULT_MODEL: this keeps them equal
     nb = nbformat.read(NBS / f"{notebook}.ipynb", as_version=4)

@@ -10,24 +10,21 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Callable
 
-from ..config import Settings, vertex_client_options
+from ..config import CLOUD_SCOPE, LOGIN_FIX, ConfigError, Settings, default_credentials, storage_options
+from .vertex import vertex_client_options
 
 # %% auto #0
-__all__ = ['CLOUD_SCOPE', 'LOGIN_FIX', 'APPLY_FIX', 'QUOTAS_CONSOLE', 'APIS', 'VERTEX_API', 'CPU_QUOTAS', 'GPU_QUOTAS',
-           'MACHINES', 'PreflightError', 'check_credentials', 'storage_options', 'Clients', 'api_problem',
-           'check_project', 'check_region', 'check_bucket', 'check_service_account', 'repository_name',
-           'check_repository', 'job_quotas', 'quota_info_name', 'region_limits', 'check_quota', 'preflight',
-           'cloud_preflight']
+__all__ = ['APPLY_FIX', 'QUOTAS_CONSOLE', 'APIS', 'VERTEX_API', 'CPU_QUOTAS', 'GPU_QUOTAS', 'MACHINES', 'PreflightError',
+           'check_credentials', 'Clients', 'api_problem', 'check_project', 'check_region', 'check_bucket',
+           'check_service_account', 'repository_name', 'check_repository', 'job_quotas', 'quota_info_name',
+           'region_limits', 'check_quota', 'preflight', 'cloud_preflight']
 
 # %% ../../nbs/cloud_preflight.ipynb #704cfa23
-CLOUD_SCOPE = "https://www.googleapis.com/auth/cloud-platform"  # what the clients ask the credentials for
 from . import provision  # the same client factories as provisioning
 from .provision import DEFAULT_REPOSITORY as REPOSITORY  # the repository `fmnist gcp apply` creates
-LOGIN_FIX = "run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key)"
 APPLY_FIX = "run `fmnist gcp apply`"
 QUOTAS_CONSOLE = "https://console.cloud.google.com/iam-admin/quotas"  # where quota increases are requested
 APIS = {"project": "cloudresourcemanager.googleapis.com", "region": "aiplatform.googleapis.com",
@@ -42,30 +39,10 @@ class PreflightError(ValueError):
         super().__init__("\n".join(self.problems))
 
 # %% ../../nbs/cloud_preflight.ipynb #87360ef5
-def _no_credentials_problem() -> str:
-    var = (os.environ.get("GOOGLE_APPLICATION_CREDENTIALS") or "").strip()
-    missing = f"; GOOGLE_APPLICATION_CREDENTIALS={var} names no file" if var and not Path(var).expanduser().is_file() else ""
-    return f"no application-default credentials: {LOGIN_FIX}{missing}"
-
 def check_credentials(settings: Settings):  # its project becomes the credentials' quota project
-    "The application-default credentials, or a PreflightError saying how to log in."
-    import google.auth
-    from google.auth.exceptions import DefaultCredentialsError
-    try: credentials, _ = google.auth.default(scopes=[CLOUD_SCOPE], quota_project_id=settings.project)
-    except DefaultCredentialsError: raise PreflightError([_no_credentials_problem()]) from None
-    return credentials
-
-# %% ../../nbs/cloud_preflight.ipynb #082704de
-@cache
-def _cached_credentials(project: str | None):
-    return check_credentials(Settings(project=project))
-
-def storage_options(settings: Settings | None = None,  # its project bills the requests (default: from the environment)
-                    ) -> dict:
-    "Keyword arguments for `fsspec.filesystem('gs', ...)`: explicit credentials, never silently anonymous."
-    if os.environ.get("STORAGE_EMULATOR_HOST"): return {"token": "anon"}
-    project = settings.project if settings else (os.environ.get("FMNIST_PROJECT") or os.environ.get("GOOGLE_CLOUD_PROJECT"))
-    return {"token": _cached_credentials(project), **({"project": project} if project else {})}
+    "The application-default credentials (`config.default_credentials`), or a PreflightError saying how to log in."
+    try: return default_credentials(settings)
+    except ConfigError as e: raise PreflightError([str(e)]) from None
 
 # %% ../../nbs/cloud_preflight.ipynb #fa6c4011
 @dataclass

@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..config import APP_LABELS, BUCKET_VARS, ROLES, ConfigError, Settings, filesystem, vertex_init, write_bytes_atomic
+from ..config import APP_LABELS, BUCKET_VARS, ROLES, ConfigError, Settings, filesystem, write_bytes_atomic
 from ..pipeline import plan_run, write_index
-from ..vertex_training import STAGING_FOLDER, ensure_experiment, worker_pool_specs
+from .jobs import STAGING_FOLDER, ensure_experiment, worker_pool_specs
 from .build import IMAGE_TARGETS, image_uris
+from .vertex import vertex_init
 
 # %% auto #0
 __all__ = ['RUNS_FOLDER', 'MANIFEST', 'CONTAINER_RUNS_DIR', 'RUN_COMMAND', 'UPLOAD_FLAG', 'NO_CHECK_FLAG', 'JOB_PREFIX',

@@ -30,7 +30,7 @@ def test_endpoint_and_transport_overrides_reach_the_sdk_and_our_own_clients(anon
     from google.auth.credentials import AnonymousCredentials
     from google.cloud.aiplatform import initializer, utils
     from fmnist_gcp.cloud.preflight import Clients
-    from fmnist_gcp.config import vertex_init
+    from fmnist_gcp.cloud.vertex import vertex_init
     psc = Settings.from_env({**VERTEX_ENV, "FMNIST_VERTEX_ENDPOINT": "https://vertex-psc.p.googleapis.com/",
                              "FMNIST_VERTEX_TRANSPORT": "rest"})
     vertex_init(psc)
@@ -95,7 +95,7 @@ def finished_job(v, model_dir, state="JOB_STATE_SUCCEEDED") -> str:
 def test_a_job_that_has_not_succeeded_or_does_not_exist_is_refused(vertex, job_model):
     from google.api_core.exceptions import NotFound
     from fmnist_gcp.config import ConfigError
-    from fmnist_gcp.vertex_training import import_job_model
+    from fmnist_gcp.cloud.jobs import import_job_model
     running = finished_job(vertex, job_model, "JOB_STATE_RUNNING")
     with pytest.raises(ConfigError, match="is JOB_STATE_RUNNING"):
         import_job_model(vertex["settings"], running)
@@ -109,9 +109,10 @@ def test_from_a_finished_job_to_predictions_through_an_endpoint_and_back(vertex,
     from google.cloud import aiplatform
     from fmnist_gcp.cli import main
     from fmnist_gcp.data import load_split
-    from fmnist_gcp.registry import Registry, upload_to_vertex
+    from fmnist_gcp.registry import Registry
+    from fmnist_gcp.cloud.models import upload_to_vertex
     from fmnist_gcp.serving import Predictor
-    from fmnist_gcp.vertex_serving import deploy, predict, undeploy_and_delete
+    from fmnist_gcp.cloud.endpoints import deploy, predict, undeploy_and_delete
     s, models = vertex["settings"], vertex["models"]
     job = finished_job(vertex, job_model)
     # import, evaluate with the evaluation stage, register and promote with the registry stage, upload (a new model)

@@ -48,7 +48,7 @@ def datasets(monkeypatch, vertex):
 
 def test_dataset_is_created_and_imported_with_the_single_label_schema(vertex, datasets):
     from google.cloud import aiplatform
-    from fmnist_gcp.vertex_automl import VERTEX_AUTOML_MODEL, create_image_dataset
+    from fmnist_gcp.cloud.automl import VERTEX_AUTOML_MODEL, create_image_dataset
     csv = "gs://acme-ml-fmnist-datasets/exports/automl/import.csv"
     ds = create_image_dataset(vertex, csv)
     (create,), (imp,) = datasets["create"], datasets["import"]
@@ -86,7 +86,7 @@ def pipelines(monkeypatch, vertex, datasets):
 
 def test_automl_training_uses_the_csv_splits_and_the_budget(vertex, pipelines):
     from google.cloud import aiplatform
-    from fmnist_gcp.vertex_automl import VERTEX_AUTOML_MODEL, create_image_dataset, train_automl
+    from fmnist_gcp.cloud.automl import VERTEX_AUTOML_MODEL, create_image_dataset, train_automl
     ds = create_image_dataset(vertex, "gs://acme-ml-fmnist-datasets/exports/automl/import.csv")
     model = train_automl(vertex, ds, budget_milli_node_hours=16_000, display_name="fmnist-automl-test")
     (req,) = pipelines["create"]
@@ -124,7 +124,7 @@ def test_evaluation_is_fetched_and_parsed_into_our_figures(vertex, monkeypatch, 
     from google.cloud.aiplatform.compat.types import model_evaluation as gca_me
     from google.protobuf import json_format, struct_pb2
     from fmnist_gcp.evaluation import classification_metrics, confusion
-    from fmnist_gcp.vertex_automl import evaluation_payload, fetch_evaluation, read_vertex_evaluation, save_vertex_evaluation
+    from fmnist_gcp.cloud.automl import evaluation_payload, fetch_evaluation, read_vertex_evaluation, save_vertex_evaluation
     y, p = real_predictions
     payload = evaluation_payload(y, p, seed=5)  # what Vertex reports for these predictions, classes in its own order
     model, asked = f"{LOC}/models/77", []
@@ -152,7 +152,7 @@ def test_tuning_job_runs_the_training_container_over_the_local_search_space(vert
     from google.cloud.aiplatform.compat.types import hyperparameter_tuning_job as gca_hpt, job_state
     from fmnist_gcp.automl import search_space
     from fmnist_gcp.task import task_parser
-    from fmnist_gcp.vertex_automl import submit_tuning_job
+    from fmnist_gcp.cloud.automl import submit_tuning_job
     sent = []
     def create(self, parent, hyperparameter_tuning_job, **kw):
         sent.append((parent, hyperparameter_tuning_job))
@@ -186,7 +186,7 @@ def test_tuning_job_runs_the_training_container_over_the_local_search_space(vert
 
 
 def test_upload_to_the_bucket_skips_objects_already_there(gcs_emulator, monkeypatch, tmp_path):
-    from fmnist_gcp.vertex_automl import stored_md5, upload_automl_export
+    from fmnist_gcp.cloud.automl import stored_md5, upload_automl_export
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator); monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     src, dest = Store("datasets", str(tmp_path / "datasets")), Store("datasets", f"gs://fmnist-test/automl-{secrets.token_hex(4)}")
     imgs = np.random.default_rng(0).integers(0, 256, (30, 28, 28), dtype=np.uint8)

@@ -9,7 +9,7 @@ import pytest
 from conftest import VERTEX_ENV
 from fakes import lro
 from fmnist_gcp import features as F
-from fmnist_gcp import vertex_features as V
+from fmnist_gcp.cloud import features as V
 from fmnist_gcp.config import Settings
 
 LOC = "projects/acme-ml/locations/europe-west4"
@@ -180,7 +180,7 @@ def test_publish_makes_the_store_and_views_once_and_syncs(settings, bq, fs):
 
 def test_lookup_and_similar_on_the_vertex_backend(settings, bq, fs):
     V.publish_view(settings, "image_stats"); V.publish_view(settings, "image_embedding", dims=8)
-    got = F.lookup(settings, ["test-4", "test-1"])
+    got = V.lookup(settings, ["test-4", "test-1"])
     assert [g["image_id"] for g in got] == ["test-4", "test-1"]
     assert got[0]["image_stats"]["label"] == 1 and got[0]["image_embedding"]["model_version"] == 2
     np.testing.assert_allclose(got[1]["image_embedding"]["embedding"], fs.rows["image_embedding"]["test-1"]["embedding"])
@@ -188,8 +188,8 @@ def test_lookup_and_similar_on_the_vertex_backend(settings, bq, fs):
     assert fetch[0].feature_view == f"{STORE}/featureViews/image_stats" and fetch[0].data_key.key == "test-4"
     assert fetch[0].data_format.name == "KEY_VALUE"
     with pytest.raises(F.FeatureError, match="image_stats view: test-40"):
-        F.lookup(settings, ["test-1", "test-40"])
-    ans = F.similar(settings, "test-4", k=3)
+        V.lookup(settings, ["test-1", "test-40"])
+    ans = V.similar(settings, "test-4", k=3)
     search = fs.requests[-1]
     assert type(search).__name__ == "SearchNearestEntitiesRequest" and search.return_full_entity
     assert (search.query.entity_id, search.query.neighbor_count) == ("test-4", 4)
@@ -199,7 +199,7 @@ def test_lookup_and_similar_on_the_vertex_backend(settings, bq, fs):
     sims = [n["similarity"] for n in ans["neighbours"]]
     assert sims == sorted(sims, reverse=True) and sims[0] > 0.9
     with pytest.raises(F.FeatureError, match="test-50 has no embedding"):
-        F.similar(settings, "test-50")
+        V.similar(settings, "test-50")
 
 
 def test_the_stage_functions_on_the_vertex_backend(settings, bq, fs, gcs_emulator, monkeypatch, tmp_path):
@@ -214,7 +214,7 @@ def test_the_stage_functions_on_the_vertex_backend(settings, bq, fs, gcs_emulato
     ids = list(rows)
     table = embedding_table(ids, np.array([rows[i]["label"] for i in ids]), np.array([rows[i]["embedding"] for i in ids]),
                             np.eye(10)[[rows[i]["label"] for i in ids]], "fmnist-cnn", 2, F.STATS_EVENT_TIME)
-    out = F.publish(s, "image_embedding", table)
+    out = V.publish(s, "image_embedding", table)
     assert (out["rows"], out["model_version"], out["sync_status"]) == (12, 2, "ok")
     assert s.datasets.exists("features/image_embedding.parquet")
     job = [d for m, p, d in bq.calls if m == "POST" and p.endswith("/jobs")][-1]
@@ -222,5 +222,5 @@ def test_the_stage_functions_on_the_vertex_backend(settings, bq, fs, gcs_emulato
     assert F.read_state(s)["image_embedding"]["sync"].endswith("/featureViewSyncs/1")
     index = F.build_index(s)  # the reports' copy: the offline rows of the current version
     assert len(index["ids"]) == 12 and index["unit"].shape == (12, 8)
-    lat = F.lookup_latency(s, ["test-1", "test-2"], 3, "image_embedding")
+    lat = V.lookup_latency(s, ["test-1", "test-2"], 3, "image_embedding")
     assert lat["ids"] == 2 and lat["p50_ms"] > 0

@@ -59,7 +59,7 @@ def registered(settings):
 
 
 def test_upload_request(gapic, tmp_path):
-    from fmnist_gcp.registry import upload_to_vertex
+    from fmnist_gcp.cloud.models import upload_to_vertex
     bucket = f"gs://fmnist-test/models-{tmp_path.name}"  # a fresh registry on every run of this test
     s = Settings.from_env({**VERTEX_ENV, "FMNIST_MODELS_BUCKET": bucket})
     registered(s)
@@ -77,7 +77,7 @@ def test_upload_request(gapic, tmp_path):
 
 
 def test_uploads_are_versions_of_one_model(gapic, models, tmp_path):
-    from fmnist_gcp.registry import upload_to_vertex, vertex_model
+    from fmnist_gcp.cloud.models import upload_to_vertex, vertex_model
     s = Settings.from_env({**VERTEX_ENV, "FMNIST_MODELS_BUCKET": f"gs://fmnist-test/models-{tmp_path.name}"})
     registered(s)
     assert vertex_model(s, DEFAULT_MODEL) is None  # MODEL has the name but not our label: not ours
@@ -95,7 +95,7 @@ def test_uploads_are_versions_of_one_model(gapic, models, tmp_path):
 def test_deploy_undeploy_delete_requests(gapic):
     from google.api_core.exceptions import NotFound
     from google.cloud import aiplatform
-    from fmnist_gcp.vertex_serving import deploy, undeploy_and_delete
+    from fmnist_gcp.cloud.endpoints import deploy, undeploy_and_delete
     s = Settings.from_env(VERTEX_ENV)
     ep = deploy(s, MODEL, machine_type="n1-standard-4", min_replicas=1, max_replicas=3)
     assert ep.resource_name == ENDPOINT
@@ -119,7 +119,7 @@ def test_deploy_undeploy_delete_requests(gapic):
 
 def test_deploying_a_version_that_does_not_exist_fails_and_an_endpoint_with_a_model_is_not_deleted(gapic, models):
     from google.api_core.exceptions import FailedPrecondition, NotFound
-    from fmnist_gcp.vertex_serving import deploy
+    from fmnist_gcp.cloud.endpoints import deploy
     s = Settings.from_env(VERTEX_ENV)
     with pytest.raises(NotFound):
         deploy(s, f"{MODEL}@7")
@@ -129,7 +129,7 @@ def test_deploying_a_version_that_does_not_exist_fails_and_an_endpoint_with_a_mo
 
 
 def test_batch_prediction_request(gapic):
-    from fmnist_gcp.vertex_serving import batch_predict
+    from fmnist_gcp.cloud.endpoints import batch_predict
     s = Settings.from_env(VERTEX_ENV)
     job = batch_predict(s, MODEL)
     req = gapic["create_batch_prediction_job"][0]
@@ -149,7 +149,7 @@ def _json(message) -> dict:
 
 
 def test_dry_run_requests_equal_what_is_sent(gapic):
-    from fmnist_gcp.vertex_serving import batch_predict, batch_predict_request, deploy, deploy_request
+    from fmnist_gcp.cloud.endpoints import batch_predict, batch_predict_request, deploy, deploy_request
     s = Settings.from_env(VERTEX_ENV)
     batch_predict(s, MODEL)
     sent = gapic["create_batch_prediction_job"][0]

@@ -20,7 +20,7 @@ def _create_custom_job_patch():
 
 
 def test_custom_job_request_has_pools_image_args_env_and_output_dir(anonymous):
-    from fmnist_gcp.vertex_training import submit_custom_job
+    from fmnist_gcp.cloud.jobs import submit_custom_job
     s = Settings.from_env(VERTEX_ENV)
     with _create_custom_job_patch() as create:
         job = submit_custom_job(s, "europe-docker.pkg.dev/acme-ml/fmnist/train:1", ["--epochs", "30", "--widths", "64,128,256"],
@@ -49,7 +49,7 @@ def test_custom_job_request_has_pools_image_args_env_and_output_dir(anonymous):
 
 
 def test_single_machine_job_has_one_pool(anonymous):
-    from fmnist_gcp.vertex_training import submit_custom_job
+    from fmnist_gcp.cloud.jobs import submit_custom_job
     with _create_custom_job_patch() as create:
         submit_custom_job(Settings.from_env(VERTEX_ENV), "img:1", ["--epochs", "1"])
     req = create.call_args.kwargs["custom_job"]
@@ -62,7 +62,7 @@ def test_experiment_run_calls_the_documented_sdk_api(anonymous):
     # signatures (autospec: an argument the SDK does not take fails the call) and the arguments our wrapper passes
     # are checked (the gapic-level check is the CustomJob test above).
     from google.cloud import aiplatform
-    from fmnist_gcp.vertex_training import ExperimentRun
+    from fmnist_gcp.cloud.jobs import ExperimentRun
     names = ["init", "start_run", "log_params", "log_metrics", "log_time_series_metrics", "end_run"]
     with mock.patch.multiple(aiplatform, **{n: mock.DEFAULT for n in names}, autospec=True) as m:
         run = ExperimentRun(Settings.from_env(VERTEX_ENV), "fmnist-custom", "20261126-093000_Quick")
@@ -82,7 +82,7 @@ def test_experiment_run_calls_the_documented_sdk_api(anonymous):
 
 def test_epochs_are_time_series_in_an_experiment_backed_by_a_tensorboard(anonymous):
     from google.cloud import aiplatform
-    from fmnist_gcp.vertex_training import ExperimentRun
+    from fmnist_gcp.cloud.jobs import ExperimentRun
     tb = "projects/acme-ml/locations/europe-west4/tensorboards/7"
     env = {**VERTEX_ENV, "FMNIST_VERTEX_ENDPOINT": "vertex-psc.p.googleapis.com", "FMNIST_VERTEX_TRANSPORT": "rest"}
     names = ["init", "start_run", "log_metrics", "log_time_series_metrics", "end_run"]
@@ -108,7 +108,7 @@ def metadata(monkeypatch, anonymous):
 
 
 def test_experiment_is_created_once_then_found(metadata):
-    from fmnist_gcp.vertex_training import ensure_experiment
+    from fmnist_gcp.cloud.jobs import ensure_experiment
     s = Settings.from_env(VERTEX_ENV)
     exp, run = ensure_experiment(s, "fmnist-custom")
     assert run is None and exp.resource_name == f"{STORE}/contexts/fmnist-custom"
@@ -122,7 +122,7 @@ def test_experiment_is_created_once_then_found(metadata):
 
 
 def test_named_run_is_created_in_its_experiment_then_found(metadata):
-    from fmnist_gcp.vertex_training import ensure_experiment
+    from fmnist_gcp.cloud.jobs import ensure_experiment
     s = Settings.from_env(VERTEX_ENV)
     exp, run = ensure_experiment(s, "fmnist-custom", "20261126-093000_Quick")
     run_name = f"{STORE}/contexts/fmnist-custom-20261126-093000-quick"
@@ -136,7 +136,7 @@ def test_named_run_is_created_in_its_experiment_then_found(metadata):
 
 def test_experiment_needs_the_service_account(metadata):
     from fmnist_gcp.config import ConfigError
-    from fmnist_gcp.vertex_training import submit_custom_job
+    from fmnist_gcp.cloud.jobs import submit_custom_job
     env = {k: v for k, v in VERTEX_ENV.items() if k != "FMNIST_SERVICE_ACCOUNT"}
     with _create_custom_job_patch() as create, pytest.raises(ConfigError, match="FMNIST_SERVICE_ACCOUNT"):
         submit_custom_job(Settings.from_env(env), "img:1", [], experiment="fmnist-custom")
@@ -144,7 +144,7 @@ def test_experiment_needs_the_service_account(metadata):
 
 
 def test_submit_with_experiment_gets_or_creates_it_then_submits(metadata):
-    from fmnist_gcp.vertex_training import submit_custom_job
+    from fmnist_gcp.cloud.jobs import submit_custom_job
     s = Settings.from_env(VERTEX_ENV)
     with _create_custom_job_patch() as create:
         submit_custom_job(s, "img:1", ["--epochs", "1"], display_name="j1", experiment="fmnist-custom")
@@ -156,6 +156,8 @@ def test_submit_with_experiment_gets_or_creates_it_then_submits(metadata):
     assert (second.experiment, second.experiment_run) == (exp, f"{exp}-r-2")
     assert first.service_account == second.service_account == VERTEX_ENV["FMNIST_SERVICE_ACCOUNT"]
     assert list(first.worker_pool_specs[0].container_spec.args)[-2:] == ["--experiment", "fmnist-custom"]
+    # a job with an experiment runs the task through the cloud wing's entry point, which brings the Vertex tracker
+    assert list(first.worker_pool_specs[0].container_spec.command) == ["python", "-m", "fmnist_gcp.cloud.jobs"]
     assert list(second.worker_pool_specs[0].container_spec.args)[-4:] == ["--experiment", "fmnist-custom",
                                                                           "--experiment-run", "r-2"]
     assert [n for c, n in metadata.calls if c == "create_context"] == [exp, f"{exp}-r-2"]  # each made once
@@ -163,7 +165,7 @@ def test_submit_with_experiment_gets_or_creates_it_then_submits(metadata):
 
 def test_task_resumes_the_run_vertex_made_for_the_job(anonymous, monkeypatch):
     from google.cloud import aiplatform
-    from fmnist_gcp.vertex_training import JOB_RUN_VAR, ExperimentRun
+    from fmnist_gcp.cloud.jobs import JOB_RUN_VAR, ExperimentRun
     monkeypatch.setenv(JOB_RUN_VAR, f"{STORE}/contexts/fmnist-custom-j1-run")
     with mock.patch.multiple(aiplatform, init=mock.DEFAULT, start_run=mock.DEFAULT, autospec=True) as m:
         ExperimentRun(Settings.from_env(VERTEX_ENV), "fmnist-custom", "ignored")
