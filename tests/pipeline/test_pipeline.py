@@ -10,7 +10,7 @@ import nbformat
 import pytest
 
 from conftest import BIN, NBS, ROOT
-from fmnist_gcp.pipeline import STAGES
+from fmnist_gcp.pipeline.stages import STAGES
 
 NAMES = [s.notebook for s in STAGES]
 SECRET = "FAKEKEYMATERIAL0123456789"  # the private key of the fake credentials below: must never reach a report
@@ -202,7 +202,7 @@ def test_failing_stage_marks_the_run_failed_and_keeps_the_error(fmnist_env):
 
 
 def test_plain_papermill_runs_a_stage_and_lists_its_parameters(fmnist_env, tmp_path):
-    from fmnist_gcp.pipeline import declared_parameters
+    from fmnist_gcp.pipeline.params import declared_parameters
     out = tmp_path / "cfg.ipynb"
     r = subprocess.run([str(BIN / "papermill"), str(NBS / "00_config.ipynb"), str(out), "-p", "profile", "quick",
                         "--kernel", "python3"], env=fmnist_env, capture_output=True, text=True)
@@ -216,7 +216,7 @@ def test_plain_papermill_runs_a_stage_and_lists_its_parameters(fmnist_env, tmp_p
 
 
 def test_every_stage_declares_run_id_and_profile_and_parses_fully():
-    from fmnist_gcp.pipeline import declared_parameters
+    from fmnist_gcp.pipeline.params import declared_parameters
     for s in NAMES:
         d = declared_parameters(NBS / f"{s}.ipynb")  # raises if papermill would drop a line
         assert {"run_id", "profile"} <= set(d) and all(v["help"] for v in d.values()), s
