@@ -45,11 +45,12 @@ REPORT_TEMPLATE = r"""{%- extends 'lab/index.html.j2' -%}
 {% block extra_css %}{{ super() }}<style>
 details.fmnist-fold > summary { cursor: pointer; color: #57606a; font: 12px/1.6 monospace; padding-left: 1em; }
 details.fmnist-fold:not([open]) { margin: 0 0 .2em; }
+.fmnist-results, h2.fmnist-how { font-family: system-ui, -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; }
 .fmnist-results { margin: 0 0 1em; padding: .6em 1em; border: 1px solid #d0d7de; border-radius: 6px; background: #f6f8fa; }
 .fmnist-results h1 { margin: .2em 0 .4em; font-size: 1.6em; } .fmnist-verdict { font-size: 1.25em; font-weight: 600; margin: .3em 0; }
 .fmnist-status { color: #57606a; margin: .2em 0 .6em; } .fmnist-error { color: #b00020; font: 600 1.1em/1.4 monospace; white-space: pre-wrap; }
 .fmnist-results img { max-width: 100%; max-height: 26em; display: block; margin: .4em 0; }
-.fmnist-results table { border-collapse: collapse; font-size: 12px; } .fmnist-results td { border: 1px solid #d0d7de; padding: .15em .5em; }
+.fmnist-results table { border-collapse: collapse; font-size: 12px; } .fmnist-results td { border: 1px solid #d0d7de; padding: .15em .5em; overflow-wrap: anywhere; }
 .fmnist-results td.k { color: #57606a; } h2.fmnist-how { margin: 1em 0 .4em; padding-top: .4em; border-top: 2px solid #d0d7de; }
 </style>{% endblock extra_css %}
 {% block body_header -%}
@@ -123,13 +124,13 @@ VERDICTS = {  # stage short name -> its one-line verdict over the figures it rec
     "data": lambda f: f"{f['train']:,} training, {f['validation']:,} validation and {f['test']:,} test images, each file's sha256 verified",
     "exploration": lambda f: f"{f['images']:,} images: {f['min_class_count']:,} to {f['max_class_count']:,} training images per class; a {f['embedding']} embedding",
     "statistics": lambda f: (f"normalisation mean {f['pixel_mean']:.4f}, std {f['pixel_std']:.4f} from {f['n_train_images']:,} training images; "
-                             f"largest class drift (JS distance) {f['max_js_distance']:.3f}"),
+                             f"largest train/test drift (JS distance) {f['max_js_distance']:.3f}"),
     "preprocessing": lambda f: (f"{f['train_images']:,} training images in {f['tfrecord_shards']} TFRecord shards, {f['automl_csv_rows']:,} AutoML "
                                 f"CSV rows; augmentation at {f['augment_images_per_s']:,} images/s"),
     "features": lambda f: f"{f['image_stats_rows']:,} rows in feature view image_stats, published in {f['publish_s']} s",
     "automl": lambda f: (f"{f['model']} v{f['version']}: {f['val_accuracy']:.1%} validation accuracy; {f['trials_complete']} trials complete, "
                          f"{f['trials_pruned']} pruned in {f['used_minutes']:.1f} of {f['budget_minutes']:g} minutes"),
-    "training": lambda f: f"{f['model']} v{f['version']}: {f['val_accuracy']:.1%} validation accuracy after {f['epochs']} epochs in {f['train_minutes']:.1f} minutes",
+    "training": lambda f: f"{f['model']} v{f['version']}: {f['val_accuracy']:.1%} validation accuracy after {f['epochs']} epoch{'s' * (f['epochs'] != 1)} in {f['train_minutes']:.1f} minutes",
     "evaluation": _evaluation_verdict,
     "registry": lambda f: f"{f['model']} v{f['version']} registered: {'promoted' if f['promoted'] else 'not promoted'} ({f['reason']})",
     "serving": lambda f: (f"{f['model']} v{f['version']} served on loopback: p99 {f['p99_ms']:.1f} ms for one image; "

@@ -94,6 +94,15 @@ def test_reports_fold_code_and_keep_plots_and_secrets_out(smoke):
     assert SECRET not in everything and "kid-42" not in everything and str(smoke["key"]) not in everything
 
 
+def test_each_stage_report_opens_with_its_results(smoke):
+    for s in NAMES:
+        page = (smoke["run_dir"] / f"{s}.html").read_text()
+        assert page.index(f"{s}: results") < page.index("fmnist-verdict") < page.index("How this stage works") < page.index("<details"), s
+    top = (smoke["run_dir"] / "08_evaluation.html").read_text().split("How this stage works")[0]
+    assert re.search(r"test accuracy, auPrc 0\.\d{3}: (beats|does not beat) Vertex AutoML's 0\.972", top)
+    assert "data:image/png;base64" in top  # its key plot
+
+
 def test_run_page_opens_with_the_results_and_links_every_report(smoke):
     page = (smoke["run_dir"] / "index.html").read_text()
     top = page.split("<h2>Stages</h2>")[0]
@@ -198,7 +207,8 @@ def test_failing_stage_marks_the_run_failed_and_keeps_the_error(fmnist_env):
     assert "val_fraction must be in [0, 1)" in m["stages"][1]["error"]
     nb = nbformat.read(run_dir / "01_data.ipynb", 4)
     assert any(o.get("output_type") == "error" for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "val_fraction must be in" in (run_dir / "01_data.html").read_text()
+    page = (run_dir / "01_data.html").read_text()  # the report opens with the error
+    assert page.index("01_data: failed") < page.index("val_fraction must be in") < page.index("How this stage works")
 
 
 def test_plain_papermill_runs_a_stage_and_lists_its_parameters(fmnist_env, tmp_path):
