@@ -97,7 +97,7 @@ def test_reports_fold_code_and_keep_plots_and_secrets_out(smoke):
 def test_each_stage_report_opens_with_its_results(smoke):
     for s in NAMES:
         page = (smoke["run_dir"] / f"{s}.html").read_text()
-        assert page.index(f"{s}: results") < page.index("fmnist-verdict") < page.index("How this stage works") < page.index("<details"), s
+        assert page.index(f"{s}: results") < page.index('<p class="fmnist-verdict">') < page.index("How this stage works</h2>") < page.index("<details"), s
     top = (smoke["run_dir"] / "08_evaluation.html").read_text().split("How this stage works")[0]
     assert re.search(r"test accuracy, auPrc 0\.\d{3}: (beats|does not beat) Vertex AutoML's 0\.972", top)
     assert "data:image/png;base64" in top  # its key plot
