@@ -36,7 +36,7 @@ OUT = Path(__file__).resolve().parent / "results" / "determinism_cost.json"
 
 def quick_recipe(deterministic: bool, epochs: int):
     "The TrainConfig of the quick profile, with `epochs` and `deterministic` set."
-    from fmnist_gcp.pipeline import plan_run
+    from fmnist_gcp.pipeline.params import plan_run
     from fmnist_gcp.preprocessing import Augment
     from fmnist_gcp.training import TrainConfig, resolve_precision
     params = {s["stage"]: s["params"] for s in plan_run("quick", ["04_preprocessing", "07_training"], run_id="bench")}

@@ -39,7 +39,7 @@ from bench_host import host  # run as `python bench/train_recipe.py`: bench/ is 
 from fmnist_gcp.config import Settings
 from fmnist_gcp.data import load_split, read_split
 from fmnist_gcp.evaluation import AUTOML_VISION, REFERENCES, classification_metrics, compare
-from fmnist_gcp.pipeline import plan_run
+from fmnist_gcp.pipeline.params import plan_run
 from fmnist_gcp.preprocessing import Augment
 from fmnist_gcp.statistics import normalisation
 from fmnist_gcp.training import (RECIPE_RESULTS, TrainConfig, calibration, fit, predict, resolve_precision,

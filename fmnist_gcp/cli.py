@@ -17,12 +17,12 @@ __all__ = ['main']
 
 # %% ../nbs/cli.ipynb #b1c2d001
 def _stages_epilog() -> str:
-    from fmnist_gcp.pipeline import STAGES
+    from fmnist_gcp.pipeline.stages import STAGES
     return "stages (run in this order; --stages takes the full name, the number or the short name):\n" + "\n".join(
         f"  {s.notebook:<18} {s.summary}" for s in STAGES)
 
 def _add_run(sub) -> None:
-    from fmnist_gcp.pipeline import PROFILE_NAMES
+    from fmnist_gcp.pipeline.params import PROFILE_NAMES
     r = sub.add_parser("run", help="execute the stage notebooks with papermill into runs/<run_id>/",
                        epilog=_stages_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("--profile", choices=PROFILE_NAMES, help="parameter profile (default: quick)")
@@ -169,7 +169,7 @@ def _progress(i: int, n: int, stage: str, entry: dict | None, explain: bool = Fa
     else: extra = f" ({entry['overhead_seconds']:.1f} s kernel and papermill)" if "overhead_seconds" in entry else ""
     print(f"{entry['status']:<6} {entry['seconds']:7.1f} s{extra}", flush=True)
     if explain:
-        from fmnist_gcp.pipeline import explain_cache
+        from fmnist_gcp.pipeline.cache import explain_cache
         for line in explain_cache(entry): print(f"      {line}", flush=True)
 
 def _explained(i: int, n: int, stage: str, entry: dict | None) -> None: _progress(i, n, stage, entry, explain=True)
@@ -183,10 +183,16 @@ def _upload_after(s, run_id: str | None) -> None:
         print(f"uploaded {len(upload_run(s, run_dir))} files to {s.dev.uri('runs', run_id)}", file=sys.stderr)
 
 # %% ../nbs/cli.ipynb #b1c2d032
+def _cloud_preflight(settings) -> list[str]:
+    "The Google Cloud preflight a run on the vertex backend hands to the pipeline (imported only when it runs)."
+    from fmnist_gcp.cloud.preflight import preflight
+    return preflight(settings)
+
 def _cmd_run(a) -> int:
     from pathlib import Path
     from fmnist_gcp.config import ConfigError, Settings
-    from fmnist_gcp.pipeline import RunInterrupted, StageFailed, resume_run, run_pipeline
+    from fmnist_gcp.pipeline.execute import RunInterrupted
+    from fmnist_gcp.pipeline.runs import StageFailed, resume_run, run_pipeline
     if a.resume and (a.profile or a.stages or a.param or a.run_id or a.on == "vertex"):
         raise ConfigError("--resume RUN_ID continues that run with its own profile, stages and parameters, here: "
                           "leave out --profile, --stages, -p, --run-id and --on")
@@ -196,8 +202,10 @@ def _cmd_run(a) -> int:
     if a.upload and not (a.run_id or a.resume): raise ConfigError("--upload needs --run-id (the folder's name in the dev store)")
     s, progress = Settings.from_env(), _explained if a.explain_cache else _progress
     try:
-        if a.resume: m = resume_run(a.resume, settings=s, on_stage=progress, check=not a.no_check, cache=a.cache)
-        else: m = run_pipeline(a.profile, a.stages, a.param, a.run_id, settings=s, on_stage=progress, check=not a.no_check, cache=a.cache)
+        if a.resume: m = resume_run(a.resume, settings=s, on_stage=progress, check=not a.no_check, cache=a.cache,
+                                  preflight=_cloud_preflight)
+        else: m = run_pipeline(a.profile, a.stages, a.param, a.run_id, settings=s, on_stage=progress, check=not a.no_check, cache=a.cache,
+                               preflight=_cloud_preflight)
     except StageFailed as e:
         print(f"\nrun failed in {e.stage}: {e.error}\nreport: {e.report}", file=sys.stderr)
         return 1
@@ -216,7 +224,7 @@ def _cmd_run_vertex(a) -> int:
     import json
     from fmnist_gcp.config import Settings
     from fmnist_gcp.cloud import runs
-    from fmnist_gcp.pipeline import new_run_id
+    from fmnist_gcp.pipeline.params import new_run_id
     s = Settings.from_env().require_vertex("fmnist run --on vertex")
     run_id = a.run_id or new_run_id(a.profile)
     spec = runs.run_job_spec(s, a.image or runs.default_image(s, a.accelerator_type), profile=a.profile, run_id=run_id,
@@ -236,11 +244,12 @@ def _cmd_run_vertex(a) -> int:
 def _cmd_rerun(a) -> int:
     from pathlib import Path
     from fmnist_gcp.config import Settings
-    from fmnist_gcp.pipeline import RunInterrupted, StageFailed, format_reproduction, rerun
+    from fmnist_gcp.pipeline.execute import RunInterrupted
+    from fmnist_gcp.pipeline.runs import StageFailed, format_reproduction, rerun
     s = Settings.from_env()
     try:
         m = rerun(a.run, strict=a.strict, new_id=a.run_id, settings=s, on_stage=_progress, check=not a.no_check,
-                  warn=lambda w: print(f"warning: {w}", file=sys.stderr))
+                  warn=lambda w: print(f"warning: {w}", file=sys.stderr), preflight=_cloud_preflight)
     except StageFailed as e:
         print(f"\nrerun failed in {e.stage}: {e.error}\nreport: {e.report}", file=sys.stderr); return 1
     except RunInterrupted as e:
@@ -263,7 +272,7 @@ def _print_runs(runs: list[dict]) -> None:
 def _cmd_runs(a) -> int:
     import json
     from fmnist_gcp.config import Settings
-    from fmnist_gcp.pipeline import compare_runs, list_runs
+    from fmnist_gcp.pipeline.runs import compare_runs, list_runs
     if a.fetch:
         from fmnist_gcp.cloud.runs import fetch_run
         s = Settings.from_env(); print(f"report: {fetch_run(s, a.fetch, s.runs_dir)}"); return 0
@@ -327,7 +336,8 @@ def _cmd_models(a) -> int:
 def _cmd_import_job(a) -> int:
     "A Vertex training job's model: copied in as the next version, evaluated and registered by the stages, optionally uploaded."
     from fmnist_gcp.config import Settings
-    from fmnist_gcp.pipeline import StageFailed, new_run_id, run_pipeline
+    from fmnist_gcp.pipeline.params import new_run_id
+    from fmnist_gcp.pipeline.runs import StageFailed, run_pipeline
     from fmnist_gcp.cloud.jobs import import_job_model
     if not a.job: raise SystemExit("fmnist models import-job: name the job (its resource name or numeric id)")
     s = Settings.from_env().require_vertex("fmnist models import-job")

@@ -124,7 +124,8 @@ def test_train_image_runs_the_task_module_the_custom_job_names(images):
 
 PLAN_CHECK = """
 import os
-from fmnist_gcp.pipeline import STAGES, nbs_dir, plan_run
+from fmnist_gcp.pipeline.params import plan_run
+from fmnist_gcp.pipeline.stages import STAGES, nbs_dir
 assert str(nbs_dir()) == os.environ["FMNIST_NBS_DIR"], (nbs_dir(), os.environ["FMNIST_NBS_DIR"])
 print(len(plan_run("smoke", run_id="r1")) == len(STAGES))
 """

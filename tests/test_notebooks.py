@@ -8,7 +8,7 @@ import pytest
 import nbdev.test as nbt
 
 from conftest import NBS
-from fmnist_gcp.pipeline import STAGES, prerequisites
+from fmnist_gcp.pipeline.stages import STAGES, prerequisites
 
 NOTEBOOKS = sorted(NBS.glob("*.ipynb"))
 STAGE_NOTEBOOKS = [s.notebook for s in STAGES]

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..config import APP_LABELS, BUCKET_VARS, ROLES, ConfigError, Settings, filesystem, write_bytes_atomic
-from ..pipeline import plan_run, write_index
+from ..pipeline.params import plan_run
+from ..pipeline.runs import write_index
 from .jobs import STAGING_FOLDER, ensure_experiment, worker_pool_specs
 from .build import IMAGE_TARGETS, image_uris
 from .vertex import vertex_init

@@ -177,7 +177,7 @@ def _container_run(tmp_path, run_id: str, status: str = "ok"):
 
 def test_upload_and_fetch_a_run_folder_through_the_gcs_emulator(emulated, tmp_path):
     from fmnist_gcp.cloud.runs import CloudRunError, fetch_run, upload_run
-    from fmnist_gcp.pipeline import list_runs
+    from fmnist_gcp.pipeline.runs import list_runs
     made = _container_run(tmp_path, "r1")
     uris = upload_run(emulated, made)
     assert uris[-1] == emulated.dev.uri("runs/r1/run.json") and len(uris) == 5  # the manifest last
@@ -192,7 +192,7 @@ def test_upload_and_fetch_a_run_folder_through_the_gcs_emulator(emulated, tmp_pa
 
 def test_a_run_on_vertex_from_submit_to_fetched_reports(anonymous_vertex, emulated, tmp_path):
     from fmnist_gcp.cloud.runs import CloudRunError, run_job_spec, run_on_vertex, upload_run
-    from fmnist_gcp.pipeline import list_runs
+    from fmnist_gcp.pipeline.runs import list_runs
     s = emulated
     spec = run_job_spec(s, IMAGE, profile="smoke", run_id="r1")
     fake, log = FakeJobService(on_end=lambda job: upload_run(s, _container_run(tmp_path, "r1"))), []

@@ -149,11 +149,11 @@ def test_from_a_finished_job_to_predictions_through_an_endpoint_and_back(vertex,
 
 
 def test_submit_training_with_import_follows_the_job_then_imports_and_evaluates_its_model(vertex, job_model, monkeypatch):
-    from fmnist_gcp import pipeline
+    from fmnist_gcp.pipeline import runs as pipeline_runs
     from fmnist_gcp.cli import main
     from fmnist_gcp.config import filesystem
     evaluated = []
-    monkeypatch.setattr(pipeline, "run_pipeline", lambda *a, **kw: evaluated.append(a))  # the stages: tested above
+    monkeypatch.setattr(pipeline_runs, "run_pipeline", lambda *a, **kw: evaluated.append(a))  # the stages: tested above
     def container(job):  # what the task does in the job: the model lands in <base output>/model
         fs, root = filesystem(job.job_spec.base_output_directory.output_uri_prefix.rstrip("/") + "/model")
         fs.put(str(job_model), root, recursive=True)

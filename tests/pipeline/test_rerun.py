@@ -13,7 +13,7 @@ import nbformat
 import pytest
 
 from conftest import BIN, NBS, ROOT
-from fmnist_gcp import pipeline
+from fmnist_gcp.pipeline import cache, params
 from fmnist_gcp.config import Settings
 
 
@@ -39,14 +39,14 @@ def keyed(fmnist_env, tmp_path):
     nbs = tmp_path / "nbs"
     nbs.mkdir()
     shutil.copy(NBS / "03_statistics.ipynb", nbs)
-    step = pipeline.plan_run("smoke", ["statistics"], run_id="k1", nbs=nbs)[0]
+    step = params.plan_run("smoke", ["statistics"], run_id="k1", nbs=nbs)[0]
     s = Settings.from_env()
     s.datasets.write_json("splits/train_val.json", {"train": [1, 2], "val": [3]})
     return {"step": step, "settings": s, "nbs": nbs, "data": {"train-images-idx3-ubyte": "a" * 64}}
 
 
 def key(k, step=None, settings=None, data=None, figures=None):
-    return pipeline.stage_key(step or k["step"], settings or k["settings"], data or k["data"], figures or {})
+    return cache.stage_key(step or k["step"], settings or k["settings"], data or k["data"], figures or {})
 
 
 def test_each_part_of_the_key_changes_it_and_the_run_id_does_not(keyed, monkeypatch, tmp_path):
@@ -71,8 +71,8 @@ def test_each_part_of_the_key_changes_it_and_the_run_id_does_not(keyed, monkeypa
     changed["inputs"] = key(k)
     shutil.copy(NBS / "03_statistics.ipynb", k["nbs"]); k["settings"].datasets.write_json("splits/train_val.json", {"train": [1, 2], "val": [3]})
     assert key(k)["key"] == base["key"]  # everything back as it was: the same key
-    real = pipeline.import_versions
-    monkeypatch.setattr(pipeline, "import_versions", lambda mods: {**real(mods), "numpy": "0.0.1"})
+    real = cache.import_versions
+    monkeypatch.setattr(cache, "import_versions", lambda mods: {**real(mods), "numpy": "0.0.1"})
     changed["packages"] = key(k)
     for part, new in changed.items():
         assert new["key"] != base["key"], part
@@ -81,7 +81,7 @@ def test_each_part_of_the_key_changes_it_and_the_run_id_does_not(keyed, monkeypa
 
 def test_packages_in_the_key_are_what_the_notebook_imports():
     from importlib.metadata import version
-    v = pipeline.import_versions(pipeline.notebook_imports(NBS / "07_training.ipynb"))
+    v = cache.import_versions(cache.notebook_imports(NBS / "07_training.ipynb"))
     assert v["numpy"] == version("numpy") and "fmnist_gcp/preprocessing.py" in v
     assert any(k.startswith("tensorflow") for k in v)  # imported inside config.import_tensorflow
 

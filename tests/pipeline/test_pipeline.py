@@ -10,7 +10,7 @@ import nbformat
 import pytest
 
 from conftest import BIN, NBS, ROOT
-from fmnist_gcp.pipeline import STAGES
+from fmnist_gcp.pipeline.stages import STAGES
 
 NAMES = [s.notebook for s in STAGES]
 SECRET = "FAKEKEYMATERIAL0123456789"  # the private key of the fake credentials below: must never reach a report
@@ -92,6 +92,15 @@ def test_reports_fold_code_and_keep_plots_and_secrets_out(smoke):
         assert (run_dir / f"{name}.html").read_text().count("data:image/png;base64") >= plots, name
     everything = "".join(p.read_text(errors="replace") for p in run_dir.iterdir() if p.suffix in {".html", ".json", ".ipynb"})
     assert SECRET not in everything and "kid-42" not in everything and str(smoke["key"]) not in everything
+
+
+def test_each_stage_report_opens_with_its_results(smoke):
+    for s in NAMES:
+        page = (smoke["run_dir"] / f"{s}.html").read_text()
+        assert page.index(f"{s}: results") < page.index('<p class="fmnist-verdict">') < page.index("How this stage works</h2>") < page.index("<details"), s
+    top = (smoke["run_dir"] / "08_evaluation.html").read_text().split("How this stage works")[0]
+    assert re.search(r"test accuracy, auPrc 0\.\d{3}: (beats|does not beat) Vertex AutoML's 0\.972", top)
+    assert "data:image/png;base64" in top  # its key plot
 
 
 def test_run_page_opens_with_the_results_and_links_every_report(smoke):
@@ -198,11 +207,12 @@ def test_failing_stage_marks_the_run_failed_and_keeps_the_error(fmnist_env):
     assert "val_fraction must be in [0, 1)" in m["stages"][1]["error"]
     nb = nbformat.read(run_dir / "01_data.ipynb", 4)
     assert any(o.get("output_type") == "error" for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "val_fraction must be in" in (run_dir / "01_data.html").read_text()
+    page = (run_dir / "01_data.html").read_text()  # the report opens with the error
+    assert page.index("01_data: failed") < page.index("val_fraction must be in") < page.index("How this stage works")
 
 
 def test_plain_papermill_runs_a_stage_and_lists_its_parameters(fmnist_env, tmp_path):
-    from fmnist_gcp.pipeline import declared_parameters
+    from fmnist_gcp.pipeline.params import declared_parameters
     out = tmp_path / "cfg.ipynb"
     r = subprocess.run([str(BIN / "papermill"), str(NBS / "00_config.ipynb"), str(out), "-p", "profile", "quick",
                         "--kernel", "python3"], env=fmnist_env, capture_output=True, text=True)
@@ -216,7 +226,7 @@ def test_plain_papermill_runs_a_stage_and_lists_its_parameters(fmnist_env, tmp_p
 
 
 def test_every_stage_declares_run_id_and_profile_and_parses_fully():
-    from fmnist_gcp.pipeline import declared_parameters
+    from fmnist_gcp.pipeline.params import declared_parameters
     for s in NAMES:
         d = declared_parameters(NBS / f"{s}.ipynb")  # raises if papermill would drop a line
         assert {"run_id", "profile"} <= set(d) and all(v["help"] for v in d.values()), s

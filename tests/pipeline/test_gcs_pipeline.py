@@ -14,7 +14,7 @@ import pytest
 
 from conftest import BIN, ROOT
 from fmnist_gcp.config import DEFAULT_MODEL, ROLES, Settings
-from fmnist_gcp.pipeline import STAGES
+from fmnist_gcp.pipeline.stages import STAGES
 
 SHRINK = ["02_exploration.max_images=400", "02_exploration.embed_images=200", "03_statistics.max_images=500",
           "04_preprocessing.max_images=200", "07_training.max_train_images=400", "08_evaluation.max_images=400"]
