@@ -212,3 +212,41 @@ def test_upload_to_the_bucket_skips_objects_already_there(gcs_emulator, monkeypa
         third = upload_automl_export(src, dest, log=lambda *a: None)
     assert (third["uploaded"], third["skipped"]) == (1, 29) and len(sends) == 1 and sends[0][0].endswith(rels[3])
     assert dest.read_bytes(rels[3]) == png_bytes(255 - imgs[3])
+
+
+
+def vertex_trial_args(spec: dict) -> list[tuple[str, str, str]]:
+    "(parameter id, value kind, `--id=value` string) of values Vertex gives trials, each kind spelt as Vertex spells it."
+    out = []
+    for pid, s in spec.items():
+        p = s._to_parameter_spec(pid)
+        kind = p._pb.WhichOneof("parameter_value_spec")
+        if kind == "double_value_spec":  # a double: its shortest repr, e.g. 0.0031622776601683794
+            lo, hi = p.double_value_spec.min_value, p.double_value_spec.max_value
+            vals = [lo, (lo * hi) ** 0.5, hi]
+        elif kind == "integer_value_spec": vals = sorted({p.integer_value_spec.min_value, p.integer_value_spec.max_value})
+        elif kind == "discrete_value_spec": vals = list(p.discrete_value_spec.values)  # floats, sent as 128.0
+        else: vals = list(p.categorical_value_spec.values)
+        out += [(pid, kind, f"--{pid}={v!r}" if isinstance(v, float) else f"--{pid}={v}") for v in vals]
+    return out
+
+
+def test_task_parses_every_value_vertex_sends_for_the_real_search_space():
+    from fmnist_gcp.automl import search_space
+    from fmnist_gcp.cloud.automl import vertex_parameter_spec
+    from fmnist_gcp.task import task_parser
+    args = vertex_trial_args(vertex_parameter_spec(search_space(), log=lambda *a: None))
+    assert {k for _, k, _ in args} == {"double_value_spec", "integer_value_spec", "discrete_value_spec", "categorical_value_spec"}
+    assert "--batch_size=128.0" in [a for *_, a in args] and "--convs=1" in [a for *_, a in args]
+    for pid, kind, a in args:
+        value, got = a.split("=", 1)[1], getattr(task_parser().parse_args([a]), pid)
+        if kind == "categorical_value_spec": assert got == tuple(int(w) for w in value.split(",")), a
+        elif kind == "double_value_spec": assert type(got) is float and got == float(value), a
+        else: assert type(got) is int and got == float(value), a  # integer and discrete: the task's int flags
+
+
+def test_task_refuses_a_fractional_value_for_an_integer_flag(capsys):
+    from fmnist_gcp.task import task_parser
+    with pytest.raises(SystemExit) as e: task_parser().parse_args(["--batch_size=128.5"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--batch-size/--batch_size: 128.5 is not a whole number" in err, err
