@@ -101,8 +101,21 @@ def test_automl_training_uses_the_csv_splits_and_the_budget(vertex, pipelines):
         f"labels.aiplatform.googleapis.com/ml_use={ML_USE[s]}" for s in ("train", "val", "test"))
     assert tp.model_to_upload.display_name == VERTEX_AUTOML_MODEL and tp.model_to_upload.labels["app"] == "fmnist-gcp"
     assert model.resource_name == f"{LOC}/models/77"
-    with pytest.raises(ValueError, match="8,000..800,000"):
-        train_automl(vertex, ds, budget_milli_node_hours=500)
+    for bad in (500, 7_999, 800_001):
+        with pytest.raises(ValueError, match=r"8,000\.\.800,000 milli node hours \(8 to 800 node hours\)"):
+            train_automl(vertex, ds, budget_milli_node_hours=bad)
+    assert len(pipelines["create"]) == 1  # refused before anything was sent
+
+
+def test_budget_texts_state_8000_milli_node_hours_as_8_node_hours():
+    "No text calls 8,000 milli node hours one node hour: it is 8, the minimum for image classification."
+    import json, pathlib, re
+    root = pathlib.Path(__file__).parents[2]
+    texts = {p: "".join("".join(c["source"]) for c in json.loads(p.read_text())["cells"]) for p in (root / "nbs").glob("*.ipynb")}
+    texts |= {p: p.read_text() for p in (root / "fmnist_gcp").rglob("*.py")}
+    wrong = [str(p.relative_to(root)) for p, t in texts.items()
+             if re.search(r"(8,?000\D{0,20}(one|1) node hour)|(1 to 100 node hours)", t, re.I)]
+    assert wrong == []
 
 
 @pytest.fixture(scope="module")
