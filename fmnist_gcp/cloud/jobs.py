@@ -18,9 +18,9 @@ from .vertex import vertex_init
 
 # %% auto #0
 __all__ = ['TASK_MODULE', 'JOB_MODULE', 'STAGING_FOLDER', 'SERVICE_ACCOUNT_VAR', 'JOB_RUN_VAR', 'IMPORT_REQUIRED',
-           'worker_pool_specs', 'job_name', 'require_service_account', 'ensure_experiment', 'submit_custom_job',
-           'experiment_run_name', 'job_run_name', 'ExperimentRun', 'main', 'import_model_dir', 'job_model_dir',
-           'import_job_model']
+           'worker_pool_specs', 'job_name', 'require_service_account', 'ensure_experiment', 'check_experiment_replicas',
+           'submit_custom_job', 'experiment_run_name', 'job_run_name', 'ExperimentRun', 'main', 'import_model_dir',
+           'job_model_dir', 'import_job_model']
 
 # %% ../../nbs/cloud_jobs.ipynb #419a8e9c
 TASK_MODULE = "fmnist_gcp.task"  # the training task, as a job without an experiment runs it
@@ -78,6 +78,15 @@ def ensure_experiment(settings: Settings,
     name = experiment_run_name(run)
     return exp, (aiplatform.ExperimentRun.get(name, experiment=exp) or aiplatform.ExperimentRun.create(name, experiment=exp))
 
+# %% ../../nbs/cloud_jobs.ipynb #1f723ff7
+def check_experiment_replicas(experiment: str | None,  # the Vertex AI experiment asked for, if any
+                              replicas: int,  # machines in the job, all pools together
+                              ) -> None:
+    "A ConfigError when an experiment is asked for on more than one machine."
+    if experiment and replicas > 1:
+        raise ConfigError(f"Vertex AI Experiments cannot track a multi-worker job ({replicas} replicas): drop --experiment or train "
+                          "on one machine (--workers 0)")
+
 # %% ../../nbs/cloud_jobs.ipynb #6b62acf2
 def submit_custom_job(settings: Settings,
                       image_uri: str,  # training image in Artifact Registry
@@ -93,6 +102,7 @@ def submit_custom_job(settings: Settings,
     from google.cloud import aiplatform
     s = settings.require_vertex("Submitting a Vertex AI job")
     if experiment_run and not experiment: raise ValueError("experiment_run needs an experiment: give --experiment too")
+    check_experiment_replicas(experiment, 1 + workers)
     name = display_name or job_name()
     base = s.models.uri("custom-jobs", name)
     exp, run = ensure_experiment(s, experiment, experiment_run) if experiment else (None, None)

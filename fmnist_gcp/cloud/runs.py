@@ -114,6 +114,8 @@ def submit_run(settings: Settings, spec: dict,
     from google.cloud import aiplatform
     s = settings.require_vertex("Submitting a run to Vertex AI")
     js = spec["job_spec"]
+    from fmnist_gcp.cloud.jobs import check_experiment_replicas
+    check_experiment_replicas(experiment, sum(p.get("replica_count", 1) for p in js["worker_pool_specs"]))
     exp = ensure_experiment(s, experiment)[0] if experiment else None
     vertex_init(s)
     job = aiplatform.CustomJob(display_name=spec["display_name"], worker_pool_specs=js["worker_pool_specs"],
