@@ -17,10 +17,11 @@ from ..config import CLOUD_SCOPE, LOGIN_FIX, ConfigError, Settings, default_cred
 from .vertex import vertex_client_options
 
 # %% auto #0
-__all__ = ['APPLY_FIX', 'QUOTAS_CONSOLE', 'APIS', 'VERTEX_API', 'CPU_QUOTAS', 'GPU_QUOTAS', 'MACHINES', 'PreflightError',
-           'check_credentials', 'Clients', 'api_problem', 'check_project', 'check_region', 'check_bucket',
-           'check_service_account', 'repository_name', 'check_repository', 'job_quotas', 'quota_info_name',
-           'region_limits', 'check_quota', 'preflight', 'cloud_preflight']
+__all__ = ['APPLY_FIX', 'QUOTAS_CONSOLE', 'APIS', 'REACH_TIMEOUT_S', 'VERTEX_API', 'CPU_QUOTAS', 'GPU_QUOTAS', 'MACHINES',
+           'PreflightError', 'check_credentials', 'Clients', 'api_problem', 'Unreachable', 'out_of_reach',
+           'unreachable', 'reach_limits', 'check_project', 'check_region', 'check_bucket', 'check_service_account',
+           'repository_name', 'check_repository', 'job_quotas', 'quota_info_name', 'region_limits', 'check_quota',
+           'preflight', 'cloud_preflight']
 
 # %% ../../nbs/cloud_preflight.ipynb #704cfa23
 from . import provision  # the same client factories as provisioning
@@ -76,12 +77,38 @@ def api_problem(e: Exception,  # a `google.api_core.exceptions.GoogleAPICallErro
         return f"{what}: these credentials may not read it ({getattr(e, 'message', text)}): ask a project owner for access, or {APPLY_FIX} as one"
     return f"{what}: {type(e).__name__}: {getattr(e, 'message', text)}"
 
+# %% ../../nbs/cloud_preflight.ipynb #8486c66c
+REACH_TIMEOUT_S = 20.0  # seconds a check keeps retrying an unreachable Google API before it says so
+
+class Unreachable(PreflightError):
+    "Google Cloud could not be reached: the checks after this one would only wait as long."
+
+def out_of_reach() -> tuple[type, ...]:
+    "The errors that mean Google was not reached: api-core's retries ran out, or a transport failed."
+    import requests
+    from google.api_core.exceptions import RetryError
+    from google.auth.exceptions import TransportError
+    return (RetryError, TransportError, requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+
+def unreachable(e: Exception, what: str, api: str) -> Unreachable:
+    "One problem line for `e` from `out_of_reach()`: what was checked, which API could not be reached, what to check."
+    cause = getattr(e, "cause", None) or e  # a RetryError carries the last error it retried
+    detail = (str(getattr(cause, "message", "") or cause).splitlines() or [""])[0][:200]
+    return Unreachable([f"{what}: {api} could not be reached ({type(cause).__name__}: {detail}): check the network, "
+                        "a proxy or FMNIST_VERTEX_ENDPOINT, or skip this check with --no-check"])
+
+def reach_limits() -> dict:
+    "`retry` and `timeout` for a gapic call: give up on an unreachable API after `REACH_TIMEOUT_S`."
+    from google.api_core.retry import Retry
+    return {"retry": Retry(timeout=REACH_TIMEOUT_S), "timeout": REACH_TIMEOUT_S}
+
 # %% ../../nbs/cloud_preflight.ipynb #a31eabf6
 def check_project(client,  # `resourcemanager_v3.ProjectsClient`
                   project: str) -> str:
     "'project ... is active', or a PreflightError."
     from google.api_core import exceptions as gexc
-    try: p = client.get_project(name=f"projects/{project}")
+    try: p = client.get_project(name=f"projects/{project}", **reach_limits())
+    except out_of_reach() as e: raise unreachable(e, f"project {project}", APIS["project"]) from None
     except (gexc.NotFound, gexc.PermissionDenied) as e:
         if "SERVICE_DISABLED" in str(e): raise PreflightError([api_problem(e, f"project {project}", APIS["project"], project)])
         raise PreflightError([f"project {project} does not exist or these credentials cannot see it: check FMNIST_PROJECT "
@@ -96,7 +123,8 @@ def check_region(client,  # a Vertex AI client on the region's endpoint (`Client
     "'region ... serves Vertex AI', or a PreflightError."
     from google.api_core import exceptions as gexc
     what = f"region {region}"
-    try: client.get_location(request={"name": f"projects/{project}/locations/{region}"})
+    try: client.get_location(request={"name": f"projects/{project}/locations/{region}"}, **reach_limits())
+    except out_of_reach() as e: raise unreachable(e, what, APIS["region"]) from None
     except (gexc.NotFound, gexc.InvalidArgument, gexc.ServiceUnavailable) as e:
         if "SERVICE_DISABLED" in str(e): raise PreflightError([api_problem(e, what, APIS["region"], project)])
         raise PreflightError([f"{what} is not a Vertex AI region (or it could not be reached): set FMNIST_REGION to one listed at "
@@ -123,6 +151,7 @@ def check_bucket(client,  # `google.cloud.storage.Client`
         raise PreflightError([f"{what} is not writable with these credentials ({e.message}): "
                               f"{APPLY_FIX} to grant roles/storage.objectUser on it, or ask its owner"]) from None
     except gexc.GoogleAPICallError as e: raise PreflightError([api_problem(e, what, APIS["bucket"], project)])
+    except out_of_reach() as e: raise unreachable(e, what, APIS["bucket"]) from None
     return f"{uri} exists and is writable"
 
 # %% ../../nbs/cloud_preflight.ipynb #fc8ad687
@@ -131,7 +160,8 @@ def check_service_account(client,  # `iam_admin_v1.IAMClient`
     "'service account ... exists', or a PreflightError."
     from google.api_core import exceptions as gexc
     what = f"service account {email}"
-    try: client.get_service_account(name=f"projects/{project}/serviceAccounts/{email}")
+    try: client.get_service_account(name=f"projects/{project}/serviceAccounts/{email}", **reach_limits())
+    except out_of_reach() as e: raise unreachable(e, what, APIS["service_account"]) from None
     except gexc.NotFound: raise PreflightError([f"{what} does not exist: {APPLY_FIX} (or set FMNIST_SERVICE_ACCOUNT to an existing one)"]) from None
     except gexc.GoogleAPICallError as e: raise PreflightError([api_problem(e, what, APIS["service_account"], project)])
     return f"{what} exists"
@@ -146,7 +176,8 @@ def check_repository(client,  # `artifactregistry_v1.ArtifactRegistryClient`
     "'image repository ... exists', or a PreflightError."
     from google.api_core import exceptions as gexc
     what = f"image repository {region}-docker.pkg.dev/{project}/{repository}"
-    try: client.get_repository(name=repository_name(project, region, repository))
+    try: client.get_repository(name=repository_name(project, region, repository), **reach_limits())
+    except out_of_reach() as e: raise unreachable(e, what, APIS["repository"]) from None
     except gexc.NotFound: raise PreflightError([f"{what} does not exist: {APPLY_FIX}"]) from None
     except gexc.GoogleAPICallError as e: raise PreflightError([api_problem(e, what, APIS["repository"], project)])
     return f"{what} exists"
@@ -205,7 +236,8 @@ def check_quota(client,  # `cloudquotas_v1.CloudQuotasClient`
                 ) -> str:
     "'quota ...: need N of L in REGION', or a PreflightError naming the shortfall and how to get more."
     from google.api_core import exceptions as gexc
-    try: info = client.get_quota_info(name=quota_info_name(project, quota_id))
+    try: info = client.get_quota_info(name=quota_info_name(project, quota_id), **reach_limits())
+    except out_of_reach() as e: raise unreachable(e, f"Vertex AI quota {quota_id}", APIS["quota"]) from None
     except gexc.GoogleAPICallError as e: raise PreflightError([api_problem(e, f"Vertex AI quota {quota_id}", APIS["quota"], project)])
     limits = region_limits(info)
     fits = lambda v: v < 0 or v >= need
@@ -220,13 +252,14 @@ def check_quota(client,  # `cloudquotas_v1.CloudQuotasClient`
 
 # %% ../../nbs/cloud_preflight.ipynb #662d73e4
 def _run_checks(checks: list[Callable[[], str]]) -> list[str]:
-    from google.auth.exceptions import RefreshError, TransportError
+    from google.auth.exceptions import RefreshError
     passed, problems = [], []
     for check in checks:
         try: passed.append(check())
+        except Unreachable as e: problems += e.problems; break  # the checks after it would only wait as long
         except PreflightError as e: problems += e.problems
         except RefreshError as e: problems.append(f"application-default credentials could not be refreshed ({e}): {LOGIN_FIX}")
-        except TransportError as e: problems.append(f"Google Cloud could not be reached ({e}): check the network, or skip this check with --no-check")
+        except out_of_reach() as e: problems += unreachable(e, "Google Cloud", "a Google API").problems; break
         except ImportError as e: problems.append(f"{e}: install the Google Cloud client libraries this package depends on (`pip install -e .`)")
     if problems: raise PreflightError(problems)
     return passed

@@ -193,3 +193,42 @@ def test_fmnist_run_without_credentials_stops_before_the_first_stage(fmnist_env,
         "fmnist run: error: no application-default credentials: run `gcloud auth application-default login` (or set "
         f"GOOGLE_APPLICATION_CREDENTIALS to a service-account key); GOOGLE_APPLICATION_CREDENTIALS={tmp_path / 'missing-key.json'} names no file"]
     assert not (tmp_path / "runs" / "nocreds").exists()
+
+
+def _closed_port() -> int:
+    import socket
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("transport", ["grpc", "rest"])
+def test_google_out_of_reach_is_one_line_naming_what_could_not_be_reached(monkeypatch, transport):
+    "A real client on a loopback port nobody listens on: api-core's RetryError (gRPC) or requests' ConnectionError (REST)."
+    import time
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import resourcemanager_v3
+    from fmnist_gcp.cloud import preflight as pf
+    monkeypatch.setattr(pf, "REACH_TIMEOUT_S", 1.0, raising=False)
+    host = f"127.0.0.1:{_closed_port()}"
+    client = resourcemanager_v3.ProjectsClient(credentials=AnonymousCredentials(), transport=transport,
+                                               client_options={"api_endpoint": host if transport == "grpc" else f"http://{host}"})
+    t0 = time.monotonic()
+    with pytest.raises(pf.PreflightError) as e: pf.check_project(client, "acme-ml")
+    assert time.monotonic() - t0 < 15
+    (line,) = e.value.problems
+    assert line.startswith("project acme-ml: cloudresourcemanager.googleapis.com could not be reached"), line
+    assert "check the network" in line and "--no-check" in line and "\n" not in line
+
+
+def test_preflight_stops_at_the_first_check_that_cannot_reach_google(anonymous, monkeypatch):
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import resourcemanager_v3
+    from fmnist_gcp.cloud import preflight as pf
+    monkeypatch.setattr(pf, "REACH_TIMEOUT_S", 1.0, raising=False)
+    client = resourcemanager_v3.ProjectsClient(credentials=AnonymousCredentials(), client_options={"api_endpoint": f"127.0.0.1:{_closed_port()}"})
+    monkeypatch.setattr(pf.Clients, "projects", lambda self: client)
+    def not_after(self): raise AssertionError("a check ran after Google was found out of reach")
+    for name in ("vertex", "storage", "iam", "registry", "quotas"): monkeypatch.setattr(pf.Clients, name, not_after)
+    with pytest.raises(pf.PreflightError) as e:
+        pf.preflight(Settings.from_env(VERTEX_ENV), machine_type="n1-standard-4")
+    (line,) = e.value.problems
+    assert line.startswith("project acme-ml: cloudresourcemanager.googleapis.com could not be reached")
