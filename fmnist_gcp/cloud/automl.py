@@ -255,11 +255,11 @@ def submit_tuning_job(settings: Settings, image_uri: str,  # the training image
                       accelerator_type: str | None = None, accelerator_count: int = 0, log=print):
     "Submit a HyperparameterTuningJob whose trials run the training container over `space`; the job."
     from google.cloud import aiplatform
-    from fmnist_gcp.cloud.jobs import STAGING_FOLDER, job_name, require_service_account, worker_pool_specs
+    from fmnist_gcp.cloud.jobs import STAGING_FOLDER, job_env, job_name, require_service_account, worker_pool_specs
     s = settings.require_vertex("A Vertex AI tuning job")
     require_service_account(s, "A Vertex AI tuning job")
     name = display_name or job_name("fmnist-tune")
-    env = {"FMNIST_BACKEND": "vertex", "FMNIST_PROJECT": s.project, "FMNIST_REGION": s.region}
+    env = job_env(s)
     args = [*task_args, "--datasets-uri", s.datasets.root, "--model-name", "fmnist-tune", "--run-id", name]
     vertex_init(s, staging_bucket=s.dev.uri(STAGING_FOLDER))
     trial_job = aiplatform.CustomJob(display_name=f"{name}-trial", base_output_dir=s.models.uri("tuning-jobs", name),

@@ -18,9 +18,9 @@ from .vertex import vertex_init
 
 # %% auto #0
 __all__ = ['TASK_MODULE', 'JOB_MODULE', 'STAGING_FOLDER', 'SERVICE_ACCOUNT_VAR', 'JOB_RUN_VAR', 'IMPORT_REQUIRED',
-           'worker_pool_specs', 'job_name', 'require_service_account', 'ensure_experiment', 'check_experiment_replicas',
-           'submit_custom_job', 'experiment_run_name', 'job_run_name', 'ExperimentRun', 'main', 'import_model_dir',
-           'job_model_dir', 'import_job_model']
+           'worker_pool_specs', 'job_name', 'job_env', 'require_service_account', 'ensure_experiment',
+           'check_experiment_replicas', 'submit_custom_job', 'experiment_run_name', 'job_run_name', 'ExperimentRun',
+           'main', 'import_model_dir', 'job_model_dir', 'import_job_model']
 
 # %% ../../nbs/cloud_jobs.ipynb #419a8e9c
 TASK_MODULE = "fmnist_gcp.task"  # the training task, as a job without an experiment runs it
@@ -52,6 +52,15 @@ STAGING_FOLDER = "staging"  # dev store folder the Vertex SDK stages into
 def job_name(prefix: str = "fmnist-train") -> str:
     "A display name with a UTC time stamp, valid for Vertex resources."
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+# %% ../../nbs/cloud_jobs.ipynb #b689d8c0
+def job_env(settings: Settings) -> dict[str, str]:
+    "Environment of a job's container: the backend, project and region, and the Vertex endpoint and transport when set."
+    s = settings.require_vertex("A Vertex AI job")
+    env = {"FMNIST_BACKEND": "vertex", "FMNIST_PROJECT": s.project, "FMNIST_REGION": s.region}
+    if s.vertex_endpoint: env["FMNIST_VERTEX_ENDPOINT"] = s.vertex_endpoint
+    if s.vertex_transport: env["FMNIST_VERTEX_TRANSPORT"] = s.vertex_transport
+    return env
 
 # %% ../../nbs/cloud_jobs.ipynb #a73009df
 SERVICE_ACCOUNT_VAR = "FMNIST_SERVICE_ACCOUNT"
@@ -109,7 +118,7 @@ def submit_custom_job(settings: Settings,
     args = [*task_args, "--datasets-uri", s.datasets.root]
     if exp: args += ["--experiment", experiment] + (["--experiment-run", run.name] if run else []) + \
                     (["--experiment-tensorboard", experiment_tensorboard] if experiment_tensorboard else [])
-    env = {"FMNIST_BACKEND": "vertex", "FMNIST_PROJECT": s.project, "FMNIST_REGION": s.region}
+    env = job_env(s)
     vertex_init(s, staging_bucket=s.dev.uri(STAGING_FOLDER),
                     service_account=s.service_account)
     job = aiplatform.CustomJob(display_name=name, base_output_dir=base, staging_bucket=s.dev.uri(STAGING_FOLDER),

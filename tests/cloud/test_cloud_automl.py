@@ -263,3 +263,22 @@ def test_task_refuses_a_fractional_value_for_an_integer_flag(capsys):
     with pytest.raises(SystemExit) as e: task_parser().parse_args(["--batch_size=128.5"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--batch-size/--batch_size: 128.5 is not a whole number" in err, err
+
+
+def test_tuning_trials_get_the_private_endpoint_and_transport_when_set(monkeypatch, anonymous):
+    from google.cloud.aiplatform.compat.services import job_service_client
+    from google.cloud.aiplatform.compat.types import hyperparameter_tuning_job as gca_hpt, job_state
+    from fmnist_gcp.automl import search_space
+    from fmnist_gcp.cloud.automl import submit_tuning_job
+    monkeypatch.setenv("NO_GCE_CHECK", "True"); monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:1")
+    sent = []
+    def create(self, parent, hyperparameter_tuning_job, **kw):
+        sent.append(hyperparameter_tuning_job)
+        return gca_hpt.HyperparameterTuningJob(hyperparameter_tuning_job, name=f"{LOC}/hyperparameterTuningJobs/31",
+                                               state=job_state.JobState.JOB_STATE_RUNNING)
+    monkeypatch.setattr(job_service_client.JobServiceClient, "create_hyperparameter_tuning_job", create)
+    s = Settings.from_env({**VERTEX_ENV, "FMNIST_VERTEX_ENDPOINT": "vertex-psc.p.googleapis.com", "FMNIST_VERTEX_TRANSPORT": "rest"})
+    submit_tuning_job(s, "img:1", search_space(), display_name="t", log=lambda *a: None)
+    (pool,) = sent[0].trial_job_spec.worker_pool_specs
+    env = {e.name: e.value for e in pool.container_spec.env}
+    assert (env["FMNIST_VERTEX_ENDPOINT"], env["FMNIST_VERTEX_TRANSPORT"]) == ("vertex-psc.p.googleapis.com", "rest")

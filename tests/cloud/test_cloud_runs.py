@@ -230,3 +230,12 @@ def test_a_run_with_an_experiment_on_more_than_one_replica_is_refused_before_any
     with fake.patch(), pytest.raises(ConfigError, match="multi-worker"):
         submit_run(s, spec, experiment="fmnist-runs")
     assert fake.created == [] and not metadata.calls
+
+
+def test_a_runs_container_gets_the_private_endpoint_and_transport_when_set(no_google):
+    from fmnist_gcp.cloud.runs import run_job_spec
+    private = {"FMNIST_VERTEX_ENDPOINT": "vertex-psc.p.googleapis.com:443", "FMNIST_VERTEX_TRANSPORT": "rest"}
+    for extra, want in (({}, {}), (private, private)):
+        spec = run_job_spec(Settings.from_env({**DONE_WHEN, **extra}), IMAGE, profile="smoke", run_id="r1")
+        env = {e["name"]: e["value"] for e in spec["job_spec"]["worker_pool_specs"][0]["container_spec"]["env"]}
+        assert {k: v for k, v in env.items() if k.startswith("FMNIST_VERTEX_")} == want
