@@ -282,12 +282,15 @@ def _no_credentials_problem() -> str:
     missing = f"; GOOGLE_APPLICATION_CREDENTIALS={var} names no file" if var and not Path(var).expanduser().is_file() else ""
     return f"no application-default credentials: {LOGIN_FIX}{missing}"
 
-def default_credentials(settings: Settings):  # its project becomes the credentials' quota project
-    "The application-default credentials (google-auth), or a ConfigError saying how to log in."
+def default_credentials(settings: Settings):  # its project becomes a user's quota project
+    "The application-default credentials (google-auth), user ones billing `settings.project`; or a ConfigError saying how to log in."
     import google.auth
+    import google.oauth2.credentials
     from google.auth.exceptions import DefaultCredentialsError
-    try: credentials, _ = google.auth.default(scopes=[CLOUD_SCOPE], quota_project_id=settings.project)
+    try: credentials, _ = google.auth.default(scopes=[CLOUD_SCOPE])
     except DefaultCredentialsError: raise ConfigError(_no_credentials_problem()) from None
+    if settings.project and isinstance(credentials, google.oauth2.credentials.Credentials):  # never a service account's
+        credentials = credentials.with_quota_project(settings.project)
     return credentials
 
 # %% ../nbs/00_config.ipynb #082704de

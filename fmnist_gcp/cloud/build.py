@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import fmnist_gcp
-from ..config import ConfigError, Settings, is_local
+from ..config import ConfigError, Settings, default_credentials, is_local
 
 # %% auto #0
 __all__ = ['IMAGE_TARGETS', 'DEFAULT_TARGETS', 'DOCKERFILE', 'DOCKER_BUILDER', 'SOURCE_DIR', 'BUILD_TAG', 'source_root',
@@ -140,7 +140,8 @@ def submit_build(settings: Settings, build: dict, wait: bool = True):
     "Create `build` in Cloud Build (the settings' project and region); the finished Build, or the operation."
     from google.cloud.devtools import cloudbuild_v1
     s = settings.require_vertex("Building images with Cloud Build")
-    op = cloudbuild_v1.CloudBuildClient().create_build(request={
+    client = cloudbuild_v1.CloudBuildClient(credentials=default_credentials(s))  # a user's bill the project
+    op = client.create_build(request={
         "parent": f"projects/{s.project}/locations/{s.region}", "project_id": s.project, "build": cloudbuild_v1.Build(build)})
     return op.result() if wait else op
 

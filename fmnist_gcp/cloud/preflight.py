@@ -40,7 +40,7 @@ class PreflightError(ValueError):
         super().__init__("\n".join(self.problems))
 
 # %% ../../nbs/cloud_preflight.ipynb #87360ef5
-def check_credentials(settings: Settings):  # its project becomes the credentials' quota project
+def check_credentials(settings: Settings):  # its project becomes a user's quota project (not a service account's)
     "The application-default credentials (`config.default_credentials`), or a PreflightError saying how to log in."
     try: return default_credentials(settings)
     except ConfigError as e: raise PreflightError([str(e)]) from None
