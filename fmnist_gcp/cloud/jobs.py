@@ -18,9 +18,19 @@ from .vertex import vertex_init
 
 # %% auto #0
 __all__ = ['TASK_MODULE', 'JOB_MODULE', 'STAGING_FOLDER', 'SERVICE_ACCOUNT_VAR', 'JOB_RUN_VAR', 'IMPORT_REQUIRED',
-           'worker_pool_specs', 'job_name', 'job_env', 'require_service_account', 'ensure_experiment',
-           'check_experiment_replicas', 'submit_custom_job', 'experiment_run_name', 'job_run_name', 'ExperimentRun',
-           'main', 'import_model_dir', 'job_model_dir', 'import_job_model']
+           'check_built_in_gpus', 'worker_pool_specs', 'job_name', 'job_env', 'require_service_account',
+           'ensure_experiment', 'check_experiment_replicas', 'submit_custom_job', 'experiment_run_name', 'job_run_name',
+           'ExperimentRun', 'main', 'import_model_dir', 'job_model_dir', 'import_job_model']
+
+# %% ../../nbs/cloud_jobs.ipynb #142bd6df
+_A2 = re.compile(r"a2-(?:highgpu|megagpu)-(\d+)g")  # A2 machines with built-in A100 (40 GB) GPUs
+
+def check_built_in_gpus(machine_type: str, accelerator_type: str | None, accelerator_count: int) -> None:
+    "A ConfigError unless an `a2-*-Ng` machine spec names its built-in N NVIDIA_TESLA_A100 (Vertex AI refuses it otherwise)."
+    m = _A2.fullmatch(machine_type)
+    if m and (accelerator_type, accelerator_count) != ("NVIDIA_TESLA_A100", int(m[1])):
+        raise ConfigError(f"{machine_type} carries {m[1]} NVIDIA_TESLA_A100: give --accelerator-type NVIDIA_TESLA_A100 "
+                          f"--accelerator-count {m[1]} (not {accelerator_type or 'none'} x {accelerator_count})")
 
 # %% ../../nbs/cloud_jobs.ipynb #419a8e9c
 TASK_MODULE = "fmnist_gcp.task"  # the training task, as a job without an experiment runs it
@@ -39,6 +49,7 @@ def worker_pool_specs(image_uri: str,  # training image, e.g. europe-docker.pkg.
     if workers < 0: raise ValueError(f"workers must be >= 0, not {workers}")
     if bool(accelerator_type) != bool(accelerator_count):
         raise ValueError("give accelerator_type and accelerator_count together (or neither)")
+    check_built_in_gpus(machine_type, accelerator_type, accelerator_count)
     machine = {"machine_type": machine_type}
     if accelerator_type: machine |= {"accelerator_type": accelerator_type, "accelerator_count": accelerator_count}
     container = {"image_uri": image_uri, "command": ["python", "-m", module], "args": list(args),
