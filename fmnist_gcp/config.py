@@ -19,11 +19,11 @@ from typing import Any, Mapping
 
 # %% auto #0
 __all__ = ['DEFAULT_HOME', 'DEFAULT_CACHE_DIR', 'DEFAULT_RUNS_DIR', 'ENV_VARS', 'BACKENDS', 'ROLES', 'DEFAULT_MODEL',
-           'APP_LABELS', 'BUCKET_VARS', 'VERTEX_TRANSPORTS', 'CLOUD_SCOPE', 'LOGIN_FIX', 'TF_INSTALL_HINT',
-           'filesystem', 'is_local', 'write_bytes_atomic', 'Store', 'ConfigError', 'check_vertex', 'store_uris',
-           'vertex_endpoint', 'vertex_transport', 'credentials_summary', 'env_settings', 'Settings',
-           'default_credentials', 'storage_options', 'create_local_stores', 'import_tensorflow', 'import_keras',
-           'record', 'recorded']
+           'APP_LABELS', 'BUCKET_VARS', 'VERTEX_TRANSPORTS', 'BUILD_REGIONS', 'CLOUD_SCOPE', 'LOGIN_FIX',
+           'TF_INSTALL_HINT', 'filesystem', 'is_local', 'write_bytes_atomic', 'Store', 'ConfigError', 'check_vertex',
+           'store_uris', 'vertex_endpoint', 'vertex_transport', 'build_region', 'credentials_summary', 'env_settings',
+           'Settings', 'default_credentials', 'storage_options', 'create_local_stores', 'import_tensorflow',
+           'import_keras', 'record', 'recorded']
 
 # %% ../nbs/00_config.ipynb #1f69a9c7
 DEFAULT_HOME = "~/.fmnist-gcp"  # root of the local stores
@@ -45,6 +45,8 @@ ENV_VARS: dict[str, str] = {
     "FMNIST_VERTEX_ENDPOINT": "Vertex AI API host or URL for every Vertex client, e.g. a Private Service Connect "
                               "endpoint (default: `<region>-aiplatform.googleapis.com`)",
     "FMNIST_VERTEX_TRANSPORT": "`grpc` (default) or `rest` for every Vertex client (VPC-SC setups that allow only HTTPS)",
+    "FMNIST_BUILD_REGION": "where Cloud Build runs: `global` (default) or a region new projects may build in, e.g. "
+                           "us-central1 or europe-west1 (images still go to `<FMNIST_REGION>-docker.pkg.dev`)",
 }
 BACKENDS = ("local", "vertex")
 ROLES = ("dev", "datasets", "models")
@@ -189,6 +191,18 @@ def vertex_transport(value: str | None) -> str | None:
         raise ConfigError(f"FMNIST_VERTEX_TRANSPORT={value!r} is not a transport; set it to grpc or rest")
     return value.lower()
 
+# %% ../nbs/00_config.ipynb #0216341e
+BUILD_REGIONS = ("global", "us-central1", "us-west2", "europe-west1", "asia-east1", "australia-southeast1",
+                 "southamerica-east1")  # where Cloud Build may run on new projects
+
+def build_region(value: str | None) -> str:
+    "FMNIST_BUILD_REGION checked against `BUILD_REGIONS`; `global` when unset."
+    if not value: return BUILD_REGIONS[0]
+    if value.lower() not in BUILD_REGIONS:
+        raise ConfigError(f"FMNIST_BUILD_REGION={value!r} is not a region where Cloud Build may run on new projects; "
+                          f"set it to one of {', '.join(BUILD_REGIONS[1:])}, or unset it for global")
+    return value.lower()
+
 # %% ../nbs/00_config.ipynb #af394628
 _ADC_FILE = "application_default_credentials.json"  # written by `gcloud auth application-default login`
 
@@ -228,7 +242,8 @@ def env_settings(env: Mapping[str, str]) -> dict[str, Any]:
             "data_dir": get("FMNIST_DATA_DIR"), "cache_dir": str(Path(get("FMNIST_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser()),
             "runs_dir": get("FMNIST_RUNS_DIR") or DEFAULT_RUNS_DIR, "credentials": credentials_summary(env),
             "vertex_endpoint": vertex_endpoint(get("FMNIST_VERTEX_ENDPOINT")),
-            "vertex_transport": vertex_transport(get("FMNIST_VERTEX_TRANSPORT"))}
+            "vertex_transport": vertex_transport(get("FMNIST_VERTEX_TRANSPORT")),
+            "build_region": build_region(get("FMNIST_BUILD_REGION"))}
 
 # %% ../nbs/00_config.ipynb #2193a46e
 @dataclass(frozen=True)
@@ -245,6 +260,7 @@ class Settings:
     credentials: str = "not looked up"   # `credentials_summary`: type, account, project; never a secret
     vertex_endpoint: str | None = None   # API host[:port] for every Vertex client (None: the region's)
     vertex_transport: str | None = None  # grpc | rest (None: the SDK's default, grpc)
+    build_region: str = "global"         # where Cloud Build runs (`BUILD_REGIONS`)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -282,12 +298,15 @@ def _no_credentials_problem() -> str:
     missing = f"; GOOGLE_APPLICATION_CREDENTIALS={var} names no file" if var and not Path(var).expanduser().is_file() else ""
     return f"no application-default credentials: {LOGIN_FIX}{missing}"
 
-def default_credentials(settings: Settings):  # its project becomes the credentials' quota project
-    "The application-default credentials (google-auth), or a ConfigError saying how to log in."
+def default_credentials(settings: Settings):  # its project becomes a user's quota project
+    "The application-default credentials (google-auth), user ones billing `settings.project`; or a ConfigError saying how to log in."
     import google.auth
+    import google.oauth2.credentials
     from google.auth.exceptions import DefaultCredentialsError
-    try: credentials, _ = google.auth.default(scopes=[CLOUD_SCOPE], quota_project_id=settings.project)
+    try: credentials, _ = google.auth.default(scopes=[CLOUD_SCOPE])
     except DefaultCredentialsError: raise ConfigError(_no_credentials_problem()) from None
+    if settings.project and isinstance(credentials, google.oauth2.credentials.Credentials):  # never a service account's
+        credentials = credentials.with_quota_project(settings.project)
     return credentials
 
 # %% ../nbs/00_config.ipynb #082704de

@@ -19,9 +19,17 @@ from .config import DEFAULT_MODEL, ConfigError, Settings, Store, write_bytes_ato
 from .training import Checkpoints, LocalTracker, TrainConfig, is_chief, parse_widths, train_and_export
 
 # %% auto #0
-__all__ = ['HP_METRIC', 'HP_METRIC_FILE', 'EPOCH_METRICS', 'FINAL_METRICS', 'add_config_flags', 'task_parser', 'parse_args',
-           'cluster_size', 'make_strategy', 'task_settings', 'report_hypertune_metric', 'experiment_tracker',
-           'epoch_logger', 'finish_tracking', 'main']
+__all__ = ['HP_METRIC', 'HP_METRIC_FILE', 'EPOCH_METRICS', 'FINAL_METRICS', 'whole_number', 'add_config_flags', 'task_parser',
+           'parse_args', 'cluster_size', 'make_strategy', 'task_settings', 'report_hypertune_metric',
+           'experiment_tracker', 'epoch_logger', 'finish_tracking', 'main']
+
+# %% ../nbs/task.ipynb #0b7f5ecc
+def whole_number(s: str) -> int:
+    "An argparse `type` for integer flags: `128` or `128.0` (as Vertex tuning sends it) is 128; `128.5` is refused."
+    try: v = float(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not v.is_integer(): raise argparse.ArgumentTypeError(f"{s} is not a whole number")
+    return int(v)
 
 # %% ../nbs/task.ipynb #ec9869ae
 def add_config_flags(p):  # an argparse parser or argument group
@@ -33,7 +41,7 @@ def add_config_flags(p):  # an argparse parser or argument group
         if hints[f.name] is bool: kw["action"] = argparse.BooleanOptionalAction
         elif get_origin(hints[f.name]) is tuple:  # a comma list; argparse parses a string default with `type` too
             kw |= {"type": parse_widths, "default": ",".join(map(str, f.default)), "help": kw["help"] + ", comma-separated"}
-        else: kw["type"] = hints[f.name]
+        else: kw["type"] = whole_number if hints[f.name] is int else hints[f.name]
         # Vertex hyperparameter tuning passes --batch_size=...; the spelling people type is --batch-size: both work
         p.add_argument(*dict.fromkeys(["--" + f.name.replace("_", "-"), "--" + f.name]), **kw)
 
@@ -44,14 +52,14 @@ def task_parser() -> argparse.ArgumentParser:
                                 description="Train the Fashion-MNIST CNN (reads AIP_MODEL_DIR, AIP_CHECKPOINT_DIR, "
                                 "AIP_TENSORBOARD_LOG_DIR and TF_CONFIG).")
     add_config_flags(p.add_argument_group("recipe (fmnist_gcp.training.TrainConfig)"))
-    p.add_argument("--max-shift", "--max_shift", type=int, default=None, help="augmentation: largest shift (default: the preprocessing record's)")
+    p.add_argument("--max-shift", "--max_shift", type=whole_number, default=None, help="augmentation: largest shift (default: the preprocessing record's)")
     p.add_argument("--erase-prob", "--erase_prob", type=float, default=None, help="augmentation: erase probability (default: the preprocessing record's)")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                    help="fit a temperature on the validation split and build it into the exported model")
     p.add_argument("--saved-model", action=argparse.BooleanOptionalAction, default=False,
                    help="also export a TensorFlow SavedModel (Vertex's prebuilt TF serving container)")
-    p.add_argument("--max-train-images", type=int, default=0, help="use the first N training images (0 for all)")
-    p.add_argument("--max-val-images", type=int, default=0, help="use the first N validation images (0 for all)")
+    p.add_argument("--max-train-images", type=whole_number, default=0, help="use the first N training images (0 for all)")
+    p.add_argument("--max-val-images", type=whole_number, default=0, help="use the first N validation images (0 for all)")
     p.add_argument("--model-dir", default=os.environ.get("AIP_MODEL_DIR"), help="where the model goes; $AIP_MODEL_DIR when set")
     p.add_argument("--checkpoint-dir", default=os.environ.get("AIP_CHECKPOINT_DIR"), help="checkpoints, one per epoch; $AIP_CHECKPOINT_DIR when set")
     p.add_argument("--tensorboard-dir", default=os.environ.get("AIP_TENSORBOARD_LOG_DIR"), help="TensorBoard logs; $AIP_TENSORBOARD_LOG_DIR when set")

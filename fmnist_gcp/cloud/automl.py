@@ -25,9 +25,10 @@ from .endpoints import png_instances
 
 # %% auto #0
 __all__ = ['ML_USE_LABEL', 'MIN_BUDGET', 'MAX_BUDGET', 'md5_base64', 'stored_md5', 'csv_rows', 'upload_automl_export',
-           'filter_splits', 'create_image_dataset', 'train_automl', 'evaluation_payload', 'confidence_curve',
-           'confusion_in_class_order', 'parse_evaluation', 'fetch_evaluation', 'save_vertex_evaluation',
-           'automl_probabilities', 'deploy_automl', 'predict_automl', 'vertex_parameter_spec', 'submit_tuning_job']
+           'filter_splits', 'create_image_dataset', 'check_budget', 'train_automl', 'evaluation_payload',
+           'confidence_curve', 'confusion_in_class_order', 'parse_evaluation', 'fetch_evaluation',
+           'save_vertex_evaluation', 'automl_probabilities', 'deploy_automl', 'predict_automl', 'vertex_parameter_spec',
+           'submit_tuning_job']
 
 # %% ../../nbs/cloud_automl.ipynb #278443d1
 def md5_base64(data: bytes) -> str:
@@ -103,7 +104,14 @@ def create_image_dataset(settings: Settings, csv_uri: str,  # gs:// URI of the i
                                           labels=dict(APP_LABELS), sync=True)
 
 # %% ../../nbs/cloud_automl.ipynb #cc67ad94
-MIN_BUDGET, MAX_BUDGET = 8_000, 800_000  # milli node hours Vertex accepts for AutoML image classification
+MIN_BUDGET, MAX_BUDGET = 8_000, 800_000  # milli node hours Vertex accepts for AutoML image classification (8 to 800 node hours)
+
+def check_budget(budget_milli_node_hours: int) -> int:
+    "`budget_milli_node_hours` when Vertex accepts it for AutoML image classification; a ValueError otherwise."
+    if not MIN_BUDGET <= budget_milli_node_hours <= MAX_BUDGET:
+        raise ValueError(f"budget_milli_node_hours must be {MIN_BUDGET:,}..{MAX_BUDGET:,} milli node hours "
+                         f"({MIN_BUDGET // 1000} to {MAX_BUDGET // 1000} node hours), not {budget_milli_node_hours:,}")
+    return budget_milli_node_hours
 
 def train_automl(settings: Settings, dataset,  # an aiplatform.ImageDataset
                  budget_milli_node_hours: int = MIN_BUDGET, display_name: str | None = None,
@@ -111,8 +119,7 @@ def train_automl(settings: Settings, dataset,  # an aiplatform.ImageDataset
     "Train an AutoML image classifier on `dataset` with the CSV's splits; returns the `aiplatform.Model`."
     from google.cloud import aiplatform
     s = settings.require_vertex("Vertex AutoML")
-    if not MIN_BUDGET <= budget_milli_node_hours <= MAX_BUDGET:
-        raise ValueError(f"budget_milli_node_hours must be {MIN_BUDGET:,}..{MAX_BUDGET:,} (1 to 100 node hours), not {budget_milli_node_hours:,}")
+    check_budget(budget_milli_node_hours)
     vertex_init(s)
     job = aiplatform.AutoMLImageTrainingJob(display_name=display_name or f"fmnist-automl-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}",
                                             prediction_type="classification", multi_label=False, model_type="CLOUD",
@@ -248,11 +255,11 @@ def submit_tuning_job(settings: Settings, image_uri: str,  # the training image
                       accelerator_type: str | None = None, accelerator_count: int = 0, log=print):
     "Submit a HyperparameterTuningJob whose trials run the training container over `space`; the job."
     from google.cloud import aiplatform
-    from fmnist_gcp.cloud.jobs import STAGING_FOLDER, job_name, require_service_account, worker_pool_specs
+    from fmnist_gcp.cloud.jobs import STAGING_FOLDER, job_env, job_name, require_service_account, worker_pool_specs
     s = settings.require_vertex("A Vertex AI tuning job")
     require_service_account(s, "A Vertex AI tuning job")
     name = display_name or job_name("fmnist-tune")
-    env = {"FMNIST_BACKEND": "vertex", "FMNIST_PROJECT": s.project, "FMNIST_REGION": s.region}
+    env = job_env(s)
     args = [*task_args, "--datasets-uri", s.datasets.root, "--model-name", "fmnist-tune", "--run-id", name]
     vertex_init(s, staging_bucket=s.dev.uri(STAGING_FOLDER))
     trial_job = aiplatform.CustomJob(display_name=f"{name}-trial", base_output_dir=s.models.uri("tuning-jobs", name),

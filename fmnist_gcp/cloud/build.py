@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import fmnist_gcp
-from ..config import ConfigError, Settings, is_local
+from ..config import ConfigError, Settings, default_credentials, is_local
 
 # %% auto #0
-__all__ = ['IMAGE_TARGETS', 'DEFAULT_TARGETS', 'DOCKERFILE', 'DOCKER_BUILDER', 'SOURCE_DIR', 'BUILD_TAG', 'source_root',
-           'git_tag', 'image_uris', 'dockerignore', 'context_files', 'source_tarball', 'upload_source',
-           'builder_account', 'build_config', 'submit_build', 'docker_build', 'build_images']
+__all__ = ['IMAGE_TARGETS', 'DEFAULT_TARGETS', 'DOCKERFILE', 'DOCKER_BUILDER', 'SOURCE_DIR', 'BUILD_TAG', 'QUEUE_MARGIN_S',
+           'CLOUD_BUILD_DEFAULT_TIMEOUT_S', 'source_root', 'git_tag', 'image_uris', 'dockerignore', 'context_files',
+           'source_tarball', 'upload_source', 'builder_account', 'build_config', 'build_wait_s', 'submit_build',
+           'docker_build', 'build_images']
 
 # %% ../../nbs/cloud_build.ipynb #ca485cd5
 IMAGE_TARGETS = ("train", "train-gpu", "serve")  # docker/Dockerfile's targets, one image each
@@ -136,13 +137,21 @@ def build_config(uris: Mapping[str, str],  # target -> image URI (`image_uris`)
             **({"service_account": service_account} if service_account else {})}
 
 # %% ../../nbs/cloud_build.ipynb #26993447
+QUEUE_MARGIN_S = 600  # seconds a build may wait in Cloud Build's queue before its own timeout starts
+CLOUD_BUILD_DEFAULT_TIMEOUT_S = 3600  # Cloud Build's timeout for a build that names none (60 minutes)
+
+def build_wait_s(build: dict) -> int:
+    "Seconds to wait for `build`: its own timeout (Cloud Build's default when it has none) plus the queue margin."
+    return int(build.get("timeout", {}).get("seconds", CLOUD_BUILD_DEFAULT_TIMEOUT_S)) + QUEUE_MARGIN_S
+
 def submit_build(settings: Settings, build: dict, wait: bool = True):
-    "Create `build` in Cloud Build (the settings' project and region); the finished Build, or the operation."
+    "Create `build` in Cloud Build (the settings' project, in `build_region`); the finished Build, or the operation."
     from google.cloud.devtools import cloudbuild_v1
     s = settings.require_vertex("Building images with Cloud Build")
-    op = cloudbuild_v1.CloudBuildClient().create_build(request={
-        "parent": f"projects/{s.project}/locations/{s.region}", "project_id": s.project, "build": cloudbuild_v1.Build(build)})
-    return op.result() if wait else op
+    client = cloudbuild_v1.CloudBuildClient(credentials=default_credentials(s))  # a user's bill the project
+    op = client.create_build(request={
+        "parent": f"projects/{s.project}/locations/{s.build_region}", "project_id": s.project, "build": cloudbuild_v1.Build(build)})
+    return op.result(timeout=build_wait_s(build)) if wait else op
 
 # %% ../../nbs/cloud_build.ipynb #a8c96840
 def docker_build(uris: Mapping[str, str], root: str | Path, push: bool = True, dockerfile: str = DOCKERFILE,

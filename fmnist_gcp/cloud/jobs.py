@@ -18,9 +18,19 @@ from .vertex import vertex_init
 
 # %% auto #0
 __all__ = ['TASK_MODULE', 'JOB_MODULE', 'STAGING_FOLDER', 'SERVICE_ACCOUNT_VAR', 'JOB_RUN_VAR', 'IMPORT_REQUIRED',
-           'worker_pool_specs', 'job_name', 'require_service_account', 'ensure_experiment', 'submit_custom_job',
-           'experiment_run_name', 'job_run_name', 'ExperimentRun', 'main', 'import_model_dir', 'job_model_dir',
-           'import_job_model']
+           'check_built_in_gpus', 'worker_pool_specs', 'job_name', 'job_env', 'require_service_account',
+           'ensure_experiment', 'check_experiment_replicas', 'submit_custom_job', 'experiment_run_name', 'job_run_name',
+           'ExperimentRun', 'main', 'import_model_dir', 'job_model_dir', 'import_job_model']
+
+# %% ../../nbs/cloud_jobs.ipynb #142bd6df
+_A2 = re.compile(r"a2-(?:highgpu|megagpu)-(\d+)g")  # A2 machines with built-in A100 (40 GB) GPUs
+
+def check_built_in_gpus(machine_type: str, accelerator_type: str | None, accelerator_count: int) -> None:
+    "A ConfigError unless an `a2-*-Ng` machine spec names its built-in N NVIDIA_TESLA_A100 (Vertex AI refuses it otherwise)."
+    m = _A2.fullmatch(machine_type)
+    if m and (accelerator_type, accelerator_count) != ("NVIDIA_TESLA_A100", int(m[1])):
+        raise ConfigError(f"{machine_type} carries {m[1]} NVIDIA_TESLA_A100: give --accelerator-type NVIDIA_TESLA_A100 "
+                          f"--accelerator-count {m[1]} (not {accelerator_type or 'none'} x {accelerator_count})")
 
 # %% ../../nbs/cloud_jobs.ipynb #419a8e9c
 TASK_MODULE = "fmnist_gcp.task"  # the training task, as a job without an experiment runs it
@@ -39,6 +49,7 @@ def worker_pool_specs(image_uri: str,  # training image, e.g. europe-docker.pkg.
     if workers < 0: raise ValueError(f"workers must be >= 0, not {workers}")
     if bool(accelerator_type) != bool(accelerator_count):
         raise ValueError("give accelerator_type and accelerator_count together (or neither)")
+    check_built_in_gpus(machine_type, accelerator_type, accelerator_count)
     machine = {"machine_type": machine_type}
     if accelerator_type: machine |= {"accelerator_type": accelerator_type, "accelerator_count": accelerator_count}
     container = {"image_uri": image_uri, "command": ["python", "-m", module], "args": list(args),
@@ -52,6 +63,15 @@ STAGING_FOLDER = "staging"  # dev store folder the Vertex SDK stages into
 def job_name(prefix: str = "fmnist-train") -> str:
     "A display name with a UTC time stamp, valid for Vertex resources."
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+# %% ../../nbs/cloud_jobs.ipynb #b689d8c0
+def job_env(settings: Settings) -> dict[str, str]:
+    "Environment of a job's container: the backend, project and region, and the Vertex endpoint and transport when set."
+    s = settings.require_vertex("A Vertex AI job")
+    env = {"FMNIST_BACKEND": "vertex", "FMNIST_PROJECT": s.project, "FMNIST_REGION": s.region}
+    if s.vertex_endpoint: env["FMNIST_VERTEX_ENDPOINT"] = s.vertex_endpoint
+    if s.vertex_transport: env["FMNIST_VERTEX_TRANSPORT"] = s.vertex_transport
+    return env
 
 # %% ../../nbs/cloud_jobs.ipynb #a73009df
 SERVICE_ACCOUNT_VAR = "FMNIST_SERVICE_ACCOUNT"
@@ -78,6 +98,15 @@ def ensure_experiment(settings: Settings,
     name = experiment_run_name(run)
     return exp, (aiplatform.ExperimentRun.get(name, experiment=exp) or aiplatform.ExperimentRun.create(name, experiment=exp))
 
+# %% ../../nbs/cloud_jobs.ipynb #1f723ff7
+def check_experiment_replicas(experiment: str | None,  # the Vertex AI experiment asked for, if any
+                              replicas: int,  # machines in the job, all pools together
+                              ) -> None:
+    "A ConfigError when an experiment is asked for on more than one machine."
+    if experiment and replicas > 1:
+        raise ConfigError(f"Vertex AI Experiments cannot track a multi-worker job ({replicas} replicas): drop --experiment or train "
+                          "on one machine (--workers 0)")
+
 # %% ../../nbs/cloud_jobs.ipynb #6b62acf2
 def submit_custom_job(settings: Settings,
                       image_uri: str,  # training image in Artifact Registry
@@ -93,13 +122,14 @@ def submit_custom_job(settings: Settings,
     from google.cloud import aiplatform
     s = settings.require_vertex("Submitting a Vertex AI job")
     if experiment_run and not experiment: raise ValueError("experiment_run needs an experiment: give --experiment too")
+    check_experiment_replicas(experiment, 1 + workers)
     name = display_name or job_name()
     base = s.models.uri("custom-jobs", name)
     exp, run = ensure_experiment(s, experiment, experiment_run) if experiment else (None, None)
     args = [*task_args, "--datasets-uri", s.datasets.root]
     if exp: args += ["--experiment", experiment] + (["--experiment-run", run.name] if run else []) + \
                     (["--experiment-tensorboard", experiment_tensorboard] if experiment_tensorboard else [])
-    env = {"FMNIST_BACKEND": "vertex", "FMNIST_PROJECT": s.project, "FMNIST_REGION": s.region}
+    env = job_env(s)
     vertex_init(s, staging_bucket=s.dev.uri(STAGING_FOLDER),
                     service_account=s.service_account)
     job = aiplatform.CustomJob(display_name=name, base_output_dir=base, staging_bucket=s.dev.uri(STAGING_FOLDER),

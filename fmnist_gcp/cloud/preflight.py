@@ -17,9 +17,10 @@ from ..config import CLOUD_SCOPE, LOGIN_FIX, ConfigError, Settings, default_cred
 from .vertex import vertex_client_options
 
 # %% auto #0
-__all__ = ['APPLY_FIX', 'QUOTAS_CONSOLE', 'APIS', 'VERTEX_API', 'CPU_QUOTAS', 'GPU_QUOTAS', 'MACHINES', 'PreflightError',
-           'check_credentials', 'Clients', 'api_problem', 'check_project', 'check_region', 'check_bucket',
-           'check_service_account', 'repository_name', 'check_repository', 'job_quotas', 'quota_info_name',
+__all__ = ['APPLY_FIX', 'QUOTAS_CONSOLE', 'APIS', 'REACH_TIMEOUT_S', 'VERTEX_API', 'CPU_QUOTAS', 'GPU_QUOTAS', 'MACHINES',
+           'PreflightError', 'check_credentials', 'Clients', 'api_problem', 'Unreachable', 'out_of_reach',
+           'unreachable', 'reach_limits', 'check_project', 'check_region', 'check_bucket', 'check_service_account',
+           'repository_name', 'check_repository', 'job_quotas', 'quota_infos_parent', 'vertex_quota_infos',
            'region_limits', 'check_quota', 'preflight', 'cloud_preflight']
 
 # %% ../../nbs/cloud_preflight.ipynb #704cfa23
@@ -39,7 +40,7 @@ class PreflightError(ValueError):
         super().__init__("\n".join(self.problems))
 
 # %% ../../nbs/cloud_preflight.ipynb #87360ef5
-def check_credentials(settings: Settings):  # its project becomes the credentials' quota project
+def check_credentials(settings: Settings):  # its project becomes a user's quota project (not a service account's)
     "The application-default credentials (`config.default_credentials`), or a PreflightError saying how to log in."
     try: return default_credentials(settings)
     except ConfigError as e: raise PreflightError([str(e)]) from None
@@ -76,12 +77,38 @@ def api_problem(e: Exception,  # a `google.api_core.exceptions.GoogleAPICallErro
         return f"{what}: these credentials may not read it ({getattr(e, 'message', text)}): ask a project owner for access, or {APPLY_FIX} as one"
     return f"{what}: {type(e).__name__}: {getattr(e, 'message', text)}"
 
+# %% ../../nbs/cloud_preflight.ipynb #8486c66c
+REACH_TIMEOUT_S = 20.0  # seconds a check keeps retrying an unreachable Google API before it says so
+
+class Unreachable(PreflightError):
+    "Google Cloud could not be reached: the checks after this one would only wait as long."
+
+def out_of_reach() -> tuple[type, ...]:
+    "The errors that mean Google was not reached: api-core's retries ran out, or a transport failed."
+    import requests
+    from google.api_core.exceptions import RetryError
+    from google.auth.exceptions import TransportError
+    return (RetryError, TransportError, requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+
+def unreachable(e: Exception, what: str, api: str) -> Unreachable:
+    "One problem line for `e` from `out_of_reach()`: what was checked, which API could not be reached, what to check."
+    cause = getattr(e, "cause", None) or e  # a RetryError carries the last error it retried
+    detail = (str(getattr(cause, "message", "") or cause).splitlines() or [""])[0][:200]
+    return Unreachable([f"{what}: {api} could not be reached ({type(cause).__name__}: {detail}): check the network, "
+                        "a proxy or FMNIST_VERTEX_ENDPOINT, or skip this check with --no-check"])
+
+def reach_limits() -> dict:
+    "`retry` and `timeout` for a gapic call: give up on an unreachable API after `REACH_TIMEOUT_S`."
+    from google.api_core.retry import Retry
+    return {"retry": Retry(timeout=REACH_TIMEOUT_S), "timeout": REACH_TIMEOUT_S}
+
 # %% ../../nbs/cloud_preflight.ipynb #a31eabf6
 def check_project(client,  # `resourcemanager_v3.ProjectsClient`
                   project: str) -> str:
     "'project ... is active', or a PreflightError."
     from google.api_core import exceptions as gexc
-    try: p = client.get_project(name=f"projects/{project}")
+    try: p = client.get_project(name=f"projects/{project}", **reach_limits())
+    except out_of_reach() as e: raise unreachable(e, f"project {project}", APIS["project"]) from None
     except (gexc.NotFound, gexc.PermissionDenied) as e:
         if "SERVICE_DISABLED" in str(e): raise PreflightError([api_problem(e, f"project {project}", APIS["project"], project)])
         raise PreflightError([f"project {project} does not exist or these credentials cannot see it: check FMNIST_PROJECT "
@@ -96,7 +123,8 @@ def check_region(client,  # a Vertex AI client on the region's endpoint (`Client
     "'region ... serves Vertex AI', or a PreflightError."
     from google.api_core import exceptions as gexc
     what = f"region {region}"
-    try: client.get_location(request={"name": f"projects/{project}/locations/{region}"})
+    try: client.get_location(request={"name": f"projects/{project}/locations/{region}"}, **reach_limits())
+    except out_of_reach() as e: raise unreachable(e, what, APIS["region"]) from None
     except (gexc.NotFound, gexc.InvalidArgument, gexc.ServiceUnavailable) as e:
         if "SERVICE_DISABLED" in str(e): raise PreflightError([api_problem(e, what, APIS["region"], project)])
         raise PreflightError([f"{what} is not a Vertex AI region (or it could not be reached): set FMNIST_REGION to one listed at "
@@ -123,6 +151,7 @@ def check_bucket(client,  # `google.cloud.storage.Client`
         raise PreflightError([f"{what} is not writable with these credentials ({e.message}): "
                               f"{APPLY_FIX} to grant roles/storage.objectUser on it, or ask its owner"]) from None
     except gexc.GoogleAPICallError as e: raise PreflightError([api_problem(e, what, APIS["bucket"], project)])
+    except out_of_reach() as e: raise unreachable(e, what, APIS["bucket"]) from None
     return f"{uri} exists and is writable"
 
 # %% ../../nbs/cloud_preflight.ipynb #fc8ad687
@@ -131,7 +160,8 @@ def check_service_account(client,  # `iam_admin_v1.IAMClient`
     "'service account ... exists', or a PreflightError."
     from google.api_core import exceptions as gexc
     what = f"service account {email}"
-    try: client.get_service_account(name=f"projects/{project}/serviceAccounts/{email}")
+    try: client.get_service_account(name=f"projects/{project}/serviceAccounts/{email}", **reach_limits())
+    except out_of_reach() as e: raise unreachable(e, what, APIS["service_account"]) from None
     except gexc.NotFound: raise PreflightError([f"{what} does not exist: {APPLY_FIX} (or set FMNIST_SERVICE_ACCOUNT to an existing one)"]) from None
     except gexc.GoogleAPICallError as e: raise PreflightError([api_problem(e, what, APIS["service_account"], project)])
     return f"{what} exists"
@@ -146,20 +176,19 @@ def check_repository(client,  # `artifactregistry_v1.ArtifactRegistryClient`
     "'image repository ... exists', or a PreflightError."
     from google.api_core import exceptions as gexc
     what = f"image repository {region}-docker.pkg.dev/{project}/{repository}"
-    try: client.get_repository(name=repository_name(project, region, repository))
+    try: client.get_repository(name=repository_name(project, region, repository), **reach_limits())
+    except out_of_reach() as e: raise unreachable(e, what, APIS["repository"]) from None
     except gexc.NotFound: raise PreflightError([f"{what} does not exist: {APPLY_FIX}"]) from None
     except gexc.GoogleAPICallError as e: raise PreflightError([api_problem(e, what, APIS["repository"], project)])
     return f"{what} exists"
 
 # %% ../../nbs/cloud_preflight.ipynb #014a2c8f
 VERTEX_API = "aiplatform.googleapis.com"  # the service Vertex AI's quotas belong to
-CPU_QUOTAS = {"n1": "CustomModelTrainingCPUsPerProjectPerRegion",  # N1 and E2 share one vCPU quota
-              "e2": "CustomModelTrainingCPUsPerProjectPerRegion",
-              "a2": "CustomModelTrainingA2CPUsPerProjectPerRegion"}
-GPU_QUOTAS = {"NVIDIA_TESLA_T4": "CustomModelTrainingNVIDIAT4GPUsPerProjectPerRegion",
-              "NVIDIA_TESLA_V100": "CustomModelTrainingNVIDIAV100GPUsPerProjectPerRegion",
-              "NVIDIA_TESLA_A100": "CustomModelTrainingNVIDIAA100GPUsPerProjectPerRegion",
-              "NVIDIA_L4": "CustomModelTrainingNVIDIAL4GPUsPerProjectPerRegion"}
+_M = f"{VERTEX_API}/custom_model_training_"  # the metrics of Vertex AI's custom-training quotas
+CPU_QUOTAS = {"n1": f"{_M}cpus", "e2": f"{_M}cpus",  # N1 and E2 share one vCPU quota: machine family -> metric
+              "a2": f"{_M}a2_cpus"}
+GPU_QUOTAS = {"NVIDIA_TESLA_T4": f"{_M}nvidia_t4_gpus", "NVIDIA_TESLA_V100": f"{_M}nvidia_v100_gpus",  # accelerator -> metric
+              "NVIDIA_TESLA_A100": f"{_M}nvidia_a100_gpus", "NVIDIA_L4": f"{_M}nvidia_l4_gpus"}
 MACHINES: dict[str, tuple[int, int]] = {  # machine type -> (vCPUs, built-in A100 GPUs)
     **{f"n1-standard-{n}": (n, 0) for n in (1, 2, 4, 8, 16, 32, 64, 96)},
     **{f"n1-highmem-{n}": (n, 0) for n in (2, 4, 8, 16, 32, 64, 96)},
@@ -171,23 +200,37 @@ def job_quotas(machine_type: str,  # e.g. n1-standard-8
                accelerator_type: str | None = None,  # e.g. NVIDIA_TESLA_T4
                accelerator_count: int = 0,  # per replica
                replicas: int = 1,  # machines of this type in the job
-               ) -> dict[str, int]:  # quota id -> amount the job needs
+               ) -> dict[str, int]:  # quota metric -> amount the job needs
     "The Vertex AI custom-training quotas a job of `replicas` machines uses, and how much of each."
     if machine_type not in MACHINES:
         raise ValueError(f"machine type {machine_type!r} is not in the quota table; use one of the n1-standard-*, "
                          "n1-highmem-*, e2-standard-* or a2-highgpu-* types (fmnist_gcp.cloud.preflight.MACHINES), or skip the quota check with --no-check")
     if accelerator_type and accelerator_type not in GPU_QUOTAS:
         raise ValueError(f"accelerator {accelerator_type!r} is not in the quota table; use one of {', '.join(GPU_QUOTAS)}")
-    cpus, a100s = MACHINES[machine_type]
+    from fmnist_gcp.cloud.jobs import check_built_in_gpus
+    check_built_in_gpus(machine_type, accelerator_type, accelerator_count)  # an A2 spec names its A100s
+    cpus, _ = MACHINES[machine_type]
     need = {CPU_QUOTAS[machine_type.split("-")[0]]: cpus * replicas}
-    gpus = {"NVIDIA_TESLA_A100": a100s} if a100s else {accelerator_type: accelerator_count} if accelerator_type and accelerator_count else {}
-    for gpu, n in gpus.items(): need[GPU_QUOTAS[gpu]] = need.get(GPU_QUOTAS[gpu], 0) + n * replicas
+    if accelerator_type and accelerator_count: need[GPU_QUOTAS[accelerator_type]] = accelerator_count * replicas
     return need
 
 # %% ../../nbs/cloud_preflight.ipynb #3e6d1c1b
-def quota_info_name(project: str, quota_id: str, service: str = VERTEX_API) -> str:
-    "Cloud Quotas resource name of a quota's info (quota infos live in location `global`)."
-    return f"projects/{project}/locations/global/services/{service}/quotaInfos/{quota_id}"
+def quota_infos_parent(project: str, service: str = VERTEX_API) -> str:
+    "Where Cloud Quotas lists a service's quota infos (they live in location `global`)."
+    return f"projects/{project}/locations/global/services/{service}"
+
+def vertex_quota_infos(client,  # `cloudquotas_v1.CloudQuotasClient`
+                       project: str) -> dict[str, object]:  # metric -> `cloudquotas_v1.QuotaInfo`
+    "Every Vertex AI quota of `project` from one (paged) list, by metric; the per-region quota where a metric has several."
+    from google.api_core import exceptions as gexc
+    what = f"Vertex AI quotas of project {project}"
+    try: infos = list(client.list_quota_infos(parent=quota_infos_parent(project), **reach_limits()))
+    except out_of_reach() as e: raise unreachable(e, what, APIS["quota"]) from None
+    except gexc.GoogleAPICallError as e: raise PreflightError([api_problem(e, what, APIS["quota"], project)])
+    out: dict[str, object] = {}
+    for i in infos:
+        if i.metric not in out or ("region" in i.dimensions and "region" not in out[i.metric].dimensions): out[i.metric] = i
+    return out
 
 def region_limits(info) -> dict[str, int]:  # region -> limit (-1: unlimited)
     "The limit in each region a `cloudquotas_v1.QuotaInfo` names, the most specific entry winning."
@@ -198,35 +241,35 @@ def region_limits(info) -> dict[str, int]:  # region -> limit (-1: unlimited)
     return out
 
 # %% ../../nbs/cloud_preflight.ipynb #3d835669
-def check_quota(client,  # `cloudquotas_v1.CloudQuotasClient`
+def check_quota(infos: dict,  # `vertex_quota_infos`: metric -> QuotaInfo
                 project: str, region: str,
-                quota_id: str,  # e.g. CustomModelTrainingCPUsPerProjectPerRegion
+                metric: str,  # e.g. aiplatform.googleapis.com/custom_model_training_cpus
                 need: int,  # what the job uses
                 ) -> str:
-    "'quota ...: need N of L in REGION', or a PreflightError naming the shortfall and how to get more."
-    from google.api_core import exceptions as gexc
-    try: info = client.get_quota_info(name=quota_info_name(project, quota_id))
-    except gexc.GoogleAPICallError as e: raise PreflightError([api_problem(e, f"Vertex AI quota {quota_id}", APIS["quota"], project)])
-    limits = region_limits(info)
+    "'quota ...: the job needs N, the limit in REGION is L', or a PreflightError naming the shortfall and how to get more."
+    info = infos.get(metric)
+    if info is None: return f"quota {metric}: Cloud Quotas lists no such quota for project {project}; not checked"
+    quota_id, limits = info.quota_id, region_limits(info)
     fits = lambda v: v < 0 or v >= need
     limit = limits.get(region, 0)
     if fits(limit): return f"quota {quota_id}: the job needs {need}, the limit in {region} is {'unlimited' if limit < 0 else limit}"
     where = ", ".join(sorted(r for r, v in limits.items() if fits(v))) or "no region"
     ask = info.service_request_quota_uri or f"{QUOTAS_CONSOLE}?project={project}&service={VERTEX_API}"
-    raise PreflightError([f"Vertex AI quota {quota_id} ({info.quota_display_name or quota_id}) in {region} is {limit}, the job needs {need}; "
+    raise PreflightError([f"Vertex AI quota {quota_id} ({info.quota_display_name or quota_id}): the limit in {region} is {limit}, the job needs {need}; "
                           f"it is enough in: {where}: request more at {ask} or `gcloud beta quotas preferences create "
                           f"--service={VERTEX_API} --quota-id={quota_id} --preferred-value={need} --dimensions=region={region} "
                           f"--project={project} --email=YOU`, or set FMNIST_REGION to a region where it is enough"])
 
 # %% ../../nbs/cloud_preflight.ipynb #662d73e4
 def _run_checks(checks: list[Callable[[], str]]) -> list[str]:
-    from google.auth.exceptions import RefreshError, TransportError
+    from google.auth.exceptions import RefreshError
     passed, problems = [], []
     for check in checks:
         try: passed.append(check())
+        except Unreachable as e: problems += e.problems; break  # the checks after it would only wait as long
         except PreflightError as e: problems += e.problems
         except RefreshError as e: problems.append(f"application-default credentials could not be refreshed ({e}): {LOGIN_FIX}")
-        except TransportError as e: problems.append(f"Google Cloud could not be reached ({e}): check the network, or skip this check with --no-check")
+        except out_of_reach() as e: problems += unreachable(e, "Google Cloud", "a Google API").problems; break
         except ImportError as e: problems.append(f"{e}: install the Google Cloud client libraries this package depends on (`pip install -e .`)")
     if problems: raise PreflightError(problems)
     return passed
@@ -243,12 +286,14 @@ def preflight(settings: Settings,  # the vertex backend's settings
     need = job_quotas(machine_type, accelerator_type, accelerator_count, replicas) if machine_type else {}
     creds = check_credentials(s)
     c = Clients(s, creds)
+    from functools import cache
+    infos = cache(lambda: vertex_quota_infos(c.quotas(), s.project))  # one list for every quota checked
     checks = [lambda: "application-default credentials found", lambda: check_project(c.projects(), s.project),
               lambda: check_region(c.vertex(), s.project, s.region),
               *[lambda u=u: check_bucket(c.storage(), u) for u in dict.fromkeys(s.buckets.values())],
               *([lambda: check_service_account(c.iam(), s.project, s.service_account)] if s.service_account else []),
               lambda: check_repository(c.registry(), s.project, s.region, repository),
-              *[lambda q=q, n=n: check_quota(c.quotas(), s.project, s.region, q, n) for q, n in need.items()]]
+              *[lambda m=m, n=n: check_quota(infos(), s.project, s.region, m, n) for m, n in need.items()]]
     return _run_checks(checks)
 
 # %% ../../nbs/cloud_preflight.ipynb #cf1ight1

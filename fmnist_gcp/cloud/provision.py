@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-from ..config import APP_LABELS, ROLES as STORES, Settings, store_uris
+from ..config import APP_LABELS, ROLES as STORES, Settings, default_credentials, store_uris
 
 # %% auto #0
 __all__ = ['RUNNER', 'BUILDER', 'SUBMITTER', 'BUILD_SOURCE_STORE', 'SCOPES', 'IAM_ROLES', 'BASIC_ROLES', 'STORAGE_API', 'IAM_API',
@@ -346,10 +346,10 @@ def storage_client(project: str, credentials=None):  # credentials: None for app
     from google.cloud import storage
     return storage.Client(project=project, credentials=credentials)
 
-def service_usage_client():
+def service_usage_client(credentials=None):
     "google-cloud-service-usage client."
     from google.cloud import service_usage_v1
-    return service_usage_v1.ServiceUsageClient()
+    return service_usage_v1.ServiceUsageClient(credentials=credentials)
 
 def iam_client(credentials=None):
     "google-cloud-iam admin client (service accounts and their IAM policy)."
@@ -373,9 +373,11 @@ class Clients:
 
     @classmethod
     def connect(cls, settings: Settings) -> "Clients":
-        "One client per service, with the application-default credentials."
+        "One client per service, all with the one `config.default_credentials` (a user's bill the project)."
         project, _ = project_and_region(settings)
-        return cls(storage_client(project), service_usage_client(), iam_client(), projects_client(), registry_client())
+        creds = default_credentials(settings)
+        return cls(storage_client(project, creds), service_usage_client(creds), iam_client(creds), projects_client(creds),
+                   registry_client(creds))
 
     def gapic(self, scope: str):
         "The client whose get/set_iam_policy serves `scope` (not buckets: those go through storage)."

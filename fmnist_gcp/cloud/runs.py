@@ -43,10 +43,10 @@ class CloudRunError(ValueError):
 
 # %% ../../nbs/cloud_runs.ipynb #51bbdccf
 def run_env(settings: Settings) -> dict[str, str]:
-    "Environment of the job's container: the backend, project, region, the three stores and a local runs folder."
+    "Environment of the job's container: `jobs.job_env`, the three stores and a local runs folder."
     s = settings.require_vertex("Running the pipeline on Vertex AI")
-    env = {"FMNIST_BACKEND": "vertex", "FMNIST_PROJECT": s.project, "FMNIST_REGION": s.region,
-           **{BUCKET_VARS[r]: s.buckets[r] for r in ROLES}, "FMNIST_RUNS_DIR": CONTAINER_RUNS_DIR}
+    from fmnist_gcp.cloud.jobs import job_env  # with the Vertex endpoint and transport when set
+    env = {**job_env(s), **{BUCKET_VARS[r]: s.buckets[r] for r in ROLES}, "FMNIST_RUNS_DIR": CONTAINER_RUNS_DIR}
     return env | ({"FMNIST_SERVICE_ACCOUNT": s.service_account} if s.service_account else {})
 
 # %% ../../nbs/cloud_runs.ipynb #7dea9e25
@@ -115,6 +115,8 @@ def submit_run(settings: Settings, spec: dict,
     from google.cloud import aiplatform
     s = settings.require_vertex("Submitting a run to Vertex AI")
     js = spec["job_spec"]
+    from fmnist_gcp.cloud.jobs import check_experiment_replicas
+    check_experiment_replicas(experiment, sum(p.get("replica_count", 1) for p in js["worker_pool_specs"]))
     exp = ensure_experiment(s, experiment)[0] if experiment else None
     vertex_init(s)
     job = aiplatform.CustomJob(display_name=spec["display_name"], worker_pool_specs=js["worker_pool_specs"],

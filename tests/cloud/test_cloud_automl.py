@@ -101,8 +101,21 @@ def test_automl_training_uses_the_csv_splits_and_the_budget(vertex, pipelines):
         f"labels.aiplatform.googleapis.com/ml_use={ML_USE[s]}" for s in ("train", "val", "test"))
     assert tp.model_to_upload.display_name == VERTEX_AUTOML_MODEL and tp.model_to_upload.labels["app"] == "fmnist-gcp"
     assert model.resource_name == f"{LOC}/models/77"
-    with pytest.raises(ValueError, match="8,000..800,000"):
-        train_automl(vertex, ds, budget_milli_node_hours=500)
+    for bad in (500, 7_999, 800_001):
+        with pytest.raises(ValueError, match=r"8,000\.\.800,000 milli node hours \(8 to 800 node hours\)"):
+            train_automl(vertex, ds, budget_milli_node_hours=bad)
+    assert len(pipelines["create"]) == 1  # refused before anything was sent
+
+
+def test_budget_texts_state_8000_milli_node_hours_as_8_node_hours():
+    "No text calls 8,000 milli node hours one node hour: it is 8, the minimum for image classification."
+    import json, pathlib, re
+    root = pathlib.Path(__file__).parents[2]
+    texts = {p: "".join("".join(c["source"]) for c in json.loads(p.read_text())["cells"]) for p in (root / "nbs").glob("*.ipynb")}
+    texts |= {p: p.read_text() for p in (root / "fmnist_gcp").rglob("*.py")}
+    wrong = [str(p.relative_to(root)) for p, t in texts.items()
+             if re.search(r"(8,?000\D{0,20}(one|1) node hour)|(1 to 100 node hours)", t, re.I)]
+    assert wrong == []
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +225,60 @@ def test_upload_to_the_bucket_skips_objects_already_there(gcs_emulator, monkeypa
         third = upload_automl_export(src, dest, log=lambda *a: None)
     assert (third["uploaded"], third["skipped"]) == (1, 29) and len(sends) == 1 and sends[0][0].endswith(rels[3])
     assert dest.read_bytes(rels[3]) == png_bytes(255 - imgs[3])
+
+
+
+def vertex_trial_args(spec: dict) -> list[tuple[str, str, str]]:
+    "(parameter id, value kind, `--id=value` string) of values Vertex gives trials, each kind spelt as Vertex spells it."
+    out = []
+    for pid, s in spec.items():
+        p = s._to_parameter_spec(pid)
+        kind = p._pb.WhichOneof("parameter_value_spec")
+        if kind == "double_value_spec":  # a double: its shortest repr, e.g. 0.0031622776601683794
+            lo, hi = p.double_value_spec.min_value, p.double_value_spec.max_value
+            vals = [lo, (lo * hi) ** 0.5, hi]
+        elif kind == "integer_value_spec": vals = sorted({p.integer_value_spec.min_value, p.integer_value_spec.max_value})
+        elif kind == "discrete_value_spec": vals = list(p.discrete_value_spec.values)  # floats, sent as 128.0
+        else: vals = list(p.categorical_value_spec.values)
+        out += [(pid, kind, f"--{pid}={v!r}" if isinstance(v, float) else f"--{pid}={v}") for v in vals]
+    return out
+
+
+def test_task_parses_every_value_vertex_sends_for_the_real_search_space():
+    from fmnist_gcp.automl import search_space
+    from fmnist_gcp.cloud.automl import vertex_parameter_spec
+    from fmnist_gcp.task import task_parser
+    args = vertex_trial_args(vertex_parameter_spec(search_space(), log=lambda *a: None))
+    assert {k for _, k, _ in args} == {"double_value_spec", "integer_value_spec", "discrete_value_spec", "categorical_value_spec"}
+    assert "--batch_size=128.0" in [a for *_, a in args] and "--convs=1" in [a for *_, a in args]
+    for pid, kind, a in args:
+        value, got = a.split("=", 1)[1], getattr(task_parser().parse_args([a]), pid)
+        if kind == "categorical_value_spec": assert got == tuple(int(w) for w in value.split(",")), a
+        elif kind == "double_value_spec": assert type(got) is float and got == float(value), a
+        else: assert type(got) is int and got == float(value), a  # integer and discrete: the task's int flags
+
+
+def test_task_refuses_a_fractional_value_for_an_integer_flag(capsys):
+    from fmnist_gcp.task import task_parser
+    with pytest.raises(SystemExit) as e: task_parser().parse_args(["--batch_size=128.5"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--batch-size/--batch_size: 128.5 is not a whole number" in err, err
+
+
+def test_tuning_trials_get_the_private_endpoint_and_transport_when_set(monkeypatch, anonymous):
+    from google.cloud.aiplatform.compat.services import job_service_client
+    from google.cloud.aiplatform.compat.types import hyperparameter_tuning_job as gca_hpt, job_state
+    from fmnist_gcp.automl import search_space
+    from fmnist_gcp.cloud.automl import submit_tuning_job
+    monkeypatch.setenv("NO_GCE_CHECK", "True"); monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:1")
+    sent = []
+    def create(self, parent, hyperparameter_tuning_job, **kw):
+        sent.append(hyperparameter_tuning_job)
+        return gca_hpt.HyperparameterTuningJob(hyperparameter_tuning_job, name=f"{LOC}/hyperparameterTuningJobs/31",
+                                               state=job_state.JobState.JOB_STATE_RUNNING)
+    monkeypatch.setattr(job_service_client.JobServiceClient, "create_hyperparameter_tuning_job", create)
+    s = Settings.from_env({**VERTEX_ENV, "FMNIST_VERTEX_ENDPOINT": "vertex-psc.p.googleapis.com", "FMNIST_VERTEX_TRANSPORT": "rest"})
+    submit_tuning_job(s, "img:1", search_space(), display_name="t", log=lambda *a: None)
+    (pool,) = sent[0].trial_job_spec.worker_pool_specs
+    env = {e.name: e.value for e in pool.container_spec.env}
+    assert (env["FMNIST_VERTEX_ENDPOINT"], env["FMNIST_VERTEX_TRANSPORT"]) == ("vertex-psc.p.googleapis.com", "rest")

@@ -15,11 +15,14 @@ def recorded_builds(monkeypatch, anonymous):
     "CloudBuildClient.create_build records its requests and returns an operation that has finished."
     from google.cloud.devtools import cloudbuild_v1
     monkeypatch.setenv("NO_GCE_CHECK", "True"); monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:1")
-    sent = []
+    class Sent(list): waits: list = []
+    sent = Sent()
 
     class Done:
-        def __init__(self, build): self.build = build
-        def result(self, *a, **k): return cloudbuild_v1.Build(id="b-1", status="SUCCESS", images=self.build.images)
+        def __init__(self, build): self.build, self.waits = build, []
+        def result(self, timeout=None, **k):  # api-core's Operation.result: timeout is the polling deadline (900 s if None)
+            self.waits.append(timeout); sent.waits = self.waits
+            return cloudbuild_v1.Build(id="b-1", status="SUCCESS", images=self.build.images)
 
     def create_build(self, request=None, **kw):
         sent.append(cloudbuild_v1.CreateBuildRequest(request))
@@ -37,7 +40,7 @@ def test_build_uploads_the_context_to_the_dev_bucket_and_builds_each_target(gcs_
     assert uris == {t: f"europe-west4-docker.pkg.dev/acme-ml/fmnist/{t}:{tag}" for t in ("train", "train-gpu", "serve")}
 
     (req,) = recorded_builds
-    assert req.parent == "projects/acme-ml/locations/europe-west4" and req.project_id == "acme-ml"
+    assert req.parent == "projects/acme-ml/locations/global" and req.project_id == "acme-ml"  # FMNIST_BUILD_REGION's default
     b = req.build
     assert (b.source.storage_source.bucket, b.source.storage_source.object_) == ("fmnist-test", f"build-dev/cloudbuild/source/{tag}.tgz")
     assert [(st.id, st.name, list(st.args)) for st in b.steps] == [
@@ -61,3 +64,23 @@ def test_a_local_dev_store_cannot_feed_cloud_build(fmnist_env, recorded_builds):
     with pytest.raises(ConfigError, match="or build with --local"):
         build_images(s, ["serve"], tag="t", log=lambda *a: None)
     assert recorded_builds == []
+
+
+def test_cloud_build_runs_in_the_build_region_and_waits_as_long_as_the_build_may_run(monkeypatch, recorded_builds):
+    "Many new projects may build only in six regions or `global`; op.result() alone gives up after 15 minutes."
+    from fmnist_gcp.cloud.build import build_config, submit_build
+    uris = {"train-gpu": "europe-west4-docker.pkg.dev/acme-ml/fmnist/train-gpu:t"}
+    build = build_config(uris, "gs://acme-ml-fmnist-dev/build/t.tgz", timeout_s=5400)
+    for env, location in (({}, "global"), ({"FMNIST_BUILD_REGION": "us-central1"}, "us-central1")):
+        submit_build(Settings.from_env({**VERTEX_ENV, **env}), build)
+        assert recorded_builds[-1].parent == f"projects/acme-ml/locations/{location}"
+        assert list(recorded_builds[-1].build.images) == list(uris.values())  # images still go to the region's registry
+        (wait,) = recorded_builds.waits
+        assert wait is not None and wait >= 5400 + 60  # the build's own timeout and a margin for its queue, not 900 s
+
+
+def test_a_build_region_cloud_build_may_refuse_is_a_config_error():
+    from fmnist_gcp.config import ConfigError
+    with pytest.raises(ConfigError, match="FMNIST_BUILD_REGION='europe-west4'.*us-central1.*global"):
+        Settings.from_env({**VERTEX_ENV, "FMNIST_BUILD_REGION": "europe-west4"})
+    assert Settings.from_env({**VERTEX_ENV, "FMNIST_BUILD_REGION": "Europe-West1"}).build_region == "europe-west1"

@@ -170,3 +170,33 @@ def test_task_resumes_the_run_vertex_made_for_the_job(anonymous, monkeypatch):
     with mock.patch.multiple(aiplatform, init=mock.DEFAULT, start_run=mock.DEFAULT, autospec=True) as m:
         ExperimentRun(Settings.from_env(VERTEX_ENV), "fmnist-custom", "ignored")
     m["start_run"].assert_called_once_with("j1-run", resume=True)
+
+
+def test_an_experiment_with_more_than_one_worker_is_refused_before_anything_is_sent(metadata):
+    "Vertex AI Experiments cannot be combined with multi-worker jobs (Google's docs): say so before submitting."
+    from fmnist_gcp.config import ConfigError
+    from fmnist_gcp.cloud.jobs import submit_custom_job
+    s = Settings.from_env(VERTEX_ENV)
+    with _create_custom_job_patch() as create, pytest.raises(ConfigError) as e:
+        submit_custom_job(s, "img:1", [], workers=2, experiment="fmnist-custom")
+    msg = str(e.value)
+    assert "\n" not in msg and "multi-worker" in msg and "3 replicas" in msg and "--experiment" in msg and "--workers 0" in msg
+    assert not create.called and not metadata.calls  # refused before anything was sent
+    with _create_custom_job_patch() as create:
+        submit_custom_job(s, "img:1", [], workers=2)  # no experiment: multi-worker is fine
+    assert create.call_args.kwargs["custom_job"].job_spec.worker_pool_specs[1].replica_count == 2
+
+
+PRIVATE = {"FMNIST_VERTEX_ENDPOINT": "https://vertex-psc.p.googleapis.com", "FMNIST_VERTEX_TRANSPORT": "rest"}
+
+
+def test_a_private_endpoint_and_transport_reach_the_jobs_container(anonymous):
+    "A private-endpoint user's job logs its experiment through the same endpoint, not the public one."
+    from fmnist_gcp.cloud.jobs import submit_custom_job
+    s = Settings.from_env({**VERTEX_ENV, **PRIVATE})
+    with _create_custom_job_patch() as create:
+        submit_custom_job(s, "img:1", ["--epochs", "1"], display_name="j", workers=1)
+    for pool in create.call_args.kwargs["custom_job"].job_spec.worker_pool_specs:
+        env = {e.name: e.value for e in pool.container_spec.env}
+        assert env["FMNIST_VERTEX_ENDPOINT"] == "vertex-psc.p.googleapis.com" and env["FMNIST_VERTEX_TRANSPORT"] == "rest"
+        assert Settings.from_env(env).vertex_endpoint == s.vertex_endpoint  # the container reads back what was set

@@ -216,3 +216,26 @@ def test_a_failed_run_still_brings_its_reports_home_and_no_wait_returns_at_once(
         assert out["state"] == "JOB_STATE_FAILED" and json.loads((out["report"].parent / "run.json").read_text())["status"] == "failed"
         later = run_on_vertex(s, run_job_spec(s, IMAGE, profile="smoke", run_id="r3"), "r3", wait=False, log=lambda m: None)
     assert later["state"] is None and later["report"] is None and fake.gets == 3  # no get for the run not waited for
+
+
+def test_a_run_with_an_experiment_on_more_than_one_replica_is_refused_before_anything_is_sent(anonymous_vertex, monkeypatch):
+    from fmnist_gcp.config import ConfigError
+    from fmnist_gcp.cloud.runs import run_job_spec, submit_run
+    metadata = FakeMetadataService().patch(monkeypatch)
+    s = Settings.from_env(DONE_WHEN)
+    spec = run_job_spec(s, IMAGE, profile="smoke", run_id="r1", experiment="fmnist-runs")
+    pools = spec["job_spec"]["worker_pool_specs"]
+    pools.append({**pools[0], "replica_count": 1})  # a worker pool beside the chief
+    fake = FakeJobService()
+    with fake.patch(), pytest.raises(ConfigError, match="multi-worker"):
+        submit_run(s, spec, experiment="fmnist-runs")
+    assert fake.created == [] and not metadata.calls
+
+
+def test_a_runs_container_gets_the_private_endpoint_and_transport_when_set(no_google):
+    from fmnist_gcp.cloud.runs import run_job_spec
+    private = {"FMNIST_VERTEX_ENDPOINT": "vertex-psc.p.googleapis.com:443", "FMNIST_VERTEX_TRANSPORT": "rest"}
+    for extra, want in (({}, {}), (private, private)):
+        spec = run_job_spec(Settings.from_env({**DONE_WHEN, **extra}), IMAGE, profile="smoke", run_id="r1")
+        env = {e["name"]: e["value"] for e in spec["job_spec"]["worker_pool_specs"][0]["container_spec"]["env"]}
+        assert {k: v for k, v in env.items() if k.startswith("FMNIST_VERTEX_")} == want

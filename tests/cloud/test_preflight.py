@@ -2,6 +2,7 @@
 quota check on Google's patched client, and `fmnist run` stopping without credentials. No Google Cloud account here:
 the gapic clients' methods are patched (autospec, so a wrong argument fails) with stateful fakes."""
 import os
+import re
 import subprocess
 from unittest import mock
 
@@ -13,7 +14,11 @@ from fmnist_gcp.config import Settings
 NO_METADATA = {"NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:1"}  # google-auth never probes a metadata server
 REPO = "projects/acme-ml/locations/europe-west4/repositories/fmnist"
 SA = VERTEX_ENV["FMNIST_SERVICE_ACCOUNT"]
-CPUS, T4 = "CustomModelTrainingCPUsPerProjectPerRegion", "CustomModelTrainingNVIDIAT4GPUsPerProjectPerRegion"
+CPUS, T4 = "CustomModelTrainingCPUsPerProjectPerRegion", "CustomModelTrainingT4GPUsPerProjectPerRegion"  # the real ids
+A2, A100 = "CustomModelTrainingA2CPUsPerProjectPerRegion", "CustomModelTrainingA100GPUsPerProjectPerRegion"
+METRICS = {CPUS: "custom_model_training_cpus", T4: "custom_model_training_nvidia_t4_gpus", A2: "custom_model_training_a2_cpus",
+           A100: "custom_model_training_nvidia_a100_gpus"}  # quota id -> metric (aiplatform.googleapis.com/...)
+VERTEX_QUOTAS = "projects/acme-ml/locations/global/services/aiplatform.googleapis.com"
 
 
 @pytest.fixture(autouse=True)
@@ -58,17 +63,25 @@ class Cloud:
             return resourcemanager_v3.Project(name=name, state=self.projects[name])
         def location(_, request, **kw):
             look(request["name"], {f"projects/acme-ml/locations/{r}" for r in self.regions})
-        def quota(_, name, **kw):
-            look(name, {f"projects/acme-ml/locations/global/services/aiplatform.googleapis.com/quotaInfos/{q}" for q in self.quotas})
-            limits = self.quotas[name.rsplit("/", 1)[-1]]
-            return cq.QuotaInfo(name=name, quota_id=name.rsplit("/", 1)[-1], quota_display_name="Custom model training",
-                                dimensions_infos=[cq.DimensionsInfo(dimensions={"region": r}, applicable_locations=[r],
-                                                                    details=cq.QuotaDetails(value=v)) for r, v in limits.items()])
+        def quota(_, name, **kw):  # Cloud Quotas knows only the real ids (no NVIDIA in them)
+            look(name, {f"{VERTEX_QUOTAS}/quotaInfos/{q}" for q in self.quotas})
+        def quotas(_, request=None, *, parent=None, **kw):
+            parent = parent or (request or {}).get("parent")
+            self.names.append(parent)
+            if not re.fullmatch(r"projects/[^/]+/locations/global/services/[^/]+", parent or ""):
+                raise gexc.InvalidArgument(f"Invalid resource field value in the request: parent {parent!r}")
+            if parent.split("/")[1] != "acme-ml": raise gexc.PermissionDenied("the caller does not have permission")
+            # each metric also has a project-wide quota without a region dimension, as Vertex AI's list has
+            return [cq.QuotaInfo(name=f"{parent}/quotaInfos/{q}{kind}", quota_id=f"{q}{kind}", metric=f"aiplatform.googleapis.com/{METRICS[q]}",
+                                 quota_display_name="Custom model training", dimensions=dims,
+                                 dimensions_infos=[cq.DimensionsInfo(dimensions={"region": r} if dims else {}, applicable_locations=[r],
+                                                                     details=cq.QuotaDetails(value=v if dims else 10_000)) for r, v in limits.items()])
+                    for q, limits in self.quotas.items() for kind, dims in (("", ["region"]), ("Global", []))]
         p = lambda cls, meth, fn: mock.patch.object(cls, meth, autospec=True, side_effect=fn)
         return [p(resourcemanager_v3.ProjectsClient, "get_project", project), p(JobServiceClient, "get_location", location),
                 p(iam_admin_v1.IAMClient, "get_service_account", lambda _, name, **kw: look(name, self.accounts)),
                 p(artifactregistry_v1.ArtifactRegistryClient, "get_repository", lambda _, name, **kw: look(name, self.repositories)),
-                p(cq.CloudQuotasClient, "get_quota_info", quota)]
+                p(cq.CloudQuotasClient, "get_quota_info", quota), p(cq.CloudQuotasClient, "list_quota_infos", quotas)]
 
     def __enter__(self):
         self._on = self.patches()
@@ -90,9 +103,7 @@ def test_every_check_passes_on_a_ready_project(anonymous, emulator):
     assert passed[-2:] == [f"quota {CPUS}: the job needs 16, the limit in europe-west4 is 24",
                            f"quota {T4}: the job needs 2, the limit in europe-west4 is 2"]
     assert cloud.names == ["projects/acme-ml", "projects/acme-ml/locations/europe-west4",
-                           f"projects/acme-ml/serviceAccounts/{SA}", REPO,
-                           f"projects/acme-ml/locations/global/services/aiplatform.googleapis.com/quotaInfos/{CPUS}",
-                           f"projects/acme-ml/locations/global/services/aiplatform.googleapis.com/quotaInfos/{T4}"]
+                           f"projects/acme-ml/serviceAccounts/{SA}", REPO, VERTEX_QUOTAS]  # one list of every Vertex quota
 
 
 def test_every_problem_is_listed_with_its_fix(anonymous, gcs_emulator, monkeypatch):
@@ -122,14 +133,14 @@ def test_disabled_api_and_unwritable_bucket_name_their_fixes(anonymous, monkeypa
     disabled = gexc.PermissionDenied("Cloud Quotas API has not been used in project acme-ml before or it is disabled. "
                                      "reason: SERVICE_DISABLED")
     monkeypatch.setattr(pf.Clients, "storage", lambda self: Storage())
-    with Cloud() as cloud, mock.patch.object(pf.Clients, "quotas", lambda self: mock.Mock(get_quota_info=mock.Mock(side_effect=disabled))):
+    with Cloud() as cloud, mock.patch.object(pf.Clients, "quotas", lambda self: mock.Mock(list_quota_infos=mock.Mock(side_effect=disabled))):
         with pytest.raises(pf.PreflightError) as e:
             pf.preflight(Settings.from_env(VERTEX_ENV), machine_type="n1-standard-4")
     lines = str(e.value).splitlines()
     assert lines[:3] == [f"bucket gs://acme-ml-fmnist-{r} is not writable with these credentials (fmnist@acme-ml does not have "
                          "storage.objects.create access): run `fmnist gcp apply` to grant roles/storage.objectUser on it, "
                          "or ask its owner" for r in ("dev", "datasets", "models")]
-    assert lines[3] == (f"Vertex AI quota {CPUS}: the cloudquotas.googleapis.com API is not enabled in project acme-ml: "
+    assert lines[3] == ("Vertex AI quotas of project acme-ml: the cloudquotas.googleapis.com API is not enabled in project acme-ml: "
                         "run `gcloud services enable cloudquotas.googleapis.com --project acme-ml` (or `fmnist gcp apply`)")
 
 
@@ -164,22 +175,54 @@ def test_quota_shortfall_names_limit_need_regions_and_how_to_ask(anonymous):
     with Cloud(quotas=quotas) as cloud, mock.patch("fmnist_gcp.cloud.preflight.check_bucket", lambda c, u: f"{u} ok"):
         with pytest.raises(PreflightError) as e:
             preflight(s, machine_type="n1-standard-8", accelerator_type="NVIDIA_TESLA_T4", accelerator_count=1, replicas=2)
+    assert "free" not in str(e.value)  # Cloud Quotas reports limits, not usage
     assert e.value.problems == [
-        f"Vertex AI quota {T4} (Custom model training) in europe-west4 is 0, the job needs 2; it is enough in: us-central1: "
+        f"Vertex AI quota {T4} (Custom model training): the limit in europe-west4 is 0, the job needs 2; it is enough in: us-central1: "
         "request more at https://console.cloud.google.com/iam-admin/quotas?project=acme-ml&service=aiplatform.googleapis.com "
         f"or `gcloud beta quotas preferences create --service=aiplatform.googleapis.com --quota-id={T4} --preferred-value=2 "
         "--dimensions=region=europe-west4 --project=acme-ml --email=YOU`, or set FMNIST_REGION to a region where it is enough"]
-    assert cloud.names[-2:] == [f"projects/acme-ml/locations/global/services/aiplatform.googleapis.com/quotaInfos/{q}" for q in (CPUS, T4)]
+    assert cloud.names[-1:] == [VERTEX_QUOTAS]
 
 
 def test_a2_machines_need_a2_cpus_and_a100s(anonymous):
     from fmnist_gcp.cloud.preflight import preflight
-    a2, a100 = "CustomModelTrainingA2CPUsPerProjectPerRegion", "CustomModelTrainingNVIDIAA100GPUsPerProjectPerRegion"
-    with Cloud(quotas={a2: {"europe-west4": -1}, a100: {"europe-west4": 1}}), \
+    with Cloud(quotas={A2: {"europe-west4": -1}, A100: {"europe-west4": 1}}), \
          mock.patch("fmnist_gcp.cloud.preflight.check_bucket", lambda c, u: f"{u} ok"):
-        passed = preflight(Settings.from_env(VERTEX_ENV), machine_type="a2-highgpu-1g")
-    assert passed[-2:] == [f"quota {a2}: the job needs 12, the limit in europe-west4 is unlimited",
-                           f"quota {a100}: the job needs 1, the limit in europe-west4 is 1"]
+        passed = preflight(Settings.from_env(VERTEX_ENV), machine_type="a2-highgpu-1g",
+                           accelerator_type="NVIDIA_TESLA_A100", accelerator_count=1)
+    assert passed[-2:] == [f"quota {A2}: the job needs 12, the limit in europe-west4 is unlimited",
+                           f"quota {A100}: the job needs 1, the limit in europe-west4 is 1"]
+
+
+def test_the_quota_fake_refuses_what_cloud_quotas_refuses(anonymous):
+    "The fake answers the bad requests the real API refuses: a parent outside locations/global, an id with NVIDIA in it."
+    from google.api_core import exceptions as gexc
+    from google.cloud import cloudquotas_v1 as cq
+    from google.auth.credentials import AnonymousCredentials
+    client = cq.CloudQuotasClient(credentials=AnonymousCredentials())
+    with Cloud(quotas={T4: {"europe-west4": 1}}):
+        with pytest.raises(gexc.InvalidArgument): client.list_quota_infos(parent="projects/acme-ml/locations/europe-west4/services/aiplatform.googleapis.com")
+        with pytest.raises(gexc.NotFound): client.get_quota_info(name=f"{VERTEX_QUOTAS}/quotaInfos/CustomModelTrainingNVIDIAT4GPUsPerProjectPerRegion")
+        assert {i.quota_id for i in client.list_quota_infos(parent=VERTEX_QUOTAS)} == {T4, f"{T4}Global"}
+
+
+@pytest.mark.parametrize("machine, accelerator, count, ok", [
+    ("a2-highgpu-2g", "NVIDIA_TESLA_A100", 2, True), ("a2-highgpu-2g", None, 0, False),
+    ("a2-highgpu-2g", "NVIDIA_TESLA_T4", 2, False), ("a2-highgpu-2g", "NVIDIA_TESLA_A100", 1, False)])
+def test_a2_machine_specs_carry_their_built_in_a100s_or_are_refused(machine, accelerator, count, ok):
+    "Vertex AI refuses an a2-highgpu-Ng machine spec without its N A100s: so does the job spec, before anything is sent."
+    from fmnist_gcp.config import ConfigError
+    from fmnist_gcp.cloud.jobs import worker_pool_specs
+    from fmnist_gcp.cloud.preflight import job_quotas
+    if ok:
+        (pool,) = worker_pool_specs("img:1", [], machine, accelerator, count)
+        assert pool["machine_spec"] == {"machine_type": machine, "accelerator_type": "NVIDIA_TESLA_A100", "accelerator_count": 2}
+        assert job_quotas(machine, accelerator, count) == {"aiplatform.googleapis.com/custom_model_training_a2_cpus": 24,
+                                                           "aiplatform.googleapis.com/custom_model_training_nvidia_a100_gpus": 2}
+    else:
+        for f in (lambda: worker_pool_specs("img:1", [], machine, accelerator, count), lambda: job_quotas(machine, accelerator, count)):
+            with pytest.raises(ConfigError, match="a2-highgpu-2g carries 2 NVIDIA_TESLA_A100: give --accelerator-type NVIDIA_TESLA_A100 --accelerator-count 2"):
+                f()
 
 
 def test_fmnist_run_without_credentials_stops_before_the_first_stage(fmnist_env, tmp_path):
@@ -193,3 +236,42 @@ def test_fmnist_run_without_credentials_stops_before_the_first_stage(fmnist_env,
         "fmnist run: error: no application-default credentials: run `gcloud auth application-default login` (or set "
         f"GOOGLE_APPLICATION_CREDENTIALS to a service-account key); GOOGLE_APPLICATION_CREDENTIALS={tmp_path / 'missing-key.json'} names no file"]
     assert not (tmp_path / "runs" / "nocreds").exists()
+
+
+def _closed_port() -> int:
+    import socket
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("transport", ["grpc", "rest"])
+def test_google_out_of_reach_is_one_line_naming_what_could_not_be_reached(monkeypatch, transport):
+    "A real client on a loopback port nobody listens on: api-core's RetryError (gRPC) or requests' ConnectionError (REST)."
+    import time
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import resourcemanager_v3
+    from fmnist_gcp.cloud import preflight as pf
+    monkeypatch.setattr(pf, "REACH_TIMEOUT_S", 1.0, raising=False)
+    host = f"127.0.0.1:{_closed_port()}"
+    client = resourcemanager_v3.ProjectsClient(credentials=AnonymousCredentials(), transport=transport,
+                                               client_options={"api_endpoint": host if transport == "grpc" else f"http://{host}"})
+    t0 = time.monotonic()
+    with pytest.raises(pf.PreflightError) as e: pf.check_project(client, "acme-ml")
+    assert time.monotonic() - t0 < 15
+    (line,) = e.value.problems
+    assert line.startswith("project acme-ml: cloudresourcemanager.googleapis.com could not be reached"), line
+    assert "check the network" in line and "--no-check" in line and "\n" not in line
+
+
+def test_preflight_stops_at_the_first_check_that_cannot_reach_google(anonymous, monkeypatch):
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import resourcemanager_v3
+    from fmnist_gcp.cloud import preflight as pf
+    monkeypatch.setattr(pf, "REACH_TIMEOUT_S", 1.0, raising=False)
+    client = resourcemanager_v3.ProjectsClient(credentials=AnonymousCredentials(), client_options={"api_endpoint": f"127.0.0.1:{_closed_port()}"})
+    monkeypatch.setattr(pf.Clients, "projects", lambda self: client)
+    def not_after(self): raise AssertionError("a check ran after Google was found out of reach")
+    for name in ("vertex", "storage", "iam", "registry", "quotas"): monkeypatch.setattr(pf.Clients, name, not_after)
+    with pytest.raises(pf.PreflightError) as e:
+        pf.preflight(Settings.from_env(VERTEX_ENV), machine_type="n1-standard-4")
+    (line,) = e.value.problems
+    assert line.startswith("project acme-ml: cloudresourcemanager.googleapis.com could not be reached")
