@@ -125,8 +125,9 @@ VERDICTS = {  # stage short name -> its one-line verdict over the figures it rec
     "exploration": lambda f: f"{f['images']:,} images: {f['min_class_count']:,} to {f['max_class_count']:,} training images per class; a {f['embedding']} embedding",
     "statistics": lambda f: (f"normalisation mean {f['pixel_mean']:.4f}, std {f['pixel_std']:.4f} from {f['n_train_images']:,} training images; "
                              f"largest train/test drift (JS distance) {f['max_js_distance']:.3f}"),
-    "preprocessing": lambda f: (f"{f['train_images']:,} training images in {f['tfrecord_shards']} TFRecord shards, {f['automl_csv_rows']:,} AutoML "
-                                f"CSV rows; augmentation at {f['augment_images_per_s']:,} images/s"),
+    "preprocessing": lambda f: (f"{f['train_images']:,} training images in {f['tfrecord_shards']} TFRecord shards; "
+                                + (f"{f['automl_csv_rows']:,} PNG + AutoML CSV rows" if f['automl_csv_rows'] else "no PNG export (only Vertex AutoML reads it)")
+                                + f"; augmentation at {f['augment_images_per_s']:,} images/s"),
     "features": lambda f: f"{f['image_stats_rows']:,} rows in feature view image_stats, published in {f['publish_s']} s",
     "automl": lambda f: (f"{f['model']} v{f['version']}: {f['val_accuracy']:.1%} validation accuracy; {f['trials_complete']} trials complete, "
                          f"{f['trials_pruned']} pruned in {f['used_minutes']:.1f} of {f['budget_minutes']:g} minutes"),

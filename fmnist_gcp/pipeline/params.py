@@ -119,6 +119,13 @@ def _stage_params(nb: Path, stage: str, base: dict, ovr: list, used: set) -> dic
             params[name] = typed(value, decl[name]["type"], name); used.add(k)
     return params
 
+# %% ../../nbs/pipeline_params.ipynb #pngvx001
+def _png_when_vertex_automl(plan: list[dict]) -> None:
+    "04_preprocessing writes the PNG export (what Vertex AutoML imports, its slowest export) exactly when 06_automl will train Vertex AutoML."
+    steps = {s["stage"]: s["params"] for s in plan}
+    if steps.get("06_automl", {}).get("vertex_budget_milli_node_hours") and "04_preprocessing" in steps:
+        steps["04_preprocessing"]["export_png"] = True
+
 # %% ../../nbs/pipeline_params.ipynb #a2c1e008
 def plan_run(profile: str = "quick", stages: list[str] | None = None, overrides: list[str] | None = None,
              run_id: str = "dev", nbs: Path | None = None) -> list[dict]:
@@ -133,6 +140,7 @@ def plan_run(profile: str = "quick", stages: list[str] | None = None, overrides:
         base = {"run_id": run_id, "profile": profile, **prof.get(stage, {})}
         plan.append({"stage": stage, "notebook": nb, "params": _stage_params(nb, stage, base, ovr, used)})
     unused = [f"{s + '.' if s else ''}{n}" for k, (s, n, _) in enumerate(ovr) if k not in used]
+    _png_when_vertex_automl(plan)
     if unused:
         raise PipelineError(f"parameter {', '.join(unused)} is not declared by any selected stage "
                             f"({', '.join(selected)}); see `papermill --help-notebook nbs/<stage>.ipynb`")
