@@ -361,9 +361,10 @@ def _cmd_import_job(a) -> int:
 # %% ../nbs/cli.ipynb #b1c2d017
 def _cmd_submit_training(a) -> int:
     from fmnist_gcp.config import Settings
-    from fmnist_gcp.cloud.jobs import submit_custom_job
+    from fmnist_gcp.cloud.jobs import check_experiment_replicas, submit_custom_job
     args = a.task_args[1:] if a.task_args[:1] == ["--"] else a.task_args
     s = Settings.from_env().require_vertex("fmnist submit-training")
+    check_experiment_replicas(a.experiment, 1 + a.workers)  # before the preflight's calls to Google
     if a.no_check: print("skipped the Google Cloud preflight check (--no-check)", file=sys.stderr)
     else:
         from fmnist_gcp.cloud.preflight import preflight

@@ -1,4 +1,5 @@
 """The Vertex AI CustomJob and Experiments requests, checked on the SDK's patched gapic clients (no GCP account here)."""
+import os
 from unittest import mock
 
 import pytest
@@ -200,3 +201,16 @@ def test_a_private_endpoint_and_transport_reach_the_jobs_container(anonymous):
         env = {e.name: e.value for e in pool.container_spec.env}
         assert env["FMNIST_VERTEX_ENDPOINT"] == "vertex-psc.p.googleapis.com" and env["FMNIST_VERTEX_TRANSPORT"] == "rest"
         assert Settings.from_env(env).vertex_endpoint == s.vertex_endpoint  # the container reads back what was set
+
+
+def test_submit_training_refuses_an_experiment_on_several_workers_before_the_preflight(tmp_path):
+    # no credentials here: had the preflight run first, it would have failed on them instead
+    import subprocess
+    from conftest import BIN, VERTEX_ENV
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "FMNIST_HOME": str(tmp_path / "home"), **VERTEX_ENV,
+           "NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:1", "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "none.json")}
+    p = subprocess.run([str(BIN / "fmnist"), "submit-training", "--image", "img", "--workers", "2", "--experiment", "e",
+                        "--", "--epochs", "1"], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines()[-1].endswith("cannot track a multi-worker job (3 replicas): drop --experiment or "
+                                                      "train on one machine (--workers 0)"), p.stderr
