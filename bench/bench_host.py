@@ -14,6 +14,14 @@ def host() -> dict:
             "keras": keras.__version__, "backend": keras.backend.backend()}
 
 
+def steal_seconds() -> float:
+    "Seconds of CPU time the hypervisor took from this machine since boot, all cores (`/proc/stat` steal); 0 where unknown."
+    try:
+        with open("/proc/stat") as f: ticks = f.readline().split()[1:]
+        return int(ticks[7]) / os.sysconf("SC_CLK_TCK") if len(ticks) > 7 else 0.0
+    except (OSError, ValueError): return 0.0
+
+
 def steady_images_per_s(cfg, images: int) -> float:
     "Median images/s of `training.fit` on `images` random images per epoch, `cfg.epochs` epochs, the first (which traces the step) left out."
     import statistics
