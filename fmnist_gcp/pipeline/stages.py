@@ -26,10 +26,17 @@ class Stage:
     reads: tuple[str, ...] = ()  # store artefacts it reads, "store:path"
     writes: tuple[str, ...] = ()  # store artefacts it writes, "store:path" (a trailing / is a folder)
     side_effects: str = ""  # what it changes beyond its outputs
+    asked: tuple[tuple[str, str], ...] = ()  # (artefact, boolean parameter): written only when that parameter is true
     home_state: tuple[str, ...] = ()  # files it keeps under FMNIST_HOME (a local feature store): reused only if present
 
     @property
     def name(self) -> str: return self.notebook.split("_", 1)[1]  # short name = figure key
+
+    def written(self, params: dict) -> tuple[str, ...]:
+        "The artefacts a run of this stage with `params` writes: `writes`, less those no parameter asked for."
+        off = {a for a, p in self.asked if not params.get(p)}
+        return tuple(w for w in self.writes if w not in off)
+
 
 # %% ../../nbs/pipeline_stages.ipynb #a2c1e001
 _SPLIT, _NORM = "datasets:splits/train_val.json", "datasets:stats/normalisation.json"
@@ -44,7 +51,9 @@ STAGES: tuple[Stage, ...] = (
           reads=(_SPLIT,), writes=(_NORM,)),
     Stage("04_preprocessing", "augmentation and the dataset exports: TFRecord, NPZ, PNG + AutoML CSV, JSONL",
           reads=(_SPLIT, _NORM), writes=(_PRE, _TFR, "datasets:exports/npz/", "datasets:exports/png/",
-                                          "datasets:exports/automl/import.csv", "datasets:exports/batch/test_instances.jsonl")),
+                                          "datasets:exports/automl/import.csv", "datasets:exports/batch/test_instances.jsonl"),
+          # only Vertex AutoML reads the PNG export: written when asked (`params._png_when_vertex_automl`)
+          asked=(("datasets:exports/png/", "export_png"), ("datasets:exports/automl/import.csv", "export_png"))),
     Stage("05_features", "per-image statistics in the feature store (Feast locally; BigQuery + Vertex AI Feature Store on vertex)",
           writes=("datasets:features/image_stats.parquet",),
           side_effects="updates the Feast registry and SQLite online store under $FMNIST_HOME/feast (vertex: the BigQuery "

@@ -74,11 +74,12 @@ def test_declared_outputs_exist_in_the_stores(smoke):
     subst = {"<model>": figs["training"]["model"], "<version>": str(figs["training"]["version"]), "<run_id>": "smoke1"}
     missing = []
     for st in STAGES:
+        asked = st.written(smoke["m"]["params"][st.notebook])
         for art in st.writes:
             store, rel = art.split(":", 1)
             for k, v in subst.items(): rel = rel.replace(k, v)
-            if not (smoke["home"] / store / rel).exists(): missing.append(f"{st.notebook}: {art}")
-    assert missing == []
+            if (smoke["home"] / store / rel).exists() != (art in asked): missing.append(f"{st.notebook}: {art}")
+    assert missing == []  # every declared output the run asked for exists, and none it did not ask for
 
 
 def test_reports_fold_code_and_keep_plots_and_secrets_out(smoke):
@@ -132,7 +133,7 @@ def test_exports_agree_with_the_data_and_statistics_stages(smoke):
     import numpy as np
     from fmnist_gcp.config import Settings
     from fmnist_gcp.data import load_split, read_split
-    from fmnist_gcp.preprocessing import AUTOML_LABEL_RE, AUTOML_LABELS, load_tfrecords, read_preprocessing
+    from fmnist_gcp.preprocessing import load_tfrecords, read_preprocessing
     s = Settings.from_env({"FMNIST_HOME": str(smoke["home"])})
     ds, n = smoke["home"] / "datasets", smoke["m"]["params"]["04_preprocessing"]["max_images"]
     norm = json.loads((ds / "stats/normalisation.json").read_text())
@@ -144,16 +145,30 @@ def test_exports_agree_with_the_data_and_statistics_stages(smoke):
     for split, idx in (("train", tr[:n]), ("val", va[:n])):
         x, y, index = load_tfrecords(split, s)
         assert (index == idx).all() and (x == x_all[idx]).all() and (y == y_all[idx]).all()
-    rows = (ds / "exports/automl/import.csv").read_text().splitlines()
-    assert len(rows) == 3 * n
-    for row in rows:
-        ml_use, uri, label = row.split(",")
-        assert ml_use in {"training", "validation", "test"} and AUTOML_LABEL_RE.match(label) and label in AUTOML_LABELS
-        assert Path(uri).exists() and f"/{label}/" in uri
+    # only Vertex AutoML reads the PNG export: a run that does not train it writes none (test_png_export_when_asked)
+    assert not smoke["m"]["params"]["04_preprocessing"]["export_png"] and not (ds / "exports/png").exists()
     x_test, _ = load_split("test", limit=n)
     lines = (ds / "exports/batch/test_instances.jsonl").read_text().splitlines()
     assert len(lines) == n and (np.array([json.loads(l) for l in lines]) == x_test).all()
     assert (np.load(ds / "exports/npz/fashion_mnist.npz")["index_val"] == va[:n]).all()
+
+
+def test_png_export_when_asked_matches_the_split(fmnist_env):
+    from fmnist_gcp.config import Settings
+    from fmnist_gcp.data import read_split
+    from fmnist_gcp.preprocessing import AUTOML_LABEL_RE, AUTOML_LABELS
+    fmnist("run", "--profile", "smoke", "--run-id", "png1", "--stages", "01", "03", "04", "-p", "export_png=true", env=fmnist_env)
+    s, ds = Settings.from_env(fmnist_env), Path(fmnist_env["FMNIST_HOME"]) / "datasets"
+    m = json.loads((Path(fmnist_env["FMNIST_RUNS_DIR"]) / "png1" / "run.json").read_text())
+    n, (tr, va) = m["params"]["04_preprocessing"]["max_images"], read_split(s)
+    rows = (ds / "exports/automl/import.csv").read_text().splitlines()
+    assert len(rows) == 3 * n == m["figures"]["preprocessing"]["automl_csv_rows"]
+    for row in rows:
+        ml_use, uri, label = row.split(",")
+        assert ml_use in {"training", "validation", "test"} and AUTOML_LABEL_RE.match(label) and label in AUTOML_LABELS
+        assert Path(uri).exists() and f"/{label}/" in uri
+    train_rows = sorted(int(r.split(",")[1].rsplit("_", 1)[1][:5]) for r in rows if r.startswith("training,"))
+    assert train_rows == sorted(int(i) for i in tr[:n])  # the data stage's split, by source index
 
 
 def test_every_stage_records_its_cache_key_and_output_hashes(smoke):
@@ -165,7 +180,7 @@ def test_every_stage_records_its_cache_key_and_output_hashes(smoke):
         assert set(c["parts"]) == {"notebook", "params", "inputs", "data", "packages", "stores"} and "run_id" not in c["parts"]["params"]
         assert c["parts"]["data"] == m["data_sha256"] and c["parts"]["packages"]["python"] == m["packages"]["python"]
         assert len(c["parts"]["inputs"]) == len(st.reads) and all(c["parts"]["inputs"].values()), s["stage"]  # each input existed
-        assert len(s["outputs"]) == len(st.writes) and all(s["outputs"].values()), s["stage"]  # and each output was written
+        assert len(s["outputs"]) == len(st.writes) and all(h for a, h in s["outputs"].items() if a not in set(st.writes) - set(st.written(s["params"]))), s["stage"]  # each asked-for output was written
         first = "always runs: it " if st.side_effects and not st.writes else "no earlier run of this stage with a cache key"
         assert "reused_from" not in s and c["reason"].startswith(first), (s["stage"], c["reason"])
     assert "models:fmnist-cnn/1/" in m["stages"][NAMES.index("07_training")]["outputs"]
