@@ -61,6 +61,7 @@ class FakeGoogle:
         from google.iam.v1 import policy_pb2
         self.enabled = {"storage.googleapis.com"}  # on by default in a new project
         self.accounts, self.repos, self.packages, self.calls = {}, {}, {}, []
+        self.online_stores = {}  # Feature Store V2 online store name -> its feature view ids (publishing makes it, not apply)
         self.policies = {"projects/acme-ml": policy_pb2.Policy(version=1, etag=b"e0", bindings=[
             policy_pb2.Binding(role="roles/aiplatform.user", members=[OTHER]),
             policy_pb2.Binding(role="roles/cloudbuild.builds.editor", members=[OTHER])])}
@@ -114,6 +115,21 @@ class FakeGoogle:
             if new.etag != self.policies.get(target, policy_pb2.Policy(etag=b"e0")).etag: raise exceptions.Aborted("etag")
             self.policies[target] = copy(new, etag=new.etag + b"+")
             return self.policies[target]
+        def get_store(_, request=None, *, name=None, **kw):
+            self._rec("get_feature_online_store", name)
+            if name not in self.online_stores: raise exceptions.NotFound(name)
+            return fs_types.FeatureOnlineStore(name=name, optimized={})
+        def list_views(_, request=None, *, parent=None, **kw):
+            self._rec("list_feature_views", parent)
+            if parent not in self.online_stores: raise exceptions.NotFound(parent)
+            return [fs_types.FeatureView(name=f"{parent}/featureViews/{v}") for v in self.online_stores[parent]]
+        def delete_store(_, request=None, *, name=None, force=False, **kw):
+            self._rec("delete_feature_online_store", {"name": name, "force": force})
+            if name not in self.online_stores: raise exceptions.NotFound(name)  # as Vertex: a bad name is NotFound
+            if self.online_stores[name] and not force: raise exceptions.FailedPrecondition(f"{name} has feature views; set force")
+            del self.online_stores[name]; return self._op()
+        from google.cloud.aiplatform_v1 import FeatureOnlineStoreAdminServiceClient as F
+        from google.cloud.aiplatform_v1 import types as fs_types
         S, I, P, A = su.ServiceUsageClient, iam.IAMClient, rm.ProjectsClient, ar.ArtifactRegistryClient
         table = [(S, "batch_get_services", batch_get), (S, "batch_enable_services", batch_enable),
                  (I, "get_service_account", get_found(self.accounts, "get_service_account")), (I, "create_service_account", create_sa),
@@ -121,7 +137,9 @@ class FakeGoogle:
                  (P, "get_iam_policy", get_policy), (P, "set_iam_policy", set_policy),
                  (A, "get_repository", get_found(self.repos, "get_repository")), (A, "create_repository", create_repo),
                  (A, "delete_repository", delete_repo), (A, "list_packages", list_packages),
-                 (A, "get_iam_policy", get_policy), (A, "set_iam_policy", set_policy)]
+                 (A, "get_iam_policy", get_policy), (A, "set_iam_policy", set_policy),
+                 (F, "get_feature_online_store", get_store), (F, "list_feature_views", list_views),
+                 (F, "delete_feature_online_store", delete_store)]
         return [mock.patch.object(cls, name, autospec=True, side_effect=fake) for cls, name, fake in table]
 
     def requests(self, name): return [r for n, r in self.calls if n == name]
@@ -270,3 +288,28 @@ def test_new_service_account_not_yet_known_to_iam_is_retried(gcp_env, google, mo
     pv.apply(gcp_env, submitters=["alice@example.com"])
     assert failures and pv.plan(gcp_env, submitters=["alice@example.com"]) == []
     pv.destroy(gcp_env, force=True)
+
+
+STORE = "projects/acme-ml/locations/europe-west4/featureOnlineStores/fmnist_features"
+
+
+def test_destroy_deletes_the_online_store_publishing_made(gcp_env, google):
+    "The Feature Store V2 online store bills by the node-hour: destroy lists it with its views and deletes it (force)."
+    from google.api_core import exceptions
+    from google.cloud.aiplatform_v1 import FeatureOnlineStoreAdminServiceClient
+    from fmnist_gcp.cloud import provision as pv
+    pv.apply(gcp_env)
+    google.online_stores[STORE] = ["image_stats", "image_embedding"]  # as cloud.features.publish leaves it
+    removed = pv.destroy(gcp_env, force=True)
+    store = [c for c in removed if c.resource == STORE]
+    assert len(store) == 1 and removed[0] is store[0]  # listed, and first: before the runner loses its roles
+    assert "node-hour" in store[0].reason and "image_stats, image_embedding" in store[0].reason
+    assert "featureOnlineStores/fmnist_features?force=true" in pv.format_plan(removed)
+    assert google.requests("delete_feature_online_store") == [{"name": STORE, "force": True}]  # with its views
+    assert not google.online_stores
+    assert pv.destroy(gcp_env) == []  # gone: nothing left to list
+    with pytest.raises(exceptions.NotFound):  # the fake refuses a bad name as Vertex does
+        pv.Clients.connect(gcp_env).feature_store.delete_feature_online_store(name=STORE + "x", force=True)
+    google.online_stores[STORE] = ["image_stats"]
+    with pytest.raises(exceptions.FailedPrecondition):  # and views without force
+        FeatureOnlineStoreAdminServiceClient.delete_feature_online_store(None, name=STORE)
