@@ -55,14 +55,23 @@ IAM_ROLES = (
     Role("roles/bigquery.dataEditor", "project", "write the feature store's offline tables (Feature Store V2 reads BigQuery); narrow to its dataset once it exists"),
     Role("roles/bigquery.jobUser", "project", "run the BigQuery load and query jobs that fill and read those tables (jobs belong to the project)"),
     Role("roles/storage.objectUser", "bucket", "read, write and delete objects in this store only; no bucket settings, no IAM changes"),
-    Role("roles/artifactregistry.reader", "repository", "pull the train and serve images from this repository only"),
+    Role("roles/iam.serviceAccountUser", "service_account", "lets the runner act as itself: 06_automl submits the tuning job, run as the runner, from inside a Vertex job", RUNNER, RUNNER),
     Role("roles/iam.serviceAccountUser", "service_account", "lets this submitter run Vertex jobs as the runner account (actAs), on that account only", SUBMITTER, RUNNER),
     Role("roles/artifactregistry.writer", "repository", "push the images Cloud Build builds, to this repository only", BUILDER),
     Role("roles/storage.objectViewer", "bucket", "read the uploaded build context (cloudbuild/source/*.tgz), in the dev bucket only", BUILDER, BUILD_SOURCE_STORE),
     Role("roles/logging.logWriter", "project", "write the build logs (a build run as a service account logs to Cloud Logging only)", BUILDER),
     Role("roles/iam.serviceAccountUser", "service_account", "lets this submitter run Cloud Builds as the builder account (actAs), on that account only", SUBMITTER, BUILDER),
     Role("roles/cloudbuild.builds.editor", "project", "lets this submitter create and follow Cloud Builds (`fmnist gcp build`); builds belong to the project", SUBMITTER),
+    Role("roles/aiplatform.user", "project", "lets this submitter submit and follow Vertex AI jobs, models and endpoints (and the preflight's region probe)", SUBMITTER),
+    Role("roles/storage.objectUser", "bucket", "lets this submitter read and write the stores' objects (staging, runs, datasets, models), in this store only", SUBMITTER),
+    Role("roles/storage.legacyBucketReader", "bucket", "storage.buckets.get for the preflight's bucket probe (and objects.list), on this bucket only", SUBMITTER),
+    Role("roles/artifactregistry.reader", "repository", "lets the preflight find the image repository (and this submitter pull the images), this repository only", SUBMITTER),
+    Role("roles/cloudquotas.viewer", "project", "lets the preflight read the Vertex AI training quotas (list_quota_infos); quotas belong to the project", SUBMITTER),
+    Role("roles/serviceusage.serviceUsageConsumer", "project", "a user's credentials bill the project (x-goog-user-project), which needs serviceusage.services.use", SUBMITTER),
 )
+# No registry role for the runner: the Vertex AI service agent pulls the train and serve images (its own project's
+# repositories are readable to it by default), and nothing run as the runner reads the repository (in-container runs
+# skip the preflight, `--no-check`).
 BASIC_ROLES = ("roles/owner", "roles/editor", "roles/viewer")  # never granted
 
 

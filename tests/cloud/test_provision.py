@@ -199,17 +199,17 @@ def test_plan_apply_plan_apply_destroy(gcp_env, google):
     assert repo.repository.format_ == ar.Repository.Format.DOCKER and repo.repository.labels["app"] == "fmnist-gcp"
     project_set = [r for r in google.requests("set_iam_policy") if r["resource"] == "projects/acme-ml"]
     assert len(project_set) == 1 and project_set[0]["policy"].etag == b"e0"  # one write, with the etag it read
-    assert google.members("projects/acme-ml", "roles/aiplatform.user") == {OTHER, RUNNER}  # bob kept
+    assert google.members("projects/acme-ml", "roles/aiplatform.user") == {OTHER, RUNNER, ALICE}  # bob kept
     assert google.members("projects/acme-ml", "roles/logging.logWriter") == {RUNNER, BUILDER}
     assert google.members("projects/acme-ml", "roles/cloudbuild.builds.editor") == {OTHER, ALICE}  # bob's kept
     project_roles = {b.role for b in google.policies["projects/acme-ml"].bindings}
     assert not project_roles & {"roles/owner", "roles/editor", "roles/viewer"} and not [r for r in project_roles if "storage" in r]
     repo_name = "projects/acme-ml/locations/europe-west4/repositories/fmnist"
-    assert google.members(repo_name, "roles/artifactregistry.reader") == {RUNNER}
+    assert google.members(repo_name, "roles/artifactregistry.reader") == {ALICE}  # the Vertex service agent pulls for jobs
     assert google.members(repo_name, "roles/artifactregistry.writer") == {BUILDER}
-    for account in ("fmnist-runner", "fmnist-builder"):
+    for account, acting in (("fmnist-runner", {ALICE, RUNNER}), ("fmnist-builder", {ALICE})):
         sa_name = f"projects/acme-ml/serviceAccounts/{account}@acme-ml.iam.gserviceaccount.com"
-        assert google.members(sa_name, "roles/iam.serviceAccountUser") == {ALICE}
+        assert google.members(sa_name, "roles/iam.serviceAccountUser") == acting
 
     client = storage.Client(project="acme-ml")
     for name in BUCKETS:
@@ -218,7 +218,9 @@ def test_plan_apply_plan_apply_destroy(gcp_env, google):
         assert b.iam_configuration.uniform_bucket_level_access_enabled and b.iam_configuration.public_access_prevention == "enforced"
         assert bool(b.versioning_enabled) == name.endswith("-models")
         builder = [{"role": "roles/storage.objectViewer", "members": [BUILDER]}] if name.endswith("-dev") else []
-        assert b.get_iam_policy().to_api_repr()["bindings"] == [{"role": "roles/storage.objectUser", "members": [RUNNER]}, *builder]
+        assert sorted(b.get_iam_policy().to_api_repr()["bindings"], key=lambda r: r["role"]) == sorted([
+            {"role": "roles/storage.objectUser", "members": sorted([ALICE, RUNNER])},
+            {"role": "roles/storage.legacyBucketReader", "members": [ALICE]}, *builder], key=lambda r: r["role"])
 
     assert pv.plan(s, submitters=["alice@example.com"]) == []
     writes = len(google.calls)
@@ -239,12 +241,13 @@ def test_plan_apply_plan_apply_destroy(gcp_env, google):
         pv.destroy(s)
     assert all(client.lookup_bucket(n) for n in BUCKETS) and google.accounts and google.repos
     removed = pv.destroy(s, force=True, submitters=["alice@example.com"])
-    assert sorted(c.what for c in removed) == sorted([pv.REVOKE] * 6 + [pv.DELETE_REPOSITORY] + [pv.DELETE_SERVICE_ACCOUNT] * 2
+    assert sorted(c.what for c in removed) == sorted([pv.REVOKE] * 9 + [pv.DELETE_REPOSITORY] + [pv.DELETE_SERVICE_ACCOUNT] * 2
                                                      + [pv.DELETE_BUCKET] * 3)
     assert not any(client.lookup_bucket(n) for n in BUCKETS) and not google.accounts and not google.repos
     assert google.members("projects/acme-ml", "roles/aiplatform.user") == {OTHER}  # only ours revoked
     assert google.members("projects/acme-ml", "roles/logging.logWriter") == set()
     assert google.members("projects/acme-ml", "roles/cloudbuild.builds.editor") == {OTHER}  # alice's revoked, bob's kept
+    assert google.members("projects/acme-ml", "roles/cloudquotas.viewer") == set()
     assert pv.destroy(s) == []
     assert {c.what for c in pv.plan(s)} == {pv.CREATE_SERVICE_ACCOUNT, pv.CREATE_BUCKET, pv.CREATE_REPOSITORY, pv.GRANT}
 
@@ -313,3 +316,32 @@ def test_destroy_deletes_the_online_store_publishing_made(gcp_env, google):
     google.online_stores[STORE] = ["image_stats"]
     with pytest.raises(exceptions.FailedPrecondition):  # and views without force
         FeatureOnlineStoreAdminServiceClient.delete_feature_online_store(None, name=STORE)
+
+
+def test_submitters_and_the_runner_get_what_their_commands_need():
+    "A submitter runs `fmnist run --on vertex`, `submit-training`, `gcp check` and `gcp build`; the runner submits the tuning job."
+    from fmnist_gcp.cloud import provision as pv
+    s = Settings.from_env(ENV)
+    state = pv.desired_state(s, submitters=["alice@example.com"])
+    held = lambda who, gs: sorted(g["role"] for g in gs if g["member"] == who)
+    assert held(ALICE, state["project_roles"]) == sorted([
+        "roles/aiplatform.user",  # jobs, experiments, models, endpoints, the preflight's region probe
+        "roles/cloudbuild.builds.editor",  # fmnist gcp build
+        "roles/cloudquotas.viewer",  # the preflight's list_quota_infos
+        "roles/serviceusage.serviceUsageConsumer"])  # a user's credentials carry the project as quota project
+    for bucket in BUCKETS:  # object access and storage.buckets.get (the preflight's probe), on the three buckets only
+        assert held(ALICE, state["bucket_roles"][bucket]) == ["roles/storage.legacyBucketReader", "roles/storage.objectUser"]
+    assert held(ALICE, state["artifact_registry"]["roles"]) == ["roles/artifactregistry.reader"]  # this repository only
+    assert not [g for g in state["project_roles"] if g["role"].startswith(("roles/storage.", "roles/artifactregistry."))]
+    # the runner acts as itself (the tuning job 06_automl submits from inside a Vertex job), on its own account only
+    assert held(RUNNER, state["service_account"]["roles"]) == ["roles/iam.serviceAccountUser"]
+    assert held(RUNNER, state["artifact_registry"]["builder_service_account"]["roles"]) == []
+    # the Vertex AI service agent pulls the images, not the runner: no registry role for it
+    assert held(RUNNER, state["artifact_registry"]["roles"]) == []
+    changes = {c.gcloud for c in pv.all_changes(state, "acme-ml") if c.what == pv.GRANT}
+    assert ("gcloud storage buckets add-iam-policy-binding gs://acme-ml-fmnist-models --member=user:alice@example.com "
+            "--role=roles/storage.legacyBucketReader") in changes
+    assert ("gcloud iam service-accounts add-iam-policy-binding fmnist-runner@acme-ml.iam.gserviceaccount.com --project=acme-ml "
+            f"--member={RUNNER} --role=roles/iam.serviceAccountUser") in changes
+    assert ("gcloud artifacts repositories add-iam-policy-binding fmnist --location=europe-west4 --project=acme-ml "
+            "--member=user:alice@example.com --role=roles/artifactregistry.reader") in changes
