@@ -14,6 +14,7 @@ from fakes import lro
 from fmnist_gcp import features as F
 from fmnist_gcp.cloud import features as V
 from fmnist_gcp.config import Settings
+from fmnist_gcp.data import CLASS_NAMES
 
 LOC = "projects/acme-ml/locations/europe-west4"
 STORE = f"{LOC}/featureOnlineStores/fmnist_features"
@@ -154,8 +155,9 @@ class FakeFeatureStore:
         q = np.array(rows[request.query.entity_id]["embedding"])
         dist = {i: 1 - float(np.dot(q, r["embedding"]) / np.linalg.norm(q) / np.linalg.norm(r["embedding"])) for i, r in rows.items()}
         near = sorted(dist, key=dist.get)[:request.query.neighbor_count]
-        return sv.SearchNearestEntitiesResponse(nearest_neighbors={"neighbors": [
+        self.last_search = sv.SearchNearestEntitiesResponse(nearest_neighbors={"neighbors": [
             {"entity_id": i, "distance": dist[i], "entity_key_values": self._response(i, "image_embedding")} for i in near]})
+        return self.last_search
 
 
 @pytest.fixture(autouse=True)
@@ -225,10 +227,14 @@ def test_lookup_and_similar_on_the_vertex_backend(settings, bq, fs):
     assert type(search).__name__ == "SearchNearestEntitiesRequest" and search.return_full_entity
     assert (search.query.entity_id, search.query.neighbor_count) == ("test-4", 4)
     assert ans["image_id"] == "test-4" and (ans["model"], ans["version"]) == ("fmnist-cnn", 2)
-    assert [n["image_id"] for n in ans["neighbours"]] and "test-4" not in [n["image_id"] for n in ans["neighbours"]]
-    assert len(ans["neighbours"]) == 3 and all(n["label"] == 1 for n in ans["neighbours"])
-    sims = [n["similarity"] for n in ans["neighbours"]]
-    assert sims == sorted(sims, reverse=True) and sims[0] > 0.9
+    # what our code made of the answer: the query dropped, k kept, cosine distance turned into similarity, the label
+    # and class name read from each neighbour's features
+    answer = fs.last_search.nearest_neighbors.neighbors
+    assert "test-4" in [n.entity_id for n in answer] and len(answer) == 4
+    expect = [(n.entity_id, round(1 - n.distance, 6)) for n in answer if n.entity_id != "test-4"][:3]
+    assert [(n["image_id"], n["similarity"]) for n in ans["neighbours"]] == expect
+    assert [(n["label"], n["class_name"]) for n in ans["neighbours"]] == [
+        (r, CLASS_NAMES[r]) for r in (fs.rows["image_embedding"][i]["label"] for i, _ in expect)]
     with pytest.raises(F.FeatureError, match="test-50 has no embedding"):
         V.similar(settings, "test-50")
 
