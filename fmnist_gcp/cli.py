@@ -112,7 +112,7 @@ def _add_gcp(sub) -> None:
     plan.add_argument("--offline", action="store_true", help="the whole desired state, without calling Google")
     plan.add_argument("--json", action="store_true", help="with --offline: the desired state as JSON")
     apply = g.add_parser("apply", help="enable the APIs; create the buckets, repository, service accounts and their roles")
-    destroy = g.add_parser("destroy", help="remove what apply created (the APIs stay enabled)")
+    destroy = g.add_parser("destroy", help="remove what apply created and the Feature Store online store publishing made (the APIs stay enabled)")
     destroy.add_argument("--force", action="store_true", help="also delete buckets and repositories that still hold something")
     for p in (plan, apply, destroy):
         p.add_argument("--submitter", action="append", default=[], metavar="MEMBER",

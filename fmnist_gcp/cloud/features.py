@@ -12,19 +12,19 @@ import time
 from .. import features as local_features
 from ..config import APP_LABELS, Settings
 from ..data import CLASS_NAMES
-from ..features import JOIN_KEY, SCHEMA, FeatureError, offline_rel, record_state, write_offline
+from ..features import JOIN_KEY, SCHEMA, FeatureError, offline_rel, record_state, view_summary, write_offline
+from .provision import ONLINE_STORE  # destroy deletes it
 from .vertex import vertex_client_options
 
 # %% auto #0
-__all__ = ['BQ_DATASET', 'ONLINE_STORE', 'EMBEDDING_COLUMN', 'location', 'online_store_name', 'feature_view_name', 'table_id',
-           'source_uri', 'load_job_config', 'bigquery_client', 'load_table', 'online_store_request',
-           'feature_view_request', 'fetch_request', 'search_request', 'feature_values', 'admin_client', 'publish_view',
-           'wait_sync', 'serving_endpoint', 'serving_client', 'read_rows', 'search_neighbours', 'delete_online_store',
-           'publish', 'lookup', 'lookup_latency', 'similar']
+__all__ = ['BQ_DATASET', 'EMBEDDING_COLUMN', 'SYNC_POLL_S', 'STORE_COST', 'location', 'online_store_name', 'feature_view_name',
+           'table_id', 'online_rel', 'source_uri', 'online_rows', 'write_online', 'load_job_config', 'bigquery_client',
+           'load_table', 'online_store_request', 'feature_view_request', 'fetch_request', 'search_request',
+           'feature_values', 'admin_client', 'publish_view', 'wait_sync', 'serving_endpoint', 'serving_client',
+           'read_rows', 'search_neighbours', 'delete_online_store', 'publish', 'lookup', 'lookup_latency', 'similar']
 
 # %% ../../nbs/cloud_features.ipynb #a7fe0006
 BQ_DATASET = "fmnist_features"  # BigQuery dataset holding one table per view
-ONLINE_STORE = "fmnist_features"  # the FeatureOnlineStore id
 EMBEDDING_COLUMN = "embedding"  # the vector column of image_embedding
 
 def location(settings: Settings) -> str:
@@ -35,11 +35,30 @@ def online_store_name(settings: Settings) -> str: return f"{location(settings)}/
 def feature_view_name(settings: Settings, view: str) -> str: return f"{online_store_name(settings)}/featureViews/{view}"
 def table_id(settings: Settings, view: str) -> str: return f"{settings.project}.{BQ_DATASET}.{view}"
 
+def online_rel(view: str) -> str:
+    "Path of the view's online rows (one per image id) in the datasets store: what BigQuery loads."
+    return f"features/online/{offline_rel(view).rsplit('/', 1)[1]}"
+
 def source_uri(settings: Settings, view: str) -> str:
-    "The view's Parquet file in the datasets bucket (what BigQuery loads)."
-    uri = settings.datasets.uri(offline_rel(view))
+    "The view's online rows in the datasets bucket (what BigQuery loads)."
+    uri = settings.datasets.uri(online_rel(view))
     if not uri.startswith("gs://"): raise FeatureError(f"BigQuery loads from gs:// only; the datasets store is {settings.datasets.root}")
     return uri
+
+# %% ../../nbs/cloud_features.ipynb #a7fe0007c
+def online_rows(view: str, table):
+    "The rows the feature view serves, one per image id: for `image_embedding`, the latest model version's."
+    if "model_version" in SCHEMA[view]: table = table[table.model_version == view_summary(view, table)["model_version"]]
+    if not table[JOIN_KEY].is_unique:
+        raise FeatureError(f"the {view} rows repeat image ids {sorted(table[JOIN_KEY][table[JOIN_KEY].duplicated()])[:3]}: a feature view takes one row per id")
+    return table.reset_index(drop=True)
+
+def write_online(settings: Settings, view: str, table) -> str:
+    "Write the view's online rows to the datasets store as Parquet; their gs:// URI."
+    import io
+    buf = io.BytesIO(); online_rows(view, table).to_parquet(buf, index=False)
+    settings.datasets.write_bytes(online_rel(view), buf.getvalue())
+    return source_uri(settings, view)
 
 # %% ../../nbs/cloud_features.ipynb #a7fe0009
 def load_job_config():
@@ -132,24 +151,32 @@ def _ensure(get, create, timeout: float):
     except exceptions.NotFound: return create().result(timeout=timeout)
 
 # %% ../../nbs/cloud_features.ipynb #a7fe0016
+SYNC_POLL_S = 10.0  # seconds between two reads of a running sync
+STORE_COST = ("making the Vertex AI Feature Store online store {name}: an Optimized store bills by the node-hour "
+              "while it exists, used or not; delete it with `fmnist gcp destroy` (or "
+              "fmnist_gcp.cloud.features.delete_online_store)")
+
+def _create_store(settings: Settings, admin):
+    print(STORE_COST.format(name=online_store_name(settings)), flush=True)
+    return admin.create_feature_online_store(request=online_store_request(settings))
+
 def publish_view(settings: Settings, view: str, dims: int | None = None, wait: bool = True, timeout: float = 3600) -> dict:
-    "Load the view's table into BigQuery, make the online store and feature view if missing, sync; what was done."
+    "Load the view's online rows into BigQuery, make the online store (saying what it costs) and feature view if missing, sync."
     table = load_table(settings, view)
     admin = admin_client(settings)
-    _ensure(lambda: admin.get_feature_online_store(name=online_store_name(settings)),
-            lambda: admin.create_feature_online_store(request=online_store_request(settings)), timeout)
+    _ensure(lambda: admin.get_feature_online_store(name=online_store_name(settings)), lambda: _create_store(settings, admin), timeout)
     _ensure(lambda: admin.get_feature_view(name=feature_view_name(settings, view)),
             lambda: admin.create_feature_view(request=feature_view_request(settings, view, dims)), timeout)
     sync = admin.sync_feature_view(feature_view=feature_view_name(settings, view)).feature_view_sync
-    status = wait_sync(admin, sync, timeout) if wait else "started"
+    status = wait_sync(admin, sync, timeout, SYNC_POLL_S) if wait else "started"
     return {"bigquery_table": table, "feature_view": feature_view_name(settings, view), "sync": sync, "sync_status": status}
 
-def wait_sync(admin, sync: str, timeout: float = 3600, poll: float = 10) -> str:
-    "Wait for a FeatureViewSync to end; 'ok', or FeatureError with its status."
+def wait_sync(admin, sync: str, timeout: float = 3600, poll: float = SYNC_POLL_S) -> str:
+    "Wait for a FeatureViewSync to end (its run_time has an end_time); 'ok', or FeatureError with its status."
     t0 = time.time()
     while time.time() - t0 < timeout:
         s = admin.get_feature_view_sync(name=sync)
-        if s.run_time.end_time:
+        if s.run_time.HasField("end_time"):  # a protobuf Timestamp: always truthy, set or not
             if s.final_status.code: raise FeatureError(f"sync {sync} failed: {s.final_status.message} (code {s.final_status.code})")
             return "ok"
         time.sleep(poll)
@@ -208,6 +235,7 @@ def delete_online_store(settings: Settings, tables: bool = False, timeout: float
 def publish(settings: Settings, view: str, rows) -> dict:
     "`features.publish` on the vertex backend: the offline table, a BigQuery load and a Feature Store sync; the view's summary."
     table = write_offline(settings, view, rows)
+    write_online(settings, view, table)
     dims = len(table["embedding"].iloc[0]) if view == "image_embedding" else None
     return record_state(settings, view, table, **publish_view(settings, view, dims))
 

@@ -14,24 +14,27 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from ..config import APP_LABELS, ROLES as STORES, Settings, default_credentials, store_uris
+from .vertex import vertex_client_options
 
 # %% auto #0
 __all__ = ['RUNNER', 'BUILDER', 'SUBMITTER', 'BUILD_SOURCE_STORE', 'SCOPES', 'IAM_ROLES', 'BASIC_ROLES', 'STORAGE_API', 'IAM_API',
            'REGISTRY_API', 'PROJECTS_API', 'APIS', 'GS', 'DEFAULT_SERVICE_ACCOUNT_ID', 'BUILDER_SERVICE_ACCOUNT_ID',
-           'DEFAULT_REPOSITORY', 'MEMBER_KINDS', 'VERSIONED_STORE', 'PUBLIC_ACCESS_PREVENTION', 'LABELS',
-           'SERVICE_ACCOUNT_TITLE', 'BUILDER_TITLE', 'ENABLE_API', 'CREATE_BUCKET', 'UPDATE_BUCKET',
+           'DEFAULT_REPOSITORY', 'ONLINE_STORE', 'MEMBER_KINDS', 'VERSIONED_STORE', 'PUBLIC_ACCESS_PREVENTION',
+           'LABELS', 'SERVICE_ACCOUNT_TITLE', 'BUILDER_TITLE', 'ENABLE_API', 'CREATE_BUCKET', 'UPDATE_BUCKET',
            'CREATE_SERVICE_ACCOUNT', 'CREATE_REPOSITORY', 'GRANT', 'REVOKE', 'DELETE_BUCKET', 'DELETE_REPOSITORY',
-           'DELETE_SERVICE_ACCOUNT', 'RUNNER_PURPOSE', 'BUILDER_PURPOSE', 'NOTHING_TO_CHANGE', 'OPERATION_TIMEOUT',
-           'SERVICE_ACCOUNT_DESCRIPTION', 'REPOSITORY_DESCRIPTION', 'MAKERS', 'APIS_KEPT', 'Role', 'ProvisionError',
-           'project_and_region', 'bucket_names', 'service_account_email', 'member', 'builder_email', 'bucket_settings',
-           'grants', 'desired_state', 'service_accounts', 'merge_policy', 'remove_members', 'has_member', 'Change',
+           'DELETE_SERVICE_ACCOUNT', 'DELETE_ONLINE_STORE', 'RUNNER_PURPOSE', 'BUILDER_PURPOSE', 'NOTHING_TO_CHANGE',
+           'VERTEX_API', 'OPERATION_TIMEOUT', 'SERVICE_ACCOUNT_DESCRIPTION', 'REPOSITORY_DESCRIPTION', 'MAKERS',
+           'APIS_KEPT', 'OPERATION_TIMEOUT_ONLINE_STORE', 'Role', 'ProvisionError', 'project_and_region',
+           'bucket_names', 'service_account_email', 'member', 'builder_email', 'bucket_settings', 'grants',
+           'desired_state', 'service_accounts', 'merge_policy', 'remove_members', 'has_member', 'Change',
            'service_account_name', 'repository_name', 'api_change', 'bucket_change', 'service_account_change',
            'repository_change', 'grant_command', 'grant_change', 'role_targets', 'all_changes', 'bucket_drift',
            'satisfied', 'pending', 'format_plan', 'storage_client', 'service_usage_client', 'iam_client',
-           'projects_client', 'registry_client', 'Clients', 'enabled_apis', 'read_bucket', 'exists', 'read_policy',
-           'current_state', 'enable_apis', 'create_bucket', 'update_bucket', 'create_service_account',
-           'create_repository', 'write_policy', 'update_policy', 'bindings_of', 'plan', 'apply', 'removal_changes',
-           'is_empty', 'delete_bucket', 'remove', 'destroy', 'plan_json', 'role_table']
+           'projects_client', 'feature_store_client', 'registry_client', 'Clients', 'enabled_apis', 'read_bucket',
+           'exists', 'read_policy', 'online_store_name', 'online_store_views', 'current_state', 'enable_apis',
+           'create_bucket', 'update_bucket', 'create_service_account', 'create_repository', 'write_policy',
+           'update_policy', 'bindings_of', 'plan', 'apply', 'online_store_change', 'removal_changes', 'is_empty',
+           'delete_bucket', 'remove', 'destroy', 'plan_json', 'role_table']
 
 # %% ../../nbs/cloud_provision.ipynb #3f61fe4c
 RUNNER, BUILDER, SUBMITTER = "runner", "builder", "submitter"  # who holds a role
@@ -52,14 +55,23 @@ IAM_ROLES = (
     Role("roles/bigquery.dataEditor", "project", "write the feature store's offline tables (Feature Store V2 reads BigQuery); narrow to its dataset once it exists"),
     Role("roles/bigquery.jobUser", "project", "run the BigQuery load and query jobs that fill and read those tables (jobs belong to the project)"),
     Role("roles/storage.objectUser", "bucket", "read, write and delete objects in this store only; no bucket settings, no IAM changes"),
-    Role("roles/artifactregistry.reader", "repository", "pull the train and serve images from this repository only"),
+    Role("roles/iam.serviceAccountUser", "service_account", "lets the runner act as itself: 06_automl submits the tuning job, run as the runner, from inside a Vertex job", RUNNER, RUNNER),
     Role("roles/iam.serviceAccountUser", "service_account", "lets this submitter run Vertex jobs as the runner account (actAs), on that account only", SUBMITTER, RUNNER),
     Role("roles/artifactregistry.writer", "repository", "push the images Cloud Build builds, to this repository only", BUILDER),
     Role("roles/storage.objectViewer", "bucket", "read the uploaded build context (cloudbuild/source/*.tgz), in the dev bucket only", BUILDER, BUILD_SOURCE_STORE),
     Role("roles/logging.logWriter", "project", "write the build logs (a build run as a service account logs to Cloud Logging only)", BUILDER),
     Role("roles/iam.serviceAccountUser", "service_account", "lets this submitter run Cloud Builds as the builder account (actAs), on that account only", SUBMITTER, BUILDER),
     Role("roles/cloudbuild.builds.editor", "project", "lets this submitter create and follow Cloud Builds (`fmnist gcp build`); builds belong to the project", SUBMITTER),
+    Role("roles/aiplatform.user", "project", "lets this submitter submit and follow Vertex AI jobs, models and endpoints (and the preflight's region probe)", SUBMITTER),
+    Role("roles/storage.objectUser", "bucket", "lets this submitter read and write the stores' objects (staging, runs, datasets, models), in this store only", SUBMITTER),
+    Role("roles/storage.legacyBucketReader", "bucket", "storage.buckets.get for the preflight's bucket probe (and objects.list), on this bucket only", SUBMITTER),
+    Role("roles/artifactregistry.reader", "repository", "lets the preflight find the image repository (and this submitter pull the images), this repository only", SUBMITTER),
+    Role("roles/cloudquotas.viewer", "project", "lets the preflight read the Vertex AI training quotas (list_quota_infos); quotas belong to the project", SUBMITTER),
+    Role("roles/serviceusage.serviceUsageConsumer", "project", "a user's credentials bill the project (x-goog-user-project), which needs serviceusage.services.use", SUBMITTER),
 )
+# No registry role for the runner: the Vertex AI service agent pulls the train and serve images (its own project's
+# repositories are readable to it by default), and nothing run as the runner reads the repository (in-container runs
+# skip the preflight, `--no-check`).
 BASIC_ROLES = ("roles/owner", "roles/editor", "roles/viewer")  # never granted
 
 
@@ -102,6 +114,7 @@ def bucket_names(settings: Settings) -> dict[str, str]:  # store -> bucket
 DEFAULT_SERVICE_ACCOUNT_ID = "fmnist-runner"  # the account Vertex jobs run as
 BUILDER_SERVICE_ACCOUNT_ID = "fmnist-builder"  # the account Cloud Build runs as (`fmnist gcp build`)
 DEFAULT_REPOSITORY = "fmnist"  # Artifact Registry Docker repository
+ONLINE_STORE = "fmnist_features"  # the Feature Store V2 online store publishing makes (cloud.features); destroy deletes it
 MEMBER_KINDS = ("user", "group", "serviceAccount", "domain")
 
 def service_account_email(settings: Settings, service_account_id: str = DEFAULT_SERVICE_ACCOUNT_ID) -> str:
@@ -213,6 +226,7 @@ ENABLE_API, CREATE_BUCKET, UPDATE_BUCKET = "enable API", "create bucket", "updat
 CREATE_SERVICE_ACCOUNT, CREATE_REPOSITORY, GRANT = "create service account", "create repository", "grant role"
 REVOKE, DELETE_BUCKET = "revoke role", "delete bucket"
 DELETE_REPOSITORY, DELETE_SERVICE_ACCOUNT = "delete repository", "delete service account"
+DELETE_ONLINE_STORE = "delete online store"  # the Feature Store V2 store publishing made (not apply): it bills by the hour
 
 @dataclass(frozen=True)
 class Change:
@@ -361,6 +375,12 @@ def projects_client(credentials=None):
     from google.cloud import resourcemanager_v3
     return resourcemanager_v3.ProjectsClient(credentials=credentials)
 
+def feature_store_client(settings: Settings, credentials=None):
+    "Vertex AI Feature Store V2 admin client on the region's endpoint (the online store publishing makes)."
+    from google.cloud.aiplatform_v1 import FeatureOnlineStoreAdminServiceClient
+    return FeatureOnlineStoreAdminServiceClient(credentials=credentials, client_options=vertex_client_options(settings),
+                                                transport=settings.vertex_transport or "grpc")
+
 def registry_client(credentials=None):
     "google-cloud-artifact-registry client."
     from google.cloud import artifactregistry_v1
@@ -370,6 +390,7 @@ def registry_client(credentials=None):
 @dataclass
 class Clients:
     storage: Any; services: Any; iam: Any; projects: Any; registry: Any
+    feature_store: Any = None  # Feature Store V2 admin: None = no online store to look for
 
     @classmethod
     def connect(cls, settings: Settings) -> "Clients":
@@ -377,7 +398,7 @@ class Clients:
         project, _ = project_and_region(settings)
         creds = default_credentials(settings)
         return cls(storage_client(project, creds), service_usage_client(creds), iam_client(creds), projects_client(creds),
-                   registry_client(creds))
+                   registry_client(creds), feature_store_client(settings, creds))
 
     def gapic(self, scope: str):
         "The client whose get/set_iam_policy serves `scope` (not buckets: those go through storage)."
@@ -419,9 +440,24 @@ def read_policy(clients: Clients, scope: str, target: str) -> dict:
     policy = clients.gapic(scope).get_iam_policy(request={"resource": target, "options": {"requested_policy_version": 3}})
     return json_format.MessageToDict(policy, preserving_proto_field_name=True)
 
+# %% ../../nbs/cloud_provision.ipynb #75da2288
+VERTEX_API = "aiplatform.googleapis.com"
+
+def online_store_name(project: str, region: str) -> str:
+    "The Feature Store V2 online store that publishing on the vertex backend makes (`cloud.features`)."
+    return f"projects/{project}/locations/{region}/featureOnlineStores/{ONLINE_STORE}"
+
+def online_store_views(clients: Clients, name: str) -> list[str] | None:
+    "The feature view ids of online store `name`; None when it does not exist (or no Feature Store client is given)."
+    from google.api_core import exceptions
+    if clients.feature_store is None: return None
+    try: clients.feature_store.get_feature_online_store(name=name)
+    except exceptions.NotFound: return None
+    return [v.name.rsplit("/", 1)[-1] for v in clients.feature_store.list_feature_views(parent=name)]
+
 # %% ../../nbs/cloud_provision.ipynb #f621cf8d
 def current_state(state: dict, project: str, clients: Clients) -> dict:
-    "What the project holds of `state`: enabled APIs, buckets, the accounts that exist, repository and policies on them."
+    "What the project holds of `state`: enabled APIs, buckets, accounts, repository, policies on them, the online store's views."
     apis = enabled_apis(clients.services, project, [a["name"] for a in state["apis"]])
     accounts = {a["email"] for a in service_accounts(state)
                 if IAM_API in apis and exists(clients.iam.get_service_account, service_account_name(project, a["email"]))}
@@ -430,8 +466,10 @@ def current_state(state: dict, project: str, clients: Clients) -> dict:
     buckets = {n: b for n, b in found.items() if b}
     readable = {"project": PROJECTS_API in apis, "bucket": lambda t: t in buckets, "repository": repo, "service_account": lambda t: t.rsplit("/", 1)[-1] in accounts}
     targets = {t: s for s, t, _ in role_targets(state, project) if (readable[s](t) if callable(readable[s]) else readable[s])}
+    store = online_store_name(project, state["artifact_registry"]["location"])
     return {"apis": apis, "accounts": accounts, "repository": repo, "buckets": buckets,
-            "policies": {t: read_policy(clients, s, t) for t, s in targets.items()}}
+            "policies": {t: read_policy(clients, s, t) for t, s in targets.items()},
+            "online_store": online_store_views(clients, store) if VERTEX_API in apis else None}
 
 # %% ../../nbs/cloud_provision.ipynb #79a84361
 OPERATION_TIMEOUT = 300  # seconds to wait for a long-running operation
@@ -538,11 +576,22 @@ def apply(settings: Settings,
 
 # %% ../../nbs/cloud_provision.ipynb #4ac609bc
 APIS_KEPT = "APIs stay enabled (other resources in the project may use them)"
+OPERATION_TIMEOUT_ONLINE_STORE = 1800  # seconds: deleting an online store with its views takes longer than the rest
+
+def online_store_change(project: str, region: str, views: list[str]) -> Change:
+    "Delete the online store with its feature views (force); REST, as gcloud has no GA command for it."
+    name = online_store_name(project, region)
+    cmd = (f'curl -X DELETE -H "Authorization: Bearer $(gcloud auth print-access-token)" '
+           f'"https://{region}-aiplatform.googleapis.com/v1/{name}?force=true"')
+    held = f"; with its feature views {', '.join(views)}" if views else ""
+    return Change(DELETE_ONLINE_STORE, name, cmd, f"an Optimized online store bills by the node-hour until deleted{held}")
 
 def removal_changes(state: dict, project: str, current: dict) -> list[Change]:
     "What destroy removes, given what the project holds."
     repo = state["artifact_registry"]
-    out = [grant_change(s, t, g, verb="remove") for s, t, g in role_targets(state, project)
+    views = current.get("online_store")
+    out = [] if views is None else [online_store_change(project, repo["location"], views)]
+    out += [grant_change(s, t, g, verb="remove") for s, t, g in role_targets(state, project)
            if s == "project" and has_member(current["policies"].get(t, {}), g["role"], g["member"])]
     if current["repository"]:
         out.append(Change(DELETE_REPOSITORY, repository_name(project, repo), f"gcloud artifacts repositories delete "
@@ -572,6 +621,8 @@ def remove(clients: Clients, change: Change) -> None:
     if change.what == DELETE_BUCKET: return delete_bucket(clients, change.resource)
     if change.what == DELETE_REPOSITORY:
         return clients.registry.delete_repository(request={"name": change.resource}).result(timeout=OPERATION_TIMEOUT)
+    if change.what == DELETE_ONLINE_STORE:
+        return clients.feature_store.delete_feature_online_store(name=change.resource, force=True).result(timeout=OPERATION_TIMEOUT_ONLINE_STORE)
     if change.what == DELETE_SERVICE_ACCOUNT: return clients.iam.delete_service_account(request={"name": change.resource})
     (scope, target), drop = next(iter(bindings_of([change]).items()))
     update_policy(clients, scope, target, lambda p: remove_members(p, drop))

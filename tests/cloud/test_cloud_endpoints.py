@@ -117,15 +117,30 @@ def test_deploy_undeploy_delete_requests(gapic):
         aiplatform.Endpoint(ENDPOINT).list_models()
 
 
-def test_deploying_a_version_that_does_not_exist_fails_and_an_endpoint_with_a_model_is_not_deleted(gapic, models):
-    from google.api_core.exceptions import FailedPrecondition, NotFound
+def test_deploying_a_version_that_does_not_exist_fails_before_an_endpoint_is_made(gapic, models):
+    from google.api_core.exceptions import NotFound
     from fmnist_gcp.cloud.endpoints import deploy
     s = Settings.from_env(VERTEX_ENV)
     with pytest.raises(NotFound):
         deploy(s, f"{MODEL}@7")
+    assert gapic["create_endpoint"] == [] and gapic["deploy_model"] == []  # looked up first: no endpoint left behind
+
+
+def test_teardown_undeploys_before_it_deletes(gapic, models):
+    "Vertex refuses to delete an endpoint that still holds a model: undeploy_and_delete sends the undeploys first."
+    from google.api_core.exceptions import FailedPrecondition
+    from google.cloud import aiplatform
+    from fmnist_gcp.cloud.endpoints import deploy, undeploy_and_delete
+    s = Settings.from_env(VERTEX_ENV)
     ep = deploy(s, MODEL)
-    with pytest.raises(FailedPrecondition):
+    with pytest.raises(FailedPrecondition):  # the fake's known-bad request: a delete while a model is deployed
         ep.delete()
+    held = [m.id for m in aiplatform.Endpoint(ENDPOINT).list_models()]
+    start = len(gapic.endpoints.calls)
+    undeploy_and_delete(s, ENDPOINT)
+    sent = [(n, kw.get("deployed_model_id") or kw.get("name")) for n, kw in gapic.endpoints.calls[start:]
+            if n in ("undeploy_model", "delete_endpoint")]
+    assert sent == [*(("undeploy_model", i) for i in held), ("delete_endpoint", ENDPOINT)]
 
 
 def test_batch_prediction_request(gapic):

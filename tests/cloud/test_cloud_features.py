@@ -3,7 +3,10 @@
 The gapic clients' methods are patched with stateful fakes that check each request proto; BigQuery's HTTP
 connection is answered in process. Credentials are anonymous; nothing reaches Google."""
 
+import io
+
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import VERTEX_ENV
@@ -11,6 +14,7 @@ from fakes import lro
 from fmnist_gcp import features as F
 from fmnist_gcp.cloud import features as V
 from fmnist_gcp.config import Settings
+from fmnist_gcp.data import CLASS_NAMES
 
 LOC = "projects/acme-ml/locations/europe-west4"
 STORE = f"{LOC}/featureOnlineStores/fmnist_features"
@@ -56,13 +60,16 @@ def table_rows():
 
 class FakeFeatureStore:
     "The admin and serving services of Feature Store V2: stores, views, syncs, fetch and search."
-    def __init__(self, rows):
+    SYNC_POLLS = 3  # a sync's end_time is set on its third get, as a real sync takes minutes
+
+    def __init__(self, rows, sync_code=0):
         self.stores, self.views, self.requests, self.rows = {}, {}, [], rows
+        self.syncs, self.sync_gets, self.sync_code = {}, [], sync_code  # sync name -> gets so far; every get; its final code
 
     def patch(self, monkeypatch):
         from google.cloud.aiplatform_v1 import FeatureOnlineStoreAdminServiceClient as Admin, FeatureOnlineStoreServiceClient as Serving
         for n in ("get_feature_online_store", "create_feature_online_store", "get_feature_view", "create_feature_view",
-                  "sync_feature_view", "get_feature_view_sync"):
+                  "sync_feature_view", "get_feature_view_sync", "delete_feature_online_store"):
             monkeypatch.setattr(Admin, n, lambda client, request=None, _n=n, **kw: getattr(self, _n)(request, **kw))
         for n in ("fetch_feature_values", "search_nearest_entities"):
             monkeypatch.setattr(Serving, n, lambda client, request=None, _n=n, **kw: getattr(self, _n)(client, request, **kw))
@@ -96,11 +103,30 @@ class FakeFeatureStore:
         from google.cloud.aiplatform_v1.types import feature_online_store_admin_service as admin
         self._get(self.views, feature_view)
         self.requests.append(admin.SyncFeatureViewRequest(feature_view=feature_view))
-        return admin.SyncFeatureViewResponse(feature_view_sync=f"{feature_view}/featureViewSyncs/1")
+        name = f"{feature_view}/featureViewSyncs/{1000 + len(self.syncs)}"
+        self.syncs[name] = 0
+        return admin.SyncFeatureViewResponse(feature_view_sync=name)
 
     def get_feature_view_sync(self, request=None, *, name=None, **kw):
+        "Running (no end_time, no final_status) until its SYNC_POLLS-th get, then ended with `sync_code`."
         from google.cloud.aiplatform_v1.types import FeatureViewSync
-        return FeatureViewSync(name=name, run_time={"start_time": {"seconds": 1}, "end_time": {"seconds": 2}}, final_status={"code": 0})
+        self._get(self.syncs, name)
+        self.syncs[name] += 1; self.sync_gets.append(name)
+        if self.syncs[name] < self.SYNC_POLLS: return FeatureViewSync(name=name, run_time={"start_time": {"seconds": 1}})
+        status = {"code": self.sync_code, "message": "BigQuery table has duplicate entity ids" if self.sync_code else ""}
+        return FeatureViewSync(name=name, run_time={"start_time": {"seconds": 1}, "end_time": {"seconds": 2}}, final_status=status)
+
+    def delete_feature_online_store(self, request=None, *, name=None, force=False, **kw):
+        "NotFound for an unknown store; FailedPrecondition while it holds feature views and `force` is off (as Vertex)."
+        from google.api_core import exceptions
+        from google.cloud.aiplatform_v1.types import feature_online_store_admin_service as admin
+        self.requests.append(admin.DeleteFeatureOnlineStoreRequest(name=name, force=force))
+        self._get(self.stores, name)
+        views = [v for v in self.views if v.startswith(name + "/featureViews/")]
+        if views and not force: raise exceptions.FailedPrecondition(f"{name} has feature views: {views}; set force to delete them")
+        for v in views: del self.views[v]
+        del self.stores[name]
+        return lro(None)
 
     def _response(self, image_id, view):
         from google.cloud.aiplatform_v1.types import feature_online_store_service as sv, featurestore_online_service as fo, types
@@ -129,8 +155,14 @@ class FakeFeatureStore:
         q = np.array(rows[request.query.entity_id]["embedding"])
         dist = {i: 1 - float(np.dot(q, r["embedding"]) / np.linalg.norm(q) / np.linalg.norm(r["embedding"])) for i, r in rows.items()}
         near = sorted(dist, key=dist.get)[:request.query.neighbor_count]
-        return sv.SearchNearestEntitiesResponse(nearest_neighbors={"neighbors": [
+        self.last_search = sv.SearchNearestEntitiesResponse(nearest_neighbors={"neighbors": [
             {"entity_id": i, "distance": dist[i], "entity_key_values": self._response(i, "image_embedding")} for i in near]})
+        return self.last_search
+
+
+@pytest.fixture(autouse=True)
+def fast_polls(monkeypatch):
+    monkeypatch.setattr(V, "SYNC_POLL_S", 0.001, raising=False)
 
 
 @pytest.fixture
@@ -153,14 +185,15 @@ def test_bigquery_load_request(settings, bq):
     assert ds["datasetReference"] == {"projectId": "acme-ml", "datasetId": "fmnist_features"}
     load = job["configuration"]["load"]
     assert job_path == "/projects/acme-ml/jobs" and job["jobReference"]["location"] == "europe-west4"
-    assert load["sourceUris"] == ["gs://acme-ml-fmnist-datasets/features/image_embedding.parquet"]
+    assert load["sourceUris"] == ["gs://acme-ml-fmnist-datasets/features/online/image_embedding.parquet"]
     assert load["destinationTable"] == {"projectId": "acme-ml", "datasetId": "fmnist_features", "tableId": "image_embedding"}
     assert (load["sourceFormat"], load["writeDisposition"], load["parquetOptions"]["enableListInference"]) == ("PARQUET", "WRITE_TRUNCATE", True)
 
 
 def test_publish_makes_the_store_and_views_once_and_syncs(settings, bq, fs):
     out = V.publish_view(settings, "image_stats", wait=True)
-    assert out["sync_status"] == "ok" and out["sync"].endswith("featureViews/image_stats/featureViewSyncs/1")
+    assert out["sync"].startswith(f"{STORE}/featureViews/image_stats/featureViewSyncs/")
+    assert fs.sync_gets == [out["sync"]] * fs.SYNC_POLLS  # polled until the sync had an end_time, then no more
     V.publish_view(settings, "image_embedding", dims=8)
     V.publish_view(settings, "image_embedding", dims=8)  # again: nothing new is created, the view is synced again
     kinds = [type(r).__name__ for r in fs.requests]
@@ -194,10 +227,14 @@ def test_lookup_and_similar_on_the_vertex_backend(settings, bq, fs):
     assert type(search).__name__ == "SearchNearestEntitiesRequest" and search.return_full_entity
     assert (search.query.entity_id, search.query.neighbor_count) == ("test-4", 4)
     assert ans["image_id"] == "test-4" and (ans["model"], ans["version"]) == ("fmnist-cnn", 2)
-    assert [n["image_id"] for n in ans["neighbours"]] and "test-4" not in [n["image_id"] for n in ans["neighbours"]]
-    assert len(ans["neighbours"]) == 3 and all(n["label"] == 1 for n in ans["neighbours"])
-    sims = [n["similarity"] for n in ans["neighbours"]]
-    assert sims == sorted(sims, reverse=True) and sims[0] > 0.9
+    # what our code made of the answer: the query dropped, k kept, cosine distance turned into similarity, the label
+    # and class name read from each neighbour's features
+    answer = fs.last_search.nearest_neighbors.neighbors
+    assert "test-4" in [n.entity_id for n in answer] and len(answer) == 4
+    expect = [(n.entity_id, round(1 - n.distance, 6)) for n in answer if n.entity_id != "test-4"][:3]
+    assert [(n["image_id"], n["similarity"]) for n in ans["neighbours"]] == expect
+    assert [(n["label"], n["class_name"]) for n in ans["neighbours"]] == [
+        (r, CLASS_NAMES[r]) for r in (fs.rows["image_embedding"][i]["label"] for i, _ in expect)]
     with pytest.raises(F.FeatureError, match="test-50 has no embedding"):
         V.similar(settings, "test-50")
 
@@ -215,12 +252,68 @@ def test_the_stage_functions_on_the_vertex_backend(settings, bq, fs, gcs_emulato
     table = embedding_table(ids, np.array([rows[i]["label"] for i in ids]), np.array([rows[i]["embedding"] for i in ids]),
                             np.eye(10)[[rows[i]["label"] for i in ids]], "fmnist-cnn", 2, F.STATS_EVENT_TIME)
     out = V.publish(s, "image_embedding", table)
-    assert (out["rows"], out["model_version"], out["sync_status"]) == (12, 2, "ok")
-    assert s.datasets.exists("features/image_embedding.parquet")
+    assert (out["rows"], out["model_version"]) == (12, 2)
+    assert fs.sync_gets == [out["sync"]] * fs.SYNC_POLLS and F.read_state(s)["image_embedding"]["sync"] == out["sync"]
+    # a second model version: the offline table keeps both (24 rows), the feature view's BigQuery source gets only
+    # the latest version's rows, one per image id (a view over BigQuery does not take repeated entity ids)
+    table3 = table.assign(model_version=3, event_timestamp=table.event_timestamp + pd.Timedelta(days=1))
+    out = V.publish(s, "image_embedding", table3)
+    assert (out["rows"], out["images"], out["model_version"]) == (24, 12, 3)
+    assert len(F.read_offline(s, "image_embedding")) == 24
     job = [d for m, p, d in bq.calls if m == "POST" and p.endswith("/jobs")][-1]
-    assert job["configuration"]["load"]["sourceUris"] == ["gs://fmnist-test/vertex-features/features/image_embedding.parquet"]
-    assert F.read_state(s)["image_embedding"]["sync"].endswith("/featureViewSyncs/1")
+    (uri,) = job["configuration"]["load"]["sourceUris"]
+    root = "gs://fmnist-test/vertex-features/"
+    assert uri.startswith(root) and uri.endswith(".parquet")
+    loaded = pd.read_parquet(io.BytesIO(s.datasets.read_bytes(uri[len(root):])))  # what BigQuery reads
+    assert len(loaded) == 12 and loaded.image_id.is_unique and set(loaded.model_version) == {3}
+    assert sorted(loaded.image_id) == sorted(ids)
     index = F.build_index(s)  # the reports' copy: the offline rows of the current version
     assert len(index["ids"]) == 12 and index["unit"].shape == (12, 8)
     lat = V.lookup_latency(s, ["test-1", "test-2"], 3, "image_embedding")
     assert lat["ids"] == 2 and lat["p50_ms"] > 0
+
+
+def test_wait_sync_polls_until_the_sync_has_an_end_time(settings, bq, fs):
+    "A sync that is still running (run_time without end_time) is not done: wait_sync polls it again."
+    admin = V.admin_client(settings)
+    V.publish_view(settings, "image_stats", wait=False)
+    sync = next(iter(fs.syncs))
+    assert V.wait_sync(admin, sync, timeout=5, poll=0.001) == "ok"
+    assert fs.sync_gets == [sync] * fs.SYNC_POLLS
+    with pytest.raises(F.FeatureError, match="did not end in"):  # a sync that never ends within the timeout
+        fs.syncs[sync] = -10**9; V.wait_sync(admin, sync, timeout=0.05, poll=0.001)
+    from google.api_core import exceptions
+    with pytest.raises(exceptions.NotFound):  # the fake refuses a sync it never started, as Vertex does
+        admin.get_feature_view_sync(name=f"{STORE}/featureViews/image_stats/featureViewSyncs/9")
+
+
+def test_a_failed_sync_is_an_error_naming_its_status(settings, bq, fs):
+    fs.sync_code = 9  # FAILED_PRECONDITION, set only once the sync has ended
+    with pytest.raises(F.FeatureError, match="failed: BigQuery table has duplicate entity ids .code 9."):
+        V.publish_view(settings, "image_stats")
+    assert len(fs.sync_gets) == fs.SYNC_POLLS
+
+
+def test_publish_says_the_online_store_bills_before_creating_it(settings, bq, fs, capsys):
+    V.publish_view(settings, "image_stats")
+    said = capsys.readouterr().out
+    assert "node-hour" in said and "fmnist gcp destroy" in said and STORE in said
+    V.publish_view(settings, "image_embedding", dims=8)  # the store exists: said once, when it was made
+    assert "node-hour" not in capsys.readouterr().out
+    kinds = [type(r).__name__ for r in fs.requests]
+    assert kinds.index("CreateFeatureOnlineStoreRequest") == 0
+
+
+def test_delete_online_store_deletes_it_with_its_views(settings, bq, fs):
+    from google.api_core import exceptions
+    V.publish_view(settings, "image_stats"); V.publish_view(settings, "image_embedding", dims=8)
+    admin = V.admin_client(settings)
+    with pytest.raises(exceptions.NotFound):  # a bad name: the real NotFound
+        admin.delete_feature_online_store(name=f"{LOC}/featureOnlineStores/no_such_store", force=True)
+    with pytest.raises(exceptions.FailedPrecondition):  # views left and no force: refused, as Vertex refuses it
+        admin.delete_feature_online_store(name=STORE)
+    V.delete_online_store(settings)
+    delete = [r for r in fs.requests if type(r).__name__ == "DeleteFeatureOnlineStoreRequest"][-1]
+    assert (delete.name, delete.force) == (STORE, True)  # what our code sent: the store, with its views
+    assert not fs.stores and not fs.views
+    V.delete_online_store(settings)  # gone already: nothing to do, no error

@@ -98,12 +98,6 @@ def test_gpu_run_names_the_accelerator_and_a_bad_one_fails_before_anything_is_se
         run_job_spec(s, IMAGE, profile="smoke", run_id="r1", stages=["no_such_stage"])
 
 
-def _cli_has_on_vertex() -> bool:
-    from fmnist_gcp.cli import _parser
-    return "--on" in _parser()._subparsers._group_actions[0].choices["run"].format_help()
-
-
-@pytest.mark.skipif(not _cli_has_on_vertex(), reason="`fmnist run --on vertex` is not wired into the CLI yet")
 def test_fmnist_run_on_vertex_dry_run_prints_the_job(tmp_path):
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("FMNIST_", "GOOGLE_"))}, **DONE_WHEN, **NO_METADATA,
            "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "none.json"), "CLOUDSDK_CONFIG": str(tmp_path)}  # no credentials

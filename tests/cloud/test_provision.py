@@ -61,6 +61,7 @@ class FakeGoogle:
         from google.iam.v1 import policy_pb2
         self.enabled = {"storage.googleapis.com"}  # on by default in a new project
         self.accounts, self.repos, self.packages, self.calls = {}, {}, {}, []
+        self.online_stores = {}  # Feature Store V2 online store name -> its feature view ids (publishing makes it, not apply)
         self.policies = {"projects/acme-ml": policy_pb2.Policy(version=1, etag=b"e0", bindings=[
             policy_pb2.Binding(role="roles/aiplatform.user", members=[OTHER]),
             policy_pb2.Binding(role="roles/cloudbuild.builds.editor", members=[OTHER])])}
@@ -114,6 +115,21 @@ class FakeGoogle:
             if new.etag != self.policies.get(target, policy_pb2.Policy(etag=b"e0")).etag: raise exceptions.Aborted("etag")
             self.policies[target] = copy(new, etag=new.etag + b"+")
             return self.policies[target]
+        def get_store(_, request=None, *, name=None, **kw):
+            self._rec("get_feature_online_store", name)
+            if name not in self.online_stores: raise exceptions.NotFound(name)
+            return fs_types.FeatureOnlineStore(name=name, optimized={})
+        def list_views(_, request=None, *, parent=None, **kw):
+            self._rec("list_feature_views", parent)
+            if parent not in self.online_stores: raise exceptions.NotFound(parent)
+            return [fs_types.FeatureView(name=f"{parent}/featureViews/{v}") for v in self.online_stores[parent]]
+        def delete_store(_, request=None, *, name=None, force=False, **kw):
+            self._rec("delete_feature_online_store", {"name": name, "force": force})
+            if name not in self.online_stores: raise exceptions.NotFound(name)  # as Vertex: a bad name is NotFound
+            if self.online_stores[name] and not force: raise exceptions.FailedPrecondition(f"{name} has feature views; set force")
+            del self.online_stores[name]; return self._op()
+        from google.cloud.aiplatform_v1 import FeatureOnlineStoreAdminServiceClient as F
+        from google.cloud.aiplatform_v1 import types as fs_types
         S, I, P, A = su.ServiceUsageClient, iam.IAMClient, rm.ProjectsClient, ar.ArtifactRegistryClient
         table = [(S, "batch_get_services", batch_get), (S, "batch_enable_services", batch_enable),
                  (I, "get_service_account", get_found(self.accounts, "get_service_account")), (I, "create_service_account", create_sa),
@@ -121,7 +137,9 @@ class FakeGoogle:
                  (P, "get_iam_policy", get_policy), (P, "set_iam_policy", set_policy),
                  (A, "get_repository", get_found(self.repos, "get_repository")), (A, "create_repository", create_repo),
                  (A, "delete_repository", delete_repo), (A, "list_packages", list_packages),
-                 (A, "get_iam_policy", get_policy), (A, "set_iam_policy", set_policy)]
+                 (A, "get_iam_policy", get_policy), (A, "set_iam_policy", set_policy),
+                 (F, "get_feature_online_store", get_store), (F, "list_feature_views", list_views),
+                 (F, "delete_feature_online_store", delete_store)]
         return [mock.patch.object(cls, name, autospec=True, side_effect=fake) for cls, name, fake in table]
 
     def requests(self, name): return [r for n, r in self.calls if n == name]
@@ -181,17 +199,17 @@ def test_plan_apply_plan_apply_destroy(gcp_env, google):
     assert repo.repository.format_ == ar.Repository.Format.DOCKER and repo.repository.labels["app"] == "fmnist-gcp"
     project_set = [r for r in google.requests("set_iam_policy") if r["resource"] == "projects/acme-ml"]
     assert len(project_set) == 1 and project_set[0]["policy"].etag == b"e0"  # one write, with the etag it read
-    assert google.members("projects/acme-ml", "roles/aiplatform.user") == {OTHER, RUNNER}  # bob kept
+    assert google.members("projects/acme-ml", "roles/aiplatform.user") == {OTHER, RUNNER, ALICE}  # bob kept
     assert google.members("projects/acme-ml", "roles/logging.logWriter") == {RUNNER, BUILDER}
     assert google.members("projects/acme-ml", "roles/cloudbuild.builds.editor") == {OTHER, ALICE}  # bob's kept
     project_roles = {b.role for b in google.policies["projects/acme-ml"].bindings}
     assert not project_roles & {"roles/owner", "roles/editor", "roles/viewer"} and not [r for r in project_roles if "storage" in r]
     repo_name = "projects/acme-ml/locations/europe-west4/repositories/fmnist"
-    assert google.members(repo_name, "roles/artifactregistry.reader") == {RUNNER}
+    assert google.members(repo_name, "roles/artifactregistry.reader") == {ALICE}  # the Vertex service agent pulls for jobs
     assert google.members(repo_name, "roles/artifactregistry.writer") == {BUILDER}
-    for account in ("fmnist-runner", "fmnist-builder"):
+    for account, acting in (("fmnist-runner", {ALICE, RUNNER}), ("fmnist-builder", {ALICE})):
         sa_name = f"projects/acme-ml/serviceAccounts/{account}@acme-ml.iam.gserviceaccount.com"
-        assert google.members(sa_name, "roles/iam.serviceAccountUser") == {ALICE}
+        assert google.members(sa_name, "roles/iam.serviceAccountUser") == acting
 
     client = storage.Client(project="acme-ml")
     for name in BUCKETS:
@@ -200,7 +218,9 @@ def test_plan_apply_plan_apply_destroy(gcp_env, google):
         assert b.iam_configuration.uniform_bucket_level_access_enabled and b.iam_configuration.public_access_prevention == "enforced"
         assert bool(b.versioning_enabled) == name.endswith("-models")
         builder = [{"role": "roles/storage.objectViewer", "members": [BUILDER]}] if name.endswith("-dev") else []
-        assert b.get_iam_policy().to_api_repr()["bindings"] == [{"role": "roles/storage.objectUser", "members": [RUNNER]}, *builder]
+        assert sorted(b.get_iam_policy().to_api_repr()["bindings"], key=lambda r: r["role"]) == sorted([
+            {"role": "roles/storage.objectUser", "members": sorted([ALICE, RUNNER])},
+            {"role": "roles/storage.legacyBucketReader", "members": [ALICE]}, *builder], key=lambda r: r["role"])
 
     assert pv.plan(s, submitters=["alice@example.com"]) == []
     writes = len(google.calls)
@@ -221,12 +241,13 @@ def test_plan_apply_plan_apply_destroy(gcp_env, google):
         pv.destroy(s)
     assert all(client.lookup_bucket(n) for n in BUCKETS) and google.accounts and google.repos
     removed = pv.destroy(s, force=True, submitters=["alice@example.com"])
-    assert sorted(c.what for c in removed) == sorted([pv.REVOKE] * 6 + [pv.DELETE_REPOSITORY] + [pv.DELETE_SERVICE_ACCOUNT] * 2
+    assert sorted(c.what for c in removed) == sorted([pv.REVOKE] * 9 + [pv.DELETE_REPOSITORY] + [pv.DELETE_SERVICE_ACCOUNT] * 2
                                                      + [pv.DELETE_BUCKET] * 3)
     assert not any(client.lookup_bucket(n) for n in BUCKETS) and not google.accounts and not google.repos
     assert google.members("projects/acme-ml", "roles/aiplatform.user") == {OTHER}  # only ours revoked
     assert google.members("projects/acme-ml", "roles/logging.logWriter") == set()
     assert google.members("projects/acme-ml", "roles/cloudbuild.builds.editor") == {OTHER}  # alice's revoked, bob's kept
+    assert google.members("projects/acme-ml", "roles/cloudquotas.viewer") == set()
     assert pv.destroy(s) == []
     assert {c.what for c in pv.plan(s)} == {pv.CREATE_SERVICE_ACCOUNT, pv.CREATE_BUCKET, pv.CREATE_REPOSITORY, pv.GRANT}
 
@@ -270,3 +291,57 @@ def test_new_service_account_not_yet_known_to_iam_is_retried(gcp_env, google, mo
     pv.apply(gcp_env, submitters=["alice@example.com"])
     assert failures and pv.plan(gcp_env, submitters=["alice@example.com"]) == []
     pv.destroy(gcp_env, force=True)
+
+
+STORE = "projects/acme-ml/locations/europe-west4/featureOnlineStores/fmnist_features"
+
+
+def test_destroy_deletes_the_online_store_publishing_made(gcp_env, google):
+    "The Feature Store V2 online store bills by the node-hour: destroy lists it with its views and deletes it (force)."
+    from google.api_core import exceptions
+    from google.cloud.aiplatform_v1 import FeatureOnlineStoreAdminServiceClient
+    from fmnist_gcp.cloud import provision as pv
+    pv.apply(gcp_env)
+    google.online_stores[STORE] = ["image_stats", "image_embedding"]  # as cloud.features.publish leaves it
+    removed = pv.destroy(gcp_env, force=True)
+    store = [c for c in removed if c.resource == STORE]
+    assert len(store) == 1 and removed[0] is store[0]  # listed, and first: before the runner loses its roles
+    assert "node-hour" in store[0].reason and "image_stats, image_embedding" in store[0].reason
+    assert "featureOnlineStores/fmnist_features?force=true" in pv.format_plan(removed)
+    assert google.requests("delete_feature_online_store") == [{"name": STORE, "force": True}]  # with its views
+    assert not google.online_stores
+    assert pv.destroy(gcp_env) == []  # gone: nothing left to list
+    with pytest.raises(exceptions.NotFound):  # the fake refuses a bad name as Vertex does
+        pv.Clients.connect(gcp_env).feature_store.delete_feature_online_store(name=STORE + "x", force=True)
+    google.online_stores[STORE] = ["image_stats"]
+    with pytest.raises(exceptions.FailedPrecondition):  # and views without force
+        FeatureOnlineStoreAdminServiceClient.delete_feature_online_store(None, name=STORE)
+
+
+def test_submitters_and_the_runner_get_what_their_commands_need():
+    "A submitter runs `fmnist run --on vertex`, `submit-training`, `gcp check` and `gcp build`; the runner submits the tuning job."
+    from fmnist_gcp.cloud import provision as pv
+    s = Settings.from_env(ENV)
+    state = pv.desired_state(s, submitters=["alice@example.com"])
+    held = lambda who, gs: sorted(g["role"] for g in gs if g["member"] == who)
+    assert held(ALICE, state["project_roles"]) == sorted([
+        "roles/aiplatform.user",  # jobs, experiments, models, endpoints, the preflight's region probe
+        "roles/cloudbuild.builds.editor",  # fmnist gcp build
+        "roles/cloudquotas.viewer",  # the preflight's list_quota_infos
+        "roles/serviceusage.serviceUsageConsumer"])  # a user's credentials carry the project as quota project
+    for bucket in BUCKETS:  # object access and storage.buckets.get (the preflight's probe), on the three buckets only
+        assert held(ALICE, state["bucket_roles"][bucket]) == ["roles/storage.legacyBucketReader", "roles/storage.objectUser"]
+    assert held(ALICE, state["artifact_registry"]["roles"]) == ["roles/artifactregistry.reader"]  # this repository only
+    assert not [g for g in state["project_roles"] if g["role"].startswith(("roles/storage.", "roles/artifactregistry."))]
+    # the runner acts as itself (the tuning job 06_automl submits from inside a Vertex job), on its own account only
+    assert held(RUNNER, state["service_account"]["roles"]) == ["roles/iam.serviceAccountUser"]
+    assert held(RUNNER, state["artifact_registry"]["builder_service_account"]["roles"]) == []
+    # the Vertex AI service agent pulls the images, not the runner: no registry role for it
+    assert held(RUNNER, state["artifact_registry"]["roles"]) == []
+    changes = {c.gcloud for c in pv.all_changes(state, "acme-ml") if c.what == pv.GRANT}
+    assert ("gcloud storage buckets add-iam-policy-binding gs://acme-ml-fmnist-models --member=user:alice@example.com "
+            "--role=roles/storage.legacyBucketReader") in changes
+    assert ("gcloud iam service-accounts add-iam-policy-binding fmnist-runner@acme-ml.iam.gserviceaccount.com --project=acme-ml "
+            f"--member={RUNNER} --role=roles/iam.serviceAccountUser") in changes
+    assert ("gcloud artifacts repositories add-iam-policy-binding fmnist --location=europe-west4 --project=acme-ml "
+            "--member=user:alice@example.com --role=roles/artifactregistry.reader") in changes

@@ -160,8 +160,14 @@ def test_submit_training_with_import_follows_the_job_then_imports_and_evaluates_
     jobs = vertex["jobs"]; jobs._on_end = container
     assert main(["submit-training", "--image", "img:1", "--no-check", "--import", "--poll-seconds", "0", "--", "--epochs", "1"]) == 0
     (job,) = jobs.jobs
-    assert jobs.jobs[job].state.name == "JOB_STATE_SUCCEEDED" and jobs.gets >= 3  # followed: pending, running, succeeded
+    (sent,) = jobs.created  # what we sent: the image and the task's arguments, passed on after `--`
+    pool = sent.job_spec.worker_pool_specs[0].container_spec
+    args = list(pool.args)
+    assert pool.image_uri == "img:1" and args[args.index("--epochs") + 1] == "1"
+    # the model only exists once the job's last get ran the container: imported after following the job to its end,
+    # from the base output directory we sent
     meta = vertex["settings"].models.read_json(f"{DEFAULT_MODEL}/1/metadata.json")
-    assert meta["source_job"] == job and meta["imported_from"].endswith("/model")
+    assert meta["source_job"] == job
+    assert meta["imported_from"] == sent.job_spec.base_output_directory.output_uri_prefix.rstrip("/") + "/model"
     (args,) = evaluated
     assert args[1:3] == (["08_evaluation", "09_registry"], [f"model_name={DEFAULT_MODEL}", "version=1"])
