@@ -186,7 +186,7 @@ def _upload_after(s, run_id: str | None) -> None:
 def _cloud_preflight(settings) -> list[str]:
     "The Google Cloud preflight a run on the vertex backend hands to the pipeline (imported only when it runs)."
     from fmnist_gcp.cloud.preflight import preflight
-    return preflight(settings)
+    return preflight(settings, command="run --on vertex")
 
 def _cmd_run(a) -> int:
     from pathlib import Path
@@ -235,7 +235,8 @@ def _cmd_run_vertex(a) -> int:
     if a.no_check: print("skipped the Google Cloud preflight check (--no-check)", file=sys.stderr)
     else:
         from fmnist_gcp.cloud.preflight import preflight
-        preflight(s, machine_type=a.machine_type, accelerator_type=a.accelerator_type, accelerator_count=a.accelerator_count)
+        preflight(s, machine_type=a.machine_type, accelerator_type=a.accelerator_type, accelerator_count=a.accelerator_count,
+                  command="run --on vertex")
     out = runs.run_on_vertex(s, spec, run_id, wait=a.wait, experiment=a.experiment)
     if out["report"]: print(f"run {run_id} {out['state'].removeprefix('JOB_STATE_').lower()}\nreport: {out['report']}")
     return 0 if out["state"] in (None, runs.SUCCEEDED) else 1
@@ -369,7 +370,7 @@ def _cmd_submit_training(a) -> int:
     else:
         from fmnist_gcp.cloud.preflight import preflight
         preflight(s, machine_type=a.machine_type, accelerator_type=a.accelerator_type,
-                  accelerator_count=a.accelerator_count, replicas=1 + a.workers)
+                  accelerator_count=a.accelerator_count, replicas=1 + a.workers, command="submit-training")
     job = submit_custom_job(s, a.image, args, machine_type=a.machine_type,
                             accelerator_type=a.accelerator_type, accelerator_count=a.accelerator_count,
                             workers=a.workers, experiment=a.experiment, experiment_run=a.experiment_run)

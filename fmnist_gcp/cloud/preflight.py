@@ -18,10 +18,11 @@ from .vertex import vertex_client_options
 
 # %% auto #0
 __all__ = ['APPLY_FIX', 'QUOTAS_CONSOLE', 'APIS', 'REACH_TIMEOUT_S', 'VERTEX_API', 'CPU_QUOTAS', 'GPU_QUOTAS', 'MACHINES',
-           'PreflightError', 'check_credentials', 'Clients', 'api_problem', 'Unreachable', 'out_of_reach',
+           'IAM_APIS', 'PreflightError', 'check_credentials', 'Clients', 'api_problem', 'Unreachable', 'out_of_reach',
            'unreachable', 'reach_limits', 'check_project', 'check_region', 'check_bucket', 'check_service_account',
            'repository_name', 'check_repository', 'job_quotas', 'quota_infos_parent', 'vertex_quota_infos',
-           'region_limits', 'check_quota', 'preflight', 'cloud_preflight']
+           'region_limits', 'check_quota', 'iam_resource', 'held_permissions', 'lacking', 'missing_line',
+           'impersonated', 'check_permissions', 'preflight', 'cloud_preflight']
 
 # %% ../../nbs/cloud_preflight.ipynb #704cfa23
 from . import provision  # the same client factories as provisioning
@@ -260,6 +261,91 @@ def check_quota(infos: dict,  # `vertex_quota_infos`: metric -> QuotaInfo
                           f"--service={VERTEX_API} --quota-id={quota_id} --preferred-value={need} --dimensions=region={region} "
                           f"--project={project} --email=YOU`, or set FMNIST_REGION to a region where it is enough"])
 
+# %% ../../nbs/cloud_preflight.ipynb #26d0ec70
+from . import permissions as perms
+
+def iam_resource(settings: Settings, resource: str,  # a `perms.Need`'s resource: project | bucket:<store> | ...
+                 repository: str = REPOSITORY) -> tuple[str, str]:  # (the name testIamPermissions is asked on, a label)
+    "Google's name for `resource` in `settings`' project, and how a problem line names it."
+    scope, _, which = resource.partition(":")
+    p = settings.project
+    if scope == "project": return f"projects/{p}", f"project {p}"
+    if scope == "bucket": name = provision.bucket_names(settings)[which]; return name, f"gs://{name}"
+    if scope == "repository": return repository_name(p, settings.region, repository), f"image repository {settings.region}-docker.pkg.dev/{p}/{repository}"
+    email = (settings.service_account or provision.service_account_email(settings)) if which == perms.RUNNER else provision.builder_email(p)
+    return provision.service_account_name(p, email), f"service account {email}"
+
+# %% ../../nbs/cloud_preflight.ipynb #d0dadba1
+IAM_APIS = {"project": APIS["project"], "bucket": APIS["bucket"], "repository": APIS["repository"], "service_account": APIS["service_account"]}
+
+def held_permissions(clients: Clients, scope: str,  # project | bucket | repository | service_account
+                     name: str,  # from `iam_resource`
+                     permissions: list[str]) -> set[str]:
+    "The subset of `permissions` that Google says `clients`' credentials hold on `name` (testIamPermissions)."
+    if scope == "bucket":
+        return set(clients.storage().bucket(name).test_iam_permissions(sorted(permissions), timeout=REACH_TIMEOUT_S))
+    client = {"project": clients.projects, "repository": clients.registry, "service_account": clients.iam}[scope]()
+    return set(client.test_iam_permissions(request={"resource": name, "permissions": sorted(permissions)}, **reach_limits()).permissions)
+
+# %% ../../nbs/cloud_preflight.ipynb #22570a7c
+def lacking(clients: Clients, need: set,  # `perms.Need`s
+            repository: str = REPOSITORY) -> tuple[list[tuple[str, str, str]], list[str]]:  # (resource, permission, label), problems
+    "What of `need` `clients`' credentials lack, resource by resource; one problem line per resource Google would not answer for."
+    from google.api_core import exceptions as gexc
+    s, out, problems = clients.settings, [], []
+    by: dict[str, set[str]] = {}
+    for resource, permission in need: by.setdefault(resource, set()).add(permission)
+    order = ["project", *[f"bucket:{r}" for r in perms.STORES], "repository", "service_account:runner", "service_account:builder"]
+    for resource in sorted(by, key=lambda r: order.index(r) if r in order else len(order)):
+        scope = resource.partition(":")[0]
+        name, label = iam_resource(s, resource, repository)
+        try: held = held_permissions(clients, scope, name, by[resource])
+        except (gexc.NotFound, gexc.PermissionDenied, gexc.Forbidden): continue  # not there, or not visible: its own check says so
+        except out_of_reach() as e: raise unreachable(e, f"permissions on {label}", IAM_APIS[scope]) from None
+        except gexc.GoogleAPICallError as e: problems.append(api_problem(e, f"permissions on {label}", IAM_APIS[scope], s.project)); continue
+        out += [(resource, p, label) for p in sorted(by[resource] - held)]
+    return out, problems
+
+# %% ../../nbs/cloud_preflight.ipynb #b082364c
+def missing_line(resource: str, permission: str, label: str, holder: str = perms.SUBMITTER) -> str:
+    "'missing PERMISSION on LABEL: granted by ROLE (how to get it)'."
+    roles = perms.granting_roles(resource, permission, holder)
+    if roles:
+        how = "`fmnist gcp apply --submitter YOU` grants it" if holder == perms.SUBMITTER else f"`fmnist gcp apply` grants it to the {holder}"
+        return f"missing {permission} on {label}: granted by {' or '.join(roles)} ({how})"
+    known = " or ".join(perms.roles_with(permission)) or "a role that contains it"
+    return f"missing {permission} on {label}: granted by {known} (not a role `fmnist gcp apply` grants: ask a project owner)"
+
+# %% ../../nbs/cloud_preflight.ipynb #d642cb3a
+def impersonated(credentials, email: str):
+    "Credentials that act as service account `email` (google-auth's impersonation; needs getAccessToken on it)."
+    from google.auth import impersonated_credentials
+    return impersonated_credentials.Credentials(source_credentials=credentials, target_principal=email,
+                                                target_scopes=[CLOUD_SCOPE], lifetime=300)
+
+# %% ../../nbs/cloud_preflight.ipynb #4a3d53b9
+def check_permissions(clients: Clients,  # on the caller's credentials
+                      command: str | None = None,  # a key of `perms.PERMISSIONS`; None: every command
+                      repository: str = REPOSITORY) -> str:
+    "'... holds the N permissions ... needs', or a PreflightError with one line per missing permission and the role that grants it."
+    import google.oauth2.credentials
+    s, what = clients.settings, f"`fmnist {command}`" if command else "the fmnist commands"
+    need = perms.needs(command) | ({perms.QUOTA_PROJECT} if isinstance(clients.credentials, google.oauth2.credentials.Credentials) else set())
+    missing, problems = lacking(clients, need, repository)
+    lines = [missing_line(*m) for m in missing]
+    runner_need, note = perms.needs(command, perms.RUNNER), ""
+    if runner_need:
+        email = s.service_account or provision.service_account_email(s)
+        cannot, _ = lacking(clients, {perms.IMPERSONATE}, repository)
+        if cannot: note = (f"; the runner's own permissions not checked (impersonating {email} needs "
+                           f"{perms.IMPERSONATE[1]}, granted by roles/iam.serviceAccountTokenCreator)")
+        else:
+            theirs, more = lacking(Clients(s, impersonated(clients.credentials, email)), runner_need, repository)
+            lines += [f"runner {email}: {missing_line(*m, holder=perms.RUNNER)}" for m in theirs]; problems += more
+            note = f"; the runner {email} holds the {len(runner_need)} it needs"
+    if lines or problems: raise PreflightError(problems + lines)
+    return f"these credentials hold the {len(need)} permissions {what} needs{note}"
+
 # %% ../../nbs/cloud_preflight.ipynb #662d73e4
 def _run_checks(checks: list[Callable[[], str]]) -> list[str]:
     from google.auth.exceptions import RefreshError
@@ -280,6 +366,7 @@ def preflight(settings: Settings,  # the vertex backend's settings
               accelerator_type: str | None = None, accelerator_count: int = 0,
               replicas: int = 1,  # machines in the job (all worker pools)
               repository: str = REPOSITORY,  # Artifact Registry repository of the images
+              command: str | None = None,  # whose permissions to check (a key of `permissions.PERMISSIONS`); None: every command
               ) -> list[str]:  # the checks passed, for a report
     "Check that Google Cloud is ready for `settings` (and the job); a PreflightError lists every problem with its fix."
     s = settings.require_vertex("The Google Cloud preflight check")
@@ -293,6 +380,7 @@ def preflight(settings: Settings,  # the vertex backend's settings
               *[lambda u=u: check_bucket(c.storage(), u) for u in dict.fromkeys(s.buckets.values())],
               *([lambda: check_service_account(c.iam(), s.project, s.service_account)] if s.service_account else []),
               lambda: check_repository(c.registry(), s.project, s.region, repository),
+              lambda: check_permissions(c, command, repository),
               *[lambda m=m, n=n: check_quota(infos(), s.project, s.region, m, n) for m, n in need.items()]]
     return _run_checks(checks)
 

@@ -9,6 +9,7 @@ from unittest import mock
 import pytest
 
 from conftest import BIN, ROOT, VERTEX_ENV
+from iam_fake import FakeIam
 from fmnist_gcp.config import Settings
 
 NO_METADATA = {"NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:1"}  # google-auth never probes a metadata server
@@ -48,6 +49,7 @@ class Cloud:
         self.accounts = kw.get("accounts", {f"projects/acme-ml/serviceAccounts/{SA}"})
         self.repositories = kw.get("repositories", {REPO})
         self.quotas = kw.get("quotas", {})  # quota id -> {region: limit}
+        self.iam = kw.get("iam") or FakeIam(projects=self.projects)  # testIamPermissions: everything held unless told
         self.names = []
 
     def patches(self):
@@ -81,7 +83,8 @@ class Cloud:
         return [p(resourcemanager_v3.ProjectsClient, "get_project", project), p(JobServiceClient, "get_location", location),
                 p(iam_admin_v1.IAMClient, "get_service_account", lambda _, name, **kw: look(name, self.accounts)),
                 p(artifactregistry_v1.ArtifactRegistryClient, "get_repository", lambda _, name, **kw: look(name, self.repositories)),
-                p(cq.CloudQuotasClient, "get_quota_info", quota), p(cq.CloudQuotasClient, "list_quota_infos", quotas)]
+                p(cq.CloudQuotasClient, "get_quota_info", quota), p(cq.CloudQuotasClient, "list_quota_infos", quotas),
+                *self.iam.patches()]
 
     def __enter__(self):
         self._on = self.patches()
@@ -130,6 +133,7 @@ def test_disabled_api_and_unwritable_bucket_name_their_fixes(anonymous, monkeypa
     class Storage:
         project = "acme-ml"
         def lookup_bucket(self, name): return mock.Mock(blob=lambda n: Blob())
+        def bucket(self, name): return mock.Mock(test_iam_permissions=lambda permissions, **kw: list(permissions))
     disabled = gexc.PermissionDenied("Cloud Quotas API has not been used in project acme-ml before or it is disabled. "
                                      "reason: SERVICE_DISABLED")
     monkeypatch.setattr(pf.Clients, "storage", lambda self: Storage())
