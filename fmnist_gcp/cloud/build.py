@@ -22,8 +22,8 @@ from ..config import ConfigError, Settings, default_credentials, is_local
 # %% auto #0
 __all__ = ['IMAGE_TARGETS', 'DEFAULT_TARGETS', 'DOCKERFILE', 'DOCKER_BUILDER', 'SOURCE_DIR', 'BUILD_TAG', 'QUEUE_MARGIN_S',
            'CLOUD_BUILD_DEFAULT_TIMEOUT_S', 'source_root', 'git_tag', 'image_uris', 'dockerignore', 'context_files',
-           'source_tarball', 'upload_source', 'builder_account', 'build_config', 'build_wait_s', 'submit_build',
-           'docker_build', 'build_images']
+           'source_tarball', 'upload_source', 'builder_account', 'build_config', 'build_wait_s', 'BuildFailed',
+           'submit_build', 'docker_build', 'build_images']
 
 # %% ../../nbs/cloud_build.ipynb #ca485cd5
 IMAGE_TARGETS = ("train", "train-gpu", "serve")  # docker/Dockerfile's targets, one image each
@@ -144,6 +144,15 @@ def build_wait_s(build: dict) -> int:
     "Seconds to wait for `build`: its own timeout (Cloud Build's default when it has none) plus the queue margin."
     return int(build.get("timeout", {}).get("seconds", CLOUD_BUILD_DEFAULT_TIMEOUT_S)) + QUEUE_MARGIN_S
 
+class BuildFailed(ValueError):
+    "A Cloud Build that ended without its images: one line with its id, status, the failing step and its logs."
+    @classmethod
+    def of(cls, op, error) -> "BuildFailed":
+        b = getattr(getattr(op, "metadata", None), "build", None)  # BuildOperationMetadata.build: the Build as it ended
+        if not b or not b.id: return cls(f"Cloud Build failed: {getattr(error, 'message', None) or error}")
+        status = getattr(b.status, "name", b.status)
+        return cls(f"Cloud Build {b.id} ended {status}: {b.status_detail or getattr(error, 'message', None) or error}; logs: {b.log_url or 'none'}")
+
 def submit_build(settings: Settings, build: dict, wait: bool = True):
     "Create `build` in Cloud Build (the settings' project, in `build_region`); the finished Build, or the operation."
     from google.cloud.devtools import cloudbuild_v1
@@ -151,7 +160,10 @@ def submit_build(settings: Settings, build: dict, wait: bool = True):
     client = cloudbuild_v1.CloudBuildClient(credentials=default_credentials(s))  # a user's bill the project
     op = client.create_build(request={
         "parent": f"projects/{s.project}/locations/{s.build_region}", "project_id": s.project, "build": cloudbuild_v1.Build(build)})
-    return op.result(timeout=build_wait_s(build)) if wait else op
+    if not wait: return op
+    from google.api_core.exceptions import GoogleAPICallError
+    try: return op.result(timeout=build_wait_s(build))
+    except GoogleAPICallError as e: raise BuildFailed.of(op, e) from None
 
 # %% ../../nbs/cloud_build.ipynb #a8c96840
 def docker_build(uris: Mapping[str, str], root: str | Path, push: bool = True, dockerfile: str = DOCKERFILE,

@@ -84,3 +84,24 @@ def test_a_build_region_cloud_build_may_refuse_is_a_config_error():
     with pytest.raises(ConfigError, match="FMNIST_BUILD_REGION='europe-west4'.*us-central1.*global"):
         Settings.from_env({**VERTEX_ENV, "FMNIST_BUILD_REGION": "europe-west4"})
     assert Settings.from_env({**VERTEX_ENV, "FMNIST_BUILD_REGION": "Europe-West1"}).build_region == "europe-west1"
+
+
+def test_a_failed_build_is_one_line_with_its_status_and_logs(monkeypatch, anonymous):
+    "A build that fails ends its operation with an error (api-core raises it from result()); its metadata holds the Build."
+    from google.api_core import exceptions as gexc
+    from google.cloud.devtools import cloudbuild_v1
+    from fmnist_gcp.cloud.build import BuildFailed, build_config, submit_build
+    monkeypatch.setenv("NO_GCE_CHECK", "True"); monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:1")
+    logs = "https://console.cloud.google.com/cloud-build/builds;region=global/b-9?project=123"
+
+    class Failed:  # what api-core's Operation gives for a failed build: result() raises, metadata holds the Build
+        metadata = cloudbuild_v1.BuildOperationMetadata(build=cloudbuild_v1.Build(
+            id="b-9", status="FAILURE", log_url=logs, status_detail="step serve: exit status 1"))
+        def result(self, timeout=None, **k): raise gexc.Unknown("Build failed; check build logs for details")
+    monkeypatch.setattr(cloudbuild_v1.CloudBuildClient, "create_build", lambda self, request=None, **kw: Failed())
+    build = build_config({"serve": "europe-west4-docker.pkg.dev/acme-ml/fmnist/serve:t"}, "gs://acme-ml-fmnist-dev/b/t.tgz")
+    with pytest.raises(BuildFailed) as e:
+        submit_build(Settings.from_env(VERTEX_ENV), build)
+    msg = str(e.value)
+    assert "\n" not in msg and "b-9" in msg and "FAILURE" in msg and "step serve: exit status 1" in msg and logs in msg, msg
+    assert isinstance(e.value, ValueError)  # the CLI prints it as one line, no traceback
