@@ -124,12 +124,13 @@ class FakeModelService:
         self.models: dict[str, list] = {}  # resource name -> versions (gapic Model), oldest first
         self.requests: list = []  # UploadModelRequest, in order
 
-    def seed(self, name: str, display_name: str, labels: dict | None = None) -> None:
-        "A model made elsewhere (version 1, dedicated resources)."
+    def seed(self, name: str, display_name: str, labels: dict | None = None,
+             resources: str = "DEDICATED_RESOURCES") -> None:  # AUTOMATIC_RESOURCES: an AutoML image model
+        "A model made elsewhere (version 1; a custom container's dedicated resources unless told otherwise)."
         from google.cloud.aiplatform.compat.types import model as gca_model
         self.models[name] = [gca_model.Model(name=name, display_name=display_name, version_id="1", labels=labels or {},
                                              version_aliases=["default"],
-                                             supported_deployment_resources_types=[gca_model.Model.DeploymentResourcesType.DEDICATED_RESOURCES])]
+                                             supported_deployment_resources_types=[gca_model.Model.DeploymentResourcesType[resources]])]
 
     def patch(self, monkeypatch):
         from google.cloud.aiplatform.compat.services import model_service_client
@@ -212,7 +213,16 @@ class FakeEndpointService:
     def deploy_model(self, endpoint, deployed_model, traffic_split=None, **kw):
         from google.cloud.aiplatform.compat.types import endpoint as gca_endpoint, endpoint_service
         ep = self._get(endpoint)
+        from google.api_core.exceptions import InvalidArgument
         m = self.models.get_model(name=deployed_model.model)  # NotFound for a model or version that does not exist
+        kind = "dedicated_resources" if "dedicated_resources" in deployed_model else "automatic_resources" if "automatic_resources" in deployed_model else None
+        if kind is None:  # DeployedModel's prediction_resources oneof is required
+            raise InvalidArgument("deployed_model: one of dedicated_resources or automatic_resources is required")
+        supported = {t.name.lower() for t in m.supported_deployment_resources_types}
+        if kind not in supported:
+            raise InvalidArgument(f"Model {m.name} does not support {kind.upper()}; it supports {', '.join(sorted(s.upper() for s in supported))}")
+        if traffic_split and sum(traffic_split.values()) != 100:
+            raise InvalidArgument(f"traffic_split must sum to 100, not {sum(traffic_split.values())}")
         dm = gca_endpoint.DeployedModel(deployed_model, id=str(1000 + len(self.calls)), model_version_id=m.version_id)
         ep.deployed_models.append(dm)
         split = dict(traffic_split or {"0": 100})

@@ -179,3 +179,59 @@ def test_dry_run_requests_equal_what_is_sent(gapic):
     got = _json(d["deployed_model"])
     assert (d["endpoint"], dict(d["traffic_split"])) == (built["endpoint"], built["trafficSplit"])
     assert {k: got[k] for k in built["deployedModel"]} == built["deployedModel"]
+
+
+def test_the_endpoint_fake_refuses_what_vertex_refuses(gapic, models):
+    "A deploy without resources, with resources the model does not support, or with traffic not summing to 100."
+    from google.api_core.exceptions import InvalidArgument
+    from google.cloud.aiplatform.compat.types import endpoint as gca_endpoint, machine_resources
+    eps = FakeEndpointService(models)
+    eps.endpoints[ENDPOINT] = gca_endpoint.Endpoint(name=ENDPOINT, display_name="e")
+    dedicated = machine_resources.DedicatedResources(machine_spec={"machine_type": "n1-standard-2"}, min_replica_count=1)
+    for dm, split, needle in [
+            (gca_endpoint.DeployedModel(model=MODEL), None, "dedicated_resources or automatic_resources is required"),
+            (gca_endpoint.DeployedModel(model=MODEL, automatic_resources={"min_replica_count": 1}), None, "does not support AUTOMATIC_RESOURCES"),
+            (gca_endpoint.DeployedModel(model=MODEL, dedicated_resources=dedicated), {"0": 60}, "must sum to 100")]:
+        with pytest.raises(InvalidArgument, match=needle):
+            eps.deploy_model(endpoint=ENDPOINT, deployed_model=dm, traffic_split=split)
+    assert eps.endpoints[ENDPOINT].deployed_models == []
+
+
+def test_an_automl_model_is_deployed_on_automatic_resources(gapic, models):
+    "AutoML image models support only automatic resources: the SDK must send those, not our custom container's machine."
+    from fmnist_gcp.cloud.automl import deploy_automl
+    automl = f"{LOC}/models/777"
+    models.seed(automl, "fmnist-vertex-automl", resources="AUTOMATIC_RESOURCES")
+    ep = deploy_automl(Settings.from_env(VERTEX_ENV), automl)
+    (d,) = gapic["deploy_model"]
+    assert d["endpoint"] == ep.resource_name and d["deployed_model"].model == f"{automl}@1"
+    assert "dedicated_resources" not in d["deployed_model"] and d["deployed_model"].automatic_resources.min_replica_count == 1
+    assert d["traffic_split"] == {"0": 100}
+
+
+def test_automl_predictions_become_class_probabilities_in_label_order():
+    "Vertex AutoML answers each instance with ids, displayNames and confidences, most confident first, at most maxPredictions."
+    import base64, io
+    import numpy as np
+    from PIL import Image
+    from fmnist_gcp.cloud.automl import predict_automl
+    from fmnist_gcp.preprocessing import AUTOML_LABELS
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (230, 28, 28), dtype=np.uint8)
+    truth = rng.dirichlet(np.ones(10), len(x))
+    class AutoMLEndpoint:  # the shape of a real AutoML image classification answer (PredictResponse.predictions)
+        def __init__(self): self.calls = []
+        def predict(self, instances, parameters):
+            self.calls.append((len(instances), dict(parameters)))
+            preds = []
+            for inst in instances:  # which image: decode the PNG the client sent
+                img = np.array(Image.open(io.BytesIO(base64.b64decode(inst["content"]))))
+                p = truth[next(i for i in range(len(x)) if (x[i] == img).all())]
+                order = np.argsort(-p)[: int(parameters["maxPredictions"])]
+                preds.append({"ids": [str(1000 + i) for i in order], "displayNames": [AUTOML_LABELS[i] for i in order],
+                              "confidences": [float(p[i]) for i in order]})
+            return type("R", (), {"predictions": preds})()
+    ep = AutoMLEndpoint()
+    probs = predict_automl(ep, x, batch=100)
+    assert [n for n, _ in ep.calls] == [100, 100, 30] and all(p == {"maxPredictions": 10} for _, p in ep.calls)
+    np.testing.assert_allclose(probs, truth)  # every class back in its own column
