@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,10 +20,10 @@ from .vertex import vertex_client_options
 # %% auto #0
 __all__ = ['APPLY_FIX', 'QUOTAS_CONSOLE', 'APIS', 'REACH_TIMEOUT_S', 'VERTEX_API', 'CPU_QUOTAS', 'GPU_QUOTAS', 'MACHINES',
            'IAM_APIS', 'PreflightError', 'check_credentials', 'Clients', 'api_problem', 'Unreachable', 'out_of_reach',
-           'unreachable', 'reach_limits', 'check_project', 'check_region', 'check_bucket', 'check_service_account',
-           'repository_name', 'check_repository', 'job_quotas', 'quota_infos_parent', 'vertex_quota_infos',
-           'region_limits', 'check_quota', 'iam_resource', 'held_permissions', 'lacking', 'missing_line',
-           'impersonated', 'check_permissions', 'preflight', 'cloud_preflight']
+           'unreachable', 'reach_limits', 'asking_google', 'check_project', 'check_region', 'check_bucket',
+           'check_service_account', 'repository_name', 'check_repository', 'job_quotas', 'quota_infos_parent',
+           'vertex_quota_infos', 'region_limits', 'check_quota', 'iam_resource', 'held_permissions', 'lacking',
+           'missing_line', 'impersonated', 'check_permissions', 'preflight', 'cloud_preflight']
 
 # %% ../../nbs/cloud_preflight.ipynb #704cfa23
 from . import provision  # the same client factories as provisioning
@@ -103,18 +104,27 @@ def reach_limits() -> dict:
     from google.api_core.retry import Retry
     return {"retry": Retry(timeout=REACH_TIMEOUT_S), "timeout": REACH_TIMEOUT_S}
 
+@contextmanager
+def asking_google(what: str,  # what the calls inside check, as the problem line names it
+                  api: str,  # its key in APIS
+                  project: str):
+    "Around a check's calls: Google out of reach is one `unreachable` line, any other API error one `api_problem` line."
+    from google.api_core.exceptions import GoogleAPICallError
+    try: yield
+    except out_of_reach() as e: raise unreachable(e, what, APIS[api]) from None
+    except GoogleAPICallError as e: raise PreflightError([api_problem(e, what, APIS[api], project)])
+
 # %% ../../nbs/cloud_preflight.ipynb #a31eabf6
 def check_project(client,  # `resourcemanager_v3.ProjectsClient`
                   project: str) -> str:
     "'project ... is active', or a PreflightError."
     from google.api_core import exceptions as gexc
-    try: p = client.get_project(name=f"projects/{project}", **reach_limits())
-    except out_of_reach() as e: raise unreachable(e, f"project {project}", APIS["project"]) from None
-    except (gexc.NotFound, gexc.PermissionDenied) as e:
-        if "SERVICE_DISABLED" in str(e): raise PreflightError([api_problem(e, f"project {project}", APIS["project"], project)])
-        raise PreflightError([f"project {project} does not exist or these credentials cannot see it: check FMNIST_PROJECT "
-                              "(`gcloud projects list` shows yours)"]) from None
-    except gexc.GoogleAPICallError as e: raise PreflightError([api_problem(e, f"project {project}", APIS["project"], project)])
+    with asking_google(f"project {project}", "project", project):
+        try: p = client.get_project(name=f"projects/{project}", **reach_limits())
+        except (gexc.NotFound, gexc.PermissionDenied) as e:
+            if "SERVICE_DISABLED" in str(e): raise PreflightError([api_problem(e, f"project {project}", APIS["project"], project)])
+            raise PreflightError([f"project {project} does not exist or these credentials cannot see it: check FMNIST_PROJECT "
+                                  "(`gcloud projects list` shows yours)"]) from None
     if p.state.name != "ACTIVE": raise PreflightError([f"project {project} is {p.state.name}, not ACTIVE: restore it or set FMNIST_PROJECT to another"])
     return f"project {project} is active"
 
@@ -124,13 +134,12 @@ def check_region(client,  # a Vertex AI client on the region's endpoint (`Client
     "'region ... serves Vertex AI', or a PreflightError."
     from google.api_core import exceptions as gexc
     what = f"region {region}"
-    try: client.get_location(request={"name": f"projects/{project}/locations/{region}"}, **reach_limits())
-    except out_of_reach() as e: raise unreachable(e, what, APIS["region"]) from None
-    except (gexc.NotFound, gexc.InvalidArgument, gexc.ServiceUnavailable) as e:
-        if "SERVICE_DISABLED" in str(e): raise PreflightError([api_problem(e, what, APIS["region"], project)])
-        raise PreflightError([f"{what} is not a Vertex AI region (or it could not be reached): set FMNIST_REGION to one listed at "
-                              "https://cloud.google.com/vertex-ai/docs/general/locations, e.g. europe-west4"]) from None
-    except gexc.GoogleAPICallError as e: raise PreflightError([api_problem(e, what, APIS["region"], project)])
+    with asking_google(what, "region", project):
+        try: client.get_location(request={"name": f"projects/{project}/locations/{region}"}, **reach_limits())
+        except (gexc.NotFound, gexc.InvalidArgument, gexc.ServiceUnavailable) as e:
+            if "SERVICE_DISABLED" in str(e): raise PreflightError([api_problem(e, what, APIS["region"], project)])
+            raise PreflightError([f"{what} is not a Vertex AI region (or it could not be reached): set FMNIST_REGION to one listed at "
+                                  "https://cloud.google.com/vertex-ai/docs/general/locations, e.g. europe-west4"]) from None
     return f"{what} serves Vertex AI"
 
 # %% ../../nbs/cloud_preflight.ipynb #19f2b3af
@@ -142,17 +151,16 @@ def check_bucket(client,  # `google.cloud.storage.Client`
     if not uri.startswith("gs://"): raise PreflightError([f"{uri} is not a gs:// URI: set FMNIST_<ROLE>_BUCKET to gs://<bucket> or unset it"])
     name, _, prefix = uri[len("gs://"):].partition("/")
     what, project = f"bucket gs://{name}", client.project
-    try:
-        bucket = client.lookup_bucket(name)
-        if bucket is None: raise PreflightError([f"{what} does not exist: {APPLY_FIX} (or set the store's FMNIST_<ROLE>_BUCKET)"])
-        probe = bucket.blob("/".join(p for p in (prefix.strip("/"), f".fmnist-preflight-{secrets.token_hex(4)}") if p))
-        probe.upload_from_string(b"fmnist preflight probe\n")
-        probe.delete()
-    except gexc.Forbidden as e:
-        raise PreflightError([f"{what} is not writable with these credentials ({e.message}): "
-                              f"{APPLY_FIX} to grant roles/storage.objectUser on it, or ask its owner"]) from None
-    except gexc.GoogleAPICallError as e: raise PreflightError([api_problem(e, what, APIS["bucket"], project)])
-    except out_of_reach() as e: raise unreachable(e, what, APIS["bucket"]) from None
+    with asking_google(what, "bucket", project):
+        try:
+            bucket = client.lookup_bucket(name)
+            if bucket is None: raise PreflightError([f"{what} does not exist: {APPLY_FIX} (or set the store's FMNIST_<ROLE>_BUCKET)"])
+            probe = bucket.blob("/".join(p for p in (prefix.strip("/"), f".fmnist-preflight-{secrets.token_hex(4)}") if p))
+            probe.upload_from_string(b"fmnist preflight probe\n")
+            probe.delete()
+        except gexc.Forbidden as e:
+            raise PreflightError([f"{what} is not writable with these credentials ({e.message}): "
+                                  f"{APPLY_FIX} to grant roles/storage.objectUser on it, or ask its owner"]) from None
     return f"{uri} exists and is writable"
 
 # %% ../../nbs/cloud_preflight.ipynb #fc8ad687
@@ -161,10 +169,9 @@ def check_service_account(client,  # `iam_admin_v1.IAMClient`
     "'service account ... exists', or a PreflightError."
     from google.api_core import exceptions as gexc
     what = f"service account {email}"
-    try: client.get_service_account(name=f"projects/{project}/serviceAccounts/{email}", **reach_limits())
-    except out_of_reach() as e: raise unreachable(e, what, APIS["service_account"]) from None
-    except gexc.NotFound: raise PreflightError([f"{what} does not exist: {APPLY_FIX} (or set FMNIST_SERVICE_ACCOUNT to an existing one)"]) from None
-    except gexc.GoogleAPICallError as e: raise PreflightError([api_problem(e, what, APIS["service_account"], project)])
+    with asking_google(what, "service_account", project):
+        try: client.get_service_account(name=f"projects/{project}/serviceAccounts/{email}", **reach_limits())
+        except gexc.NotFound: raise PreflightError([f"{what} does not exist: {APPLY_FIX} (or set FMNIST_SERVICE_ACCOUNT to an existing one)"]) from None
     return f"{what} exists"
 
 # %% ../../nbs/cloud_preflight.ipynb #c2165de6
@@ -177,10 +184,9 @@ def check_repository(client,  # `artifactregistry_v1.ArtifactRegistryClient`
     "'image repository ... exists', or a PreflightError."
     from google.api_core import exceptions as gexc
     what = f"image repository {region}-docker.pkg.dev/{project}/{repository}"
-    try: client.get_repository(name=repository_name(project, region, repository), **reach_limits())
-    except out_of_reach() as e: raise unreachable(e, what, APIS["repository"]) from None
-    except gexc.NotFound: raise PreflightError([f"{what} does not exist: {APPLY_FIX}"]) from None
-    except gexc.GoogleAPICallError as e: raise PreflightError([api_problem(e, what, APIS["repository"], project)])
+    with asking_google(what, "repository", project):
+        try: client.get_repository(name=repository_name(project, region, repository), **reach_limits())
+        except gexc.NotFound: raise PreflightError([f"{what} does not exist: {APPLY_FIX}"]) from None
     return f"{what} exists"
 
 # %% ../../nbs/cloud_preflight.ipynb #014a2c8f
@@ -223,11 +229,9 @@ def quota_infos_parent(project: str, service: str = VERTEX_API) -> str:
 def vertex_quota_infos(client,  # `cloudquotas_v1.CloudQuotasClient`
                        project: str) -> dict[str, object]:  # metric -> `cloudquotas_v1.QuotaInfo`
     "Every Vertex AI quota of `project` from one (paged) list, by metric; the per-region quota where a metric has several."
-    from google.api_core import exceptions as gexc
     what = f"Vertex AI quotas of project {project}"
-    try: infos = list(client.list_quota_infos(parent=quota_infos_parent(project), **reach_limits()))
-    except out_of_reach() as e: raise unreachable(e, what, APIS["quota"]) from None
-    except gexc.GoogleAPICallError as e: raise PreflightError([api_problem(e, what, APIS["quota"], project)])
+    with asking_google(what, "quota", project):
+        infos = list(client.list_quota_infos(parent=quota_infos_parent(project), **reach_limits()))
     out: dict[str, object] = {}
     for i in infos:
         if i.metric not in out or ("region" in i.dimensions and "region" not in out[i.metric].dimensions): out[i.metric] = i
