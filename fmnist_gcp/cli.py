@@ -238,6 +238,9 @@ def _cmd_run_vertex(a) -> int:
         preflight(s, machine_type=a.machine_type, accelerator_type=a.accelerator_type, accelerator_count=a.accelerator_count,
                   command="run --on vertex")
     out = runs.run_on_vertex(s, spec, run_id, wait=a.wait, experiment=a.experiment)
+    if out.get("error"):  # one line: how the job ended, its error message, its logs (and the failed run's report)
+        from fmnist_gcp.cloud.retry import JobEnded
+        raise JobEnded(out["error"] + (f"; report: {out['report']}" if out["report"] else ""))
     if out["report"]: print(f"run {run_id} {out['state'].removeprefix('JOB_STATE_').lower()}\nreport: {out['report']}")
     return 0 if out["state"] in (None, runs.SUCCEEDED) else 1
 
@@ -451,4 +454,4 @@ def main(argv: list[str] | None = None) -> int:
         return _COMMANDS[a.verb](a)
     except (ValueError, FileNotFoundError) as e:  # PipelineError, ConfigError, DataIntegrityError, RegistryError, missing inputs
         print(f"fmnist {a.verb}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_status", 2)  # 1: Google unavailable past the deadline, a job that failed
