@@ -145,8 +145,9 @@ def _add_features(sub) -> None:
         "get", help="one JSON object per image id: its online features")
     g.add_argument("ids", nargs="+", metavar="ID", help="image ids <split>-<index>: train-0 ... train-59999, test-0 ... test-9999")
     g.add_argument("--view", choices=("image_stats", "image_embedding"), help="one feature view (default: both)")
-    s = sub.add_parser("similar", help="the K catalogue images nearest to ID by cosine similarity of the champion's embeddings (JSON)")
-    s.add_argument("id", metavar="ID", help="an image id, e.g. test-17")
+    s = sub.add_parser("similar", help="the K catalogue images nearest to ID by cosine similarity of the champion's embeddings (JSON); "
+                       "an image outside the catalogue is embedded on the fly")
+    s.add_argument("id", metavar="ID", help="any image id: train-0 ... train-59999, test-0 ... test-9999")
     s.add_argument("-k", type=int, default=5, help="neighbours (default 5)")
 
 # %% ../nbs/cli.ipynb #b1c2d006
@@ -436,9 +437,12 @@ def _cmd_similar(a) -> int:
     from fmnist_gcp.config import Settings
     if a.k < 1: raise ValueError(f"-k {a.k}: ask for at least one neighbour")
     s = Settings.from_env()
-    if s.backend == "vertex": from fmnist_gcp.cloud.features import similar  # the Feature Store's search
-    else: from fmnist_gcp.features import similar  # the local index
-    print(json.dumps(similar(s, a.id, a.k), indent=2))
+    if s.backend == "vertex":  # the Feature Store's search (catalogue ids only)
+        from fmnist_gcp.cloud.features import similar
+        print(json.dumps(similar(s, a.id, a.k), indent=2)); return 0
+    from fmnist_gcp.embeddings import embed_images  # an id outside the catalogue is embedded on the fly
+    from fmnist_gcp.features import similar  # the local index
+    print(json.dumps(similar(s, a.id, a.k, embed=embed_images), indent=2))
     return 0
 
 # %% ../nbs/cli.ipynb #b1c2d018

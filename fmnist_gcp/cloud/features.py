@@ -233,7 +233,10 @@ def read_rows(settings: Settings, view: str, ids: list[str]) -> list[dict | None
 def search_neighbours(settings: Settings, image_id: str, k: int = 5) -> dict:
     "The `k` images nearest to `image_id` by cosine distance in the image_embedding view, as `features.similar` answers."
     (query,) = read_rows(settings, "image_embedding", [image_id])
-    if query is None: raise FeatureError(f"{image_id} has no embedding in the feature store: run 10_embeddings once a champion exists")
+    if query is None:  # the Feature Store searches by an entity it holds; embedding on the fly is the local backend's
+        raise FeatureError(f"{image_id} is not in the Vertex AI Feature Store's image_embedding view, and only its images can be "
+                           "searched there (the local backend embeds other images on the fly): run 10_embeddings with "
+                           "max_images=0 max_train_images=0 to put all 70,000 in the view")
     client = serving_client(settings)
     res = google_call("nearest search", lambda: client.search_nearest_entities(request=search_request(settings, image_id, k)))
     item = lambda i, label: {JOIN_KEY: i, "label": int(label), "class_name": CLASS_NAMES[int(label)]}
