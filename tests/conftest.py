@@ -64,6 +64,8 @@ def vertex_rest(tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)
     for k in ("GOOGLE_CLOUD_PROJECT", "CLOUDSDK_CONFIG", "GOOGLE_API_USE_CLIENT_CERTIFICATE"):
         monkeypatch.delenv(k, raising=False)
+    from google.cloud.aiplatform import initializer  # the SDK keeps the first credentials it found: find this key's
+    monkeypatch.setattr(initializer.global_config, "_credentials", None)
     try:
         yield fake
     finally:
