@@ -194,6 +194,7 @@ class VertexFake:
         self.children: dict[str, list[str]] = {}
         self.servers: dict[str, tuple] = {}  # deployed model id -> (BackgroundServer, predict route)
         self.job_end, self.on_job_end = "JOB_STATE_SUCCEEDED", lambda job: None
+        self.still: set[str] = set()  # jobs that stay in their state
         self._ids = itertools.count(1001)
         self._lock = threading.RLock()
         self._routes = [(m, re.compile(p), h) for m, p, h in self.ROUTES]
@@ -243,9 +244,10 @@ class VertexFake:
         return v
 
     def seed_job(self, job: dict, state: str) -> str:
-        "A custom job made elsewhere, already in `state`."
+        "A custom job made elsewhere, in `state` (where it stays: later gets do not move it on)."
         name = f"{LOC}/customJobs/{next(self._ids)}"
         self.jobs[name] = {**job, "name": name, "state": state, "createTime": now()}
+        self.still.add(name)
         return name
 
     # -- dispatch -------------------------------------------------------------------------------------------------
@@ -347,6 +349,7 @@ class VertexFake:
     def get_job(self, name, **_):
         "Each get moves the job one state on: QUEUED, PENDING, RUNNING, then `job_end` (after `on_job_end(job)`)."
         job = self._job(name)
+        if name in self.still: return dict(job)
         if job["state"] in JOB_STATES or job["state"] == "JOB_STATE_CANCELLING":
             i = JOB_STATES.index(job["state"]) if job["state"] in JOB_STATES else -1
             if job["state"] == "JOB_STATE_CANCELLING": job["state"] = "JOB_STATE_CANCELLED"
