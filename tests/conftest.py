@@ -70,5 +70,4 @@ def vertex_rest(tmp_path, monkeypatch):
         yield fake
     finally:
         fake.stop()
-    unmodelled = [r for r in fake.requests if r.status == 501 and not r.injected]
-    assert not unmodelled, f"requests the Vertex fake does not model (501): {unmodelled}"
+    assert not fake.unmodelled(), f"requests the Vertex fake does not model (501): {fake.unmodelled()}"

@@ -212,7 +212,8 @@ class VertexFake:
         self.host = f"127.0.0.1:{self.port}"
         self.token_uri = f"https://{self.host}/token"
         self.key_file = self.folder / "service-account.json"
-        self.public_key = make_service_account_key(self.key_file, self.token_uri)
+        self.email = f"tester@{PROJECT}.iam.gserviceaccount.com"
+        self.public_key = make_service_account_key(self.key_file, self.token_uri, self.email)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True, name="vertex-fake")
         self.thread.start()
         return self
@@ -229,6 +230,10 @@ class VertexFake:
         `after_apply` the request is applied first (a create that happened on the server but answered an error)."""
         self.faults.append(Fault(method.upper(), path_glob, status, times, retry_delay_s, after_apply,
                                  message or f"The service is currently unavailable (injected {status})."))
+
+    def unmodelled(self) -> list[Recorded]:
+        "Requests answered 501 because the fake does not model their method (injected 501s excluded)."
+        return [r for r in self.requests if r.status == 501 and not r.injected]
 
     def calls(self, method: str | None = None, path_glob: str = "*") -> list[Recorded]:
         "Recorded requests, in order, matching `method` and `path_glob`."
@@ -293,7 +298,10 @@ class VertexFake:
     def _token(self, body: bytes) -> tuple[int, dict]:
         form = urllib.parse.parse_qs(body.decode())
         claims = verify_jwt(form.get("assertion", [""])[0], self.public_key)
-        if form.get("grant_type") != ["urn:ietf:params:oauth:grant-type:jwt-bearer"] or not claims or claims.get("aud") != self.token_uri:
+        # google-auth signs for Google's token audience whatever the key's token_uri; the issuer must be the key's account
+        ok_aud = (self.token_uri, "https://oauth2.googleapis.com/token")
+        if form.get("grant_type") != ["urn:ietf:params:oauth:grant-type:jwt-bearer"] or not claims or \
+                claims.get("aud") not in ok_aud or claims.get("iss") != self.email:
             return 400, {"error": "invalid_grant", "error_description": "Invalid JWT Signature."}
         token = f"ya29.fake-{len(self.tokens) + 1}"
         self.tokens.add(token)
@@ -302,7 +310,7 @@ class VertexFake:
     def _authorise(self, header: str) -> None:
         "An access token this fake issued, or a self-signed JWT of the key (google-auth's JWT access)."
         token = header.removeprefix("Bearer ")
-        if token in self.tokens or (token and verify_jwt(token, self.public_key)): return
+        if token in self.tokens or (token and (verify_jwt(token, self.public_key) or {}).get("iss") == self.email): return
         raise ApiError(401, "Request is missing required authentication credential. Expected OAuth 2 access token, "
                             "login cookie or other valid authentication credential.", "UNAUTHENTICATED")
 
