@@ -34,6 +34,8 @@ STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENI
 ALIAS_RE = re.compile(r"[a-z][a-zA-Z0-9-]{0,126}[a-z0-9]")  # ModelService: version_aliases
 PREDICT_LIMIT = 1_572_864  # 1.5 MB: the request payload limit of a shared (public) endpoint
 JOB_STATES = ["JOB_STATE_QUEUED", "JOB_STATE_PENDING", "JOB_STATE_RUNNING"]
+REGIONS = {"us-central1", "us-east1", "us-west1", "europe-west1", "europe-west2", "europe-west4", "asia-east1",
+           "asia-northeast1", "australia-southeast1", "southamerica-east1"}  # some of the regions Vertex AI serves
 TERMINAL = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"}
 
 
@@ -323,6 +325,11 @@ class VertexFake:
         if name not in self.operations: raise not_found(name)
         return self.operations[name].json(poll=True)
 
+    def get_location(self, name, **_):
+        region = name.rsplit("/", 1)[-1]
+        if region not in REGIONS: raise invalid(f"Location {region} is not supported by Vertex AI.")
+        return {"name": name, "locationId": region}
+
     # -- custom jobs and batch prediction jobs --------------------------------------------------------------------
     def create_custom_job(self, parent, body, **_):
         require(body, "custom_job", "displayName", "jobSpec.workerPoolSpecs")
@@ -597,6 +604,7 @@ class VertexFake:
     N = r"(projects/[^/]+/locations/[^/]+/{}/[^/:]+)"
     ROUTES = [
         ("GET", r"/(?:v1|ui)/(projects/[^/]+/locations/[^/]+(?:/[a-zA-Z]+/[^/:]+)?/operations/[^/:]+)", get_operation),
+        ("GET", rf"/(?:v1|ui)/{P}", get_location),  # the v1 transports' mixins (locations, operations) use /ui/ first
         ("POST", rf"/v1/{P}/customJobs", create_custom_job),
         ("GET", rf"/v1/{N.format('customJobs')}", get_job),
         ("POST", rf"/v1/{N.format('customJobs')}:cancel", cancel_job),
