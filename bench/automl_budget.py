@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bench_host import steal_seconds  # noqa: E402  (bench/ is on the path when run as a script)
 
 DEFAULTS = {"budget_minutes": 1.5, "search_share": 1.0, "max_trials": 20, "trial_epochs": 1, "search_train_images": 300,
-            "search_val_images": 300, "widths_choices": "16,32|16,32,64|32,64,128", "batch_sizes": "64,128,256",
+            "search_val_images": 300, "widths_choices": "16,32|16,32,64|32,64,128", "batch_sizes": "64,128,256", "max_convs": 3,
             "pruner": "median", "retrain_best": False, "retrain_epochs": 0, "calibrate": True}
 
 
@@ -77,7 +77,7 @@ def one_seed(seed: int, p: dict, clock_name: str) -> dict:
     out_home = tempfile.mkdtemp(prefix="automl-bench-")
     out = Settings.from_env({"FMNIST_HOME": out_home})
     folder, workdir = Store("models", os.path.join(out_home, "study")), os.path.join(out_home, "work")
-    space, budget_s = automl.search_space(p["widths_choices"], p["batch_sizes"]), p["budget_minutes"] * 60
+    space, budget_s = automl.search_space(p["widths_choices"], p["batch_sizes"], p["max_convs"]), p["budget_minutes"] * 60
 
     w0, c0, s0 = time.monotonic(), time.process_time(), steal_seconds()
     study = automl.open_study(folder, "bench", workdir, seed=seed, pruner=automl.make_pruner(p["pruner"], p["trial_epochs"]), log=lambda *a: None)

@@ -63,11 +63,12 @@ class Param:
 # %% ../nbs/06_automl.ipynb #c3655c63
 def search_space(widths_choices: str = "16,32|16,32,64|32,64,128",  # candidate widths, '|'-separated
                  batch_sizes: str = "64,128,256",  # candidate batch sizes, comma-separated
+                 max_convs: int = 3,  # most conv layers per stage (TrainConfig.convs); fewer keep a short retraining affordable
                  ) -> tuple[Param, ...]:
     "The search space: network shape, optimiser, regularisation and augmentation strength."
     widths = tuple(",".join(map(str, parse_widths(w))) for w in widths_choices.split("|") if w.strip())
     return (Param("widths", "categorical", choices=widths),
-            Param("convs", "int", 1, 3),
+            Param("convs", "int", 1, max(1, max_convs)),
             Param("lr", "float", 1e-3, 1.5e-2, log=True),
             Param("batch_size", "categorical", choices=tuple(int(b) for b in batch_sizes.split(","))),
             Param("weight_decay", "float", 1e-5, 1e-2, log=True),
@@ -253,12 +254,15 @@ def keras_trainer(x_tr, y_tr, x_va, y_va, norm: dict, augment: Augment, epochs: 
     def train_trial(trial, params, report):
         from optuna.trial import TrialState
         now = clock or time.monotonic
-        marks = [now()]  # the first epoch's seconds include building the network and tracing its step
+        marks, walls = [now()], [time.perf_counter()]  # the first epoch's seconds include building the network and tracing its step
         import_keras().backend.clear_session()  # one trial's graphs do not pile up in the next
         cfg = trial_config(params, augment, epochs, seed)
-        trial.set_user_attr("train_images", len(x_tr))
+        trial.set_user_attr("train_images", len(x_tr)); shares = []
         def on_epoch(h):
-            marks.append(now()); trial.set_user_attr("epoch_seconds", [round(b - a, 3) for a, b in zip(marks, marks[1:])])
+            marks.append(now()); walls.append(time.perf_counter())
+            trial.set_user_attr("epoch_seconds", [round(b - a, 3) for a, b in zip(marks, marks[1:])])
+            shares.append(round(min(1.0, h["seconds"] / max(walls[-1] - walls[-2], 1e-9)), 3))  # training loop / whole epoch (wall)
+            trial.set_user_attr("train_share", shares)
             report(h["val_accuracy"], h["epoch"])
         model, hist = fit(cfg, x_tr, y_tr, x_va, y_va, norm["mean"], norm["std"], log=lambda *a: None, on_epoch=on_epoch)
         value = float(hist[-1]["val_accuracy"])
@@ -270,11 +274,13 @@ def keras_trainer(x_tr, y_tr, x_va, y_va, norm: dict, augment: Augment, epochs: 
 # %% ../nbs/06_automl.ipynb #r3f1t002
 def trial_costs(epoch_seconds: Sequence[float],  # a trial's seconds per epoch, the first including building and tracing
                 images: int,  # the images it trained on per epoch
+                train_share: Sequence[float] = (),  # the training loop's share of each epoch (the rest scores the validation slice)
                 ) -> tuple[float, float]:  # (seconds per image per epoch, seconds a training costs besides its epochs)
-    "What a training costs, from one trial: a steady epoch's seconds per image, and what the first epoch took beyond that."
+    "What a training costs, from one trial: a steady epoch's training seconds per image, and what the first epoch took beyond a steady one."
     if not epoch_seconds or images < 1: raise ValueError(f"a trial's costs need its epoch seconds and its images, not {list(epoch_seconds)} and {images}")
     steady = statistics.median(epoch_seconds[1:]) if len(epoch_seconds) > 1 else epoch_seconds[0]  # one epoch: start cost counted per image
-    return steady / images, max(0.0, epoch_seconds[0] - steady)
+    share = statistics.median(train_share[1:]) if len(train_share) > 1 and len(epoch_seconds) > 1 else 1.0
+    return steady * share / images, max(0.0, epoch_seconds[0] - steady)
 
 # %% ../nbs/06_automl.ipynb #r3f1t005
 def plan_refit(left_s: float,  # seconds of the budget left
@@ -308,7 +314,7 @@ def refit_for_trial(best,  # the best trial (an optuna FrozenTrial) with keras_t
     "{images, epochs, why, ...}: the retraining of `best`'s recipe that fits in `left_s` (images 0: export the trial's own model)."
     ep, n = best.user_attrs.get("epoch_seconds"), best.user_attrs.get("train_images", 0)
     if not ep or not n: return {"images": 0, "epochs": 0, "why": f"trial {best.number} recorded no epoch timings: its own model is exported"}
-    image_s, start_s = trial_costs(ep, n)
+    image_s, start_s = trial_costs(ep, n, best.user_attrs.get("train_share", ()))
     fixed_s = start_s + val_images * image_s  # calibration predicts each validation image and its mirror
     images, epochs = plan_refit(left_s, image_s, fixed_s, train_images, max_epochs, n * len(ep))
     plan = {"images": images, "epochs": epochs, "left_s": round(left_s, 1), "image_ms": round(image_s * 1e3, 4),
