@@ -414,6 +414,8 @@ class RetryPolicy:
         return b / 2 + b / 2 * self.jitter()
 
 # %% ../nbs/00_config.ipynb #c9e05c9c
+_REQUEST_PREFIX = re.compile(r"^(?:GET|POST|PUT|PATCH|DELETE) \S+: ")  # api-core's REST errors open with the request's URL
+
 @patch
 def call(self: RetryPolicy, what: str,  # the call, as the log and the error name it: "job create"
          fn: Callable[[], Any], *, service: str = "Google Cloud",  # who answers, e.g. Vertex AI
@@ -439,7 +441,7 @@ def call(self: RetryPolicy, what: str,  # the call, as the log and the error nam
             if reason is None: raise
             retrying, wait = True, self.wait_s(max(n, 1), retry_delay_hint(e))
             if n >= self.attempts or self.clock() - start + wait > self.deadline_s:
-                said = (str(getattr(e, "message", "") or e).splitlines() or [""])[0][:200]
+                said = _REQUEST_PREFIX.sub("", (str(getattr(e, "message", "") or e).splitlines() or [""])[0])[:200]
                 raise GoogleUnavailable(f"{service}: {what} still failing after {n} attempts in {self.clock() - start:.0f} s "
                                         f"({reason}{': ' + said if said else ''}): {fix}") from None
             self.log(f"{what}: attempt {n + 1} of {self.attempts} after {reason}, in {wait:.1f} s")
