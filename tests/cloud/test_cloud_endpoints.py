@@ -1,5 +1,7 @@
 """Vertex AI Model Registry upload, endpoint deploy/undeploy/delete and batch prediction: the real SDK on its REST
 transport against the fake Vertex REST service (tests/vertex_fake.py); the HTTP requests it sent are checked."""
+import re
+
 import pytest
 
 from fmnist_gcp.config import DEFAULT_MODEL, Settings
@@ -96,7 +98,10 @@ def test_deploy_undeploy_delete_requests(fake):
     s = Settings.from_env(fake.env)
     ep = deploy(s, MODEL, machine_type="n1-standard-4", min_replicas=1, max_replicas=3)
     (created,) = sent(fake, "POST", f"/v1/{LOC}/endpoints")
-    assert created == {"displayName": f"{DEFAULT_MODEL}-endpoint", "labels": {"app": "fmnist-gcp"}}
+    labels = created.pop("labels")  # the run's labels, by which a retried create finds the endpoint a lost answer made
+    assert created == {"displayName": f"{DEFAULT_MODEL}-endpoint"}
+    assert (labels.pop("app"), labels.pop("fmnist-stage")) == ("fmnist-gcp", "endpoint")
+    assert re.fullmatch(r"[a-z0-9_-]{1,63}", labels.pop("fmnist-run")) and not labels
     (d,) = fake.calls("POST", "*:deployModel")
     assert d.path == f"/v1/{ep.resource_name}:deployModel"
     dm = d.body["deployedModel"]
