@@ -421,7 +421,8 @@ def call(self: RetryPolicy, what: str,  # the call, as the log and the error nam
          fn: Callable[[], Any], *, service: str = "Google Cloud",  # who answers, e.g. Vertex AI
          fix: str = RETRY_FIX,  # what to try when the fault persists
          lookup: Callable[[], Any] | None = None,  # before each retry: what an earlier attempt made, or None
-         adopt_conflict: bool = False):  # on a retry, 409 ALREADY_EXISTS means an earlier attempt made it
+         adopt_conflict: bool = False,  # on a retry, 409 ALREADY_EXISTS means an earlier attempt made it
+         gone_ok: bool = False):  # a delete: on a retry, 404 NOT_FOUND means an earlier attempt deleted it
     "`fn()`, tried again on transient errors until the deadline; a create that may have happened is looked up first."
     start, n, retrying = self.clock(), 0, False
     while True:
@@ -437,6 +438,8 @@ def call(self: RetryPolicy, what: str,  # the call, as the log and the error nam
             if retrying and adopt_conflict and getattr(e, "code", None) == 409:
                 self.log(f"{what}: attempt {n} found it made by an earlier attempt ({getattr(e, 'message', e)})")
                 return lookup() if lookup else None
+            if retrying and gone_ok and getattr(e, "code", None) == 404:
+                self.log(f"{what}: attempt {n} found it gone: an earlier attempt deleted it"); return None
             reason = transient_reason(e)
             if reason is None: raise
             retrying, wait = True, self.wait_s(max(n, 1), retry_delay_hint(e))
