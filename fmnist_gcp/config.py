@@ -414,6 +414,11 @@ class RetryPolicy:
         return b / 2 + b / 2 * self.jitter()
 
 # %% ../nbs/00_config.ipynb #c9e05c9c
+def _named(found) -> str:  # how the log names what a lookup found: its resource name, name or id, else its first line
+    for k in ("resource_name", "name", "id"):
+        if isinstance(v := getattr(found, k, None), str) and v: return v
+    return (str(found).splitlines() or [""])[0][:200]
+
 _REQUEST_PREFIX = re.compile(r"^(?:GET|POST|PUT|PATCH|DELETE) \S+: ")  # api-core's REST errors open with the request's URL
 
 @patch
@@ -428,7 +433,7 @@ def call(self: RetryPolicy, what: str,  # the call, as the log and the error nam
     while True:
         try:
             if retrying and lookup is not None and (found := lookup()) is not None:
-                self.log(f"{what}: adopted what attempt {n} made ({getattr(found, 'resource_name', found)}); not made again")
+                self.log(f"{what}: adopted what attempt {n} made ({_named(found)}); not made again")
                 return found
             n += 1
             out = fn()
