@@ -382,7 +382,9 @@ def _cmd_submit_training(a) -> int:
     if not a.import_model: return 0
     from fmnist_gcp.cloud.runs import SUCCEEDED, wait_for_run
     state = wait_for_run(job, a.poll_seconds)
-    if state != SUCCEEDED: print(f"{job.resource_name} ended {state}: nothing to import", file=sys.stderr); return 1
+    if state != SUCCEEDED:  # one line with the job's own error message and its logs (exit 1)
+        from fmnist_gcp.cloud.retry import JobEnded, job_end_line
+        raise JobEnded(f"{job_end_line(job.gca_resource)}; nothing to import")
     return _cmd_import_job(argparse.Namespace(job=job.resource_name, model_name=a.model_name, no_evaluate=False,
                                               profile="quick", upload=a.upload))
 

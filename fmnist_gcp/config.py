@@ -414,18 +414,26 @@ class RetryPolicy:
         return b / 2 + b / 2 * self.jitter()
 
 # %% ../nbs/00_config.ipynb #c9e05c9c
+def _named(found) -> str:  # how the log names what a lookup found: its resource name, name or id, else its first line
+    for k in ("resource_name", "name", "id"):
+        if isinstance(v := getattr(found, k, None), str) and v: return v
+    return (str(found).splitlines() or [""])[0][:200]
+
+_REQUEST_PREFIX = re.compile(r"^(?:GET|POST|PUT|PATCH|DELETE) \S+: ")  # api-core's REST errors open with the request's URL
+
 @patch
 def call(self: RetryPolicy, what: str,  # the call, as the log and the error name it: "job create"
          fn: Callable[[], Any], *, service: str = "Google Cloud",  # who answers, e.g. Vertex AI
          fix: str = RETRY_FIX,  # what to try when the fault persists
          lookup: Callable[[], Any] | None = None,  # before each retry: what an earlier attempt made, or None
-         adopt_conflict: bool = False):  # on a retry, 409 ALREADY_EXISTS means an earlier attempt made it
+         adopt_conflict: bool = False,  # on a retry, 409 ALREADY_EXISTS means an earlier attempt made it
+         gone_ok: bool = False):  # a delete: on a retry, 404 NOT_FOUND means an earlier attempt deleted it
     "`fn()`, tried again on transient errors until the deadline; a create that may have happened is looked up first."
     start, n, retrying = self.clock(), 0, False
     while True:
         try:
             if retrying and lookup is not None and (found := lookup()) is not None:
-                self.log(f"{what}: adopted what attempt {n} made ({getattr(found, 'resource_name', found)}); not made again")
+                self.log(f"{what}: adopted what attempt {n} made ({_named(found)}); not made again")
                 return found
             n += 1
             out = fn()
@@ -435,11 +443,13 @@ def call(self: RetryPolicy, what: str,  # the call, as the log and the error nam
             if retrying and adopt_conflict and getattr(e, "code", None) == 409:
                 self.log(f"{what}: attempt {n} found it made by an earlier attempt ({getattr(e, 'message', e)})")
                 return lookup() if lookup else None
+            if retrying and gone_ok and getattr(e, "code", None) == 404:
+                self.log(f"{what}: attempt {n} found it gone: an earlier attempt deleted it"); return None
             reason = transient_reason(e)
             if reason is None: raise
             retrying, wait = True, self.wait_s(max(n, 1), retry_delay_hint(e))
             if n >= self.attempts or self.clock() - start + wait > self.deadline_s:
-                said = (str(getattr(e, "message", "") or e).splitlines() or [""])[0][:200]
+                said = _REQUEST_PREFIX.sub("", (str(getattr(e, "message", "") or e).splitlines() or [""])[0])[:200]
                 raise GoogleUnavailable(f"{service}: {what} still failing after {n} attempts in {self.clock() - start:.0f} s "
                                         f"({reason}{': ' + said if said else ''}): {fix}") from None
             self.log(f"{what}: attempt {n + 1} of {self.attempts} after {reason}, in {wait:.1f} s")

@@ -2,8 +2,8 @@
 
 An HTTPS server on 127.0.0.1 (a self-signed certificate made here, trusted through REQUESTS_CA_BUNDLE), an OAuth
 token endpoint that checks the JWT a service-account key made here signs, and the v1 REST methods this package calls:
-customJobs and batchPredictionJobs (create, get, cancel), models (upload, get, list, listVersions,
-mergeVersionAliases), endpoints (create, get, list, deployModel, undeployModel, delete), predict (forwarded to the
+customJobs (create, get, list, cancel) and batchPredictionJobs (create, get, cancel), models (upload, get, list,
+listVersions, mergeVersionAliases), endpoints (create, get, list, deployModel, undeployModel, delete), predict (forwarded to the
 deployed model's own serving app, as Vertex runs the container), operations get, and the metadata calls Vertex
 Experiments makes. It refuses what Vertex refuses (required fields of the v1 protos, aliases, deploy resources,
 traffic), answers in Google's JSON error shape so the SDK raises the real api-core exception, keeps jobs and
@@ -20,6 +20,7 @@ import json
 import re
 import ssl
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -67,6 +68,19 @@ def get_path(obj: dict, dotted: str):
     return obj
 
 
+FILTER_TERM = re.compile(r'(display_name|labels\.[\w-]+)\s*=\s*"([^"]*)"')
+
+
+def filtered(items: list[dict], flt: str) -> list[dict]:
+    """The items matching a list filter of `display_name="..."` and `labels.KEY="..."` terms joined by AND (what this
+    package sends); INVALID_ARGUMENT for any other filter, as Vertex answers one it cannot parse."""
+    terms = [t.strip() for t in re.split(r"\bAND\b", flt)] if flt.strip() else []
+    parsed = [FILTER_TERM.fullmatch(t) for t in terms]
+    if not all(parsed): raise invalid(f"Unsupported filter: {flt!r}.")
+    def value(m, k): return m.get("displayName") if k == "display_name" else m.get("labels", {}).get(k[7:])
+    return [m for m in items if all(value(m, p[1]) == p[2] for p in parsed)]
+
+
 def require(obj: dict, what: str, *fields: str) -> None:
     "INVALID_ARGUMENT naming every required field that is unset (empty strings and lists count as unset)."
     missing = [f for f in fields if get_path(obj, f) in (None, "", [], {})]
@@ -85,6 +99,7 @@ class Recorded:
     body: dict | None
     status: int = 0  # the HTTP status answered
     injected: bool = False
+    at: float = field(default_factory=time.monotonic)  # when it arrived (time.monotonic)
 
     def __repr__(self): return f"{self.method} {self.path} -> {self.status}"
 
@@ -378,6 +393,11 @@ class VertexFake:
             if job["state"] in TERMINAL: job["endTime"] = now()
         return dict(job)
 
+    def list_custom_jobs(self, parent, query, **_):
+        "The custom jobs the filter's terms match (ListCustomJobsRequest.filter), oldest first."
+        jobs = [dict(j) for n, j in self.jobs.items() if n.startswith(f"{parent}/customJobs/")]
+        return {"customJobs": filtered(jobs, query.get("filter", ""))}
+
     def cancel_job(self, name, **_):
         job = self._job(name)
         if job["state"] in TERMINAL or job["state"] == "JOB_STATE_CANCELLING":
@@ -434,19 +454,14 @@ class VertexFake:
 
     def list_models(self, parent, query, **_):
         "Default versions whose display_name and labels match the filter's `key=\"value\"` terms joined by AND."
-        flt = query.get("filter", "")
-        terms = [t.strip() for t in re.split(r"\bAND\b", flt)] if flt.strip() else []
-        parsed = [re.fullmatch(r'(display_name|labels\.[\w-]+)\s*=\s*"([^"]*)"', t) for t in terms]
-        if not all(parsed): raise invalid(f"Unsupported filter: {flt!r}.")
-        def value(m, k): return m.get("displayName") if k == "display_name" else m.get("labels", {}).get(k[7:])
-        found = [self._resolve(n) for n in self.models if n.startswith(parent + "/")]
-        found = [m for m in found if all(value(m, p[1]) == p[2] for p in parsed)]
+        found = filtered([self._resolve(n) for n in self.models if n.startswith(parent + "/")], query.get("filter", ""))
         if query.get("orderBy", "create_time") in ("create_time", "createTime"): found.sort(key=lambda m: m["createTime"])
         return {"models": found}
 
-    def list_versions(self, name, **_):
+    def list_versions(self, name, query, **_):
+        "The model's versions, oldest first, those the filter's terms match (ListModelVersionsRequest.filter)."
         if name not in self.models: raise not_found(name)
-        return {"models": list(self.models[name])}
+        return {"models": filtered(list(self.models[name]), query.get("filter", ""))}
 
     def merge_version_aliases(self, name, body, **_):
         "`alias` moves the alias to this version; `-alias` removes it; `default` cannot be removed."
@@ -477,8 +492,9 @@ class VertexFake:
 
     def get_endpoint(self, name, **_): return self._endpoint(name)
 
-    def list_endpoints(self, parent, **_):
-        return {"endpoints": [e for n, e in self.endpoints.items() if n.startswith(parent + "/")]}
+    def list_endpoints(self, parent, query, **_):
+        "The endpoints the filter's terms match (ListEndpointsRequest.filter)."
+        return {"endpoints": filtered([e for n, e in self.endpoints.items() if n.startswith(parent + "/")], query.get("filter", ""))}
 
     def _check_split(self, split: dict, ids: list[str]) -> None:
         unknown = [k for k in split if k not in ids]
@@ -606,6 +622,7 @@ class VertexFake:
         ("GET", r"/(?:v1|ui)/(projects/[^/]+/locations/[^/]+(?:/[a-zA-Z]+/[^/:]+)?/operations/[^/:]+)", get_operation),
         ("GET", rf"/(?:v1|ui)/{P}", get_location),  # the v1 transports' mixins (locations, operations) use /ui/ first
         ("POST", rf"/v1/{P}/customJobs", create_custom_job),
+        ("GET", rf"/v1/{P}/customJobs", list_custom_jobs),
         ("GET", rf"/v1/{N.format('customJobs')}", get_job),
         ("POST", rf"/v1/{N.format('customJobs')}:cancel", cancel_job),
         ("POST", rf"/v1/{P}/batchPredictionJobs", create_batch_prediction_job),

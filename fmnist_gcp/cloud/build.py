@@ -10,20 +10,23 @@ from __future__ import annotations
 import io
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import fmnist_gcp
 from ..config import ConfigError, Settings, default_credentials, is_local
+from .retry import google_call
 
 # %% auto #0
 __all__ = ['IMAGE_TARGETS', 'DEFAULT_TARGETS', 'DOCKERFILE', 'DOCKER_BUILDER', 'SOURCE_DIR', 'BUILD_TAG', 'QUEUE_MARGIN_S',
-           'CLOUD_BUILD_DEFAULT_TIMEOUT_S', 'source_root', 'git_tag', 'image_uris', 'dockerignore', 'context_files',
-           'source_tarball', 'upload_source', 'builder_account', 'build_config', 'build_wait_s', 'BuildFailed',
-           'submit_build', 'docker_build', 'build_images']
+           'CLOUD_BUILD_DEFAULT_TIMEOUT_S', 'BUILD_RUNNING', 'BUILD_POLL_S', 'source_root', 'git_tag', 'image_uris',
+           'dockerignore', 'context_files', 'source_tarball', 'upload_source', 'builder_account', 'build_config',
+           'build_wait_s', 'BuildFailed', 'once_tag', 'wait_build', 'submit_build', 'docker_build', 'build_images']
 
 # %% ../../nbs/cloud_build.ipynb #ca485cd5
 IMAGE_TARGETS = ("train", "train-gpu", "serve")  # docker/Dockerfile's targets, one image each
@@ -153,13 +156,37 @@ class BuildFailed(ValueError):
         status = getattr(b.status, "name", b.status)
         return cls(f"Cloud Build {b.id} ended {status}: {b.status_detail or getattr(error, 'message', None) or error}; logs: {b.log_url or 'none'}")
 
+BUILD_RUNNING = ("STATUS_UNKNOWN", "PENDING", "QUEUED", "WORKING")  # Build.Status values of a build that has not ended
+BUILD_POLL_S = 10.0  # seconds between reads of a build adopted after a lost answer
+
+def once_tag() -> str:
+    "A Cloud Build tag only one create carries: the lookup before a retry finds the build a lost answer made."
+    return f"fmnist-once-{secrets.token_hex(6)}"
+
+def wait_build(client, build, timeout_s: float, poll_s: float = BUILD_POLL_S):
+    "Read `build` (a Build) until it ends; the finished Build, or BuildFailed with its status and logs."
+    end = time.monotonic() + timeout_s
+    while build.status.name in BUILD_RUNNING:
+        if time.monotonic() > end: raise BuildFailed(f"Cloud Build {build.id} did not end in {timeout_s:.0f} s; logs: {build.log_url or 'none'}")
+        time.sleep(poll_s)
+        build = google_call("build read", lambda b=build: client.get_build(request={"project_id": b.project_id, "id": b.id}),
+                            service="Cloud Build")
+    if build.status.name != "SUCCESS":
+        raise BuildFailed(f"Cloud Build {build.id} ended {build.status.name}: {build.status_detail or 'no detail'}; logs: {build.log_url or 'none'}")
+    return build
+
 def submit_build(settings: Settings, build: dict, wait: bool = True):
-    "Create `build` in Cloud Build (the settings' project, in `build_region`); the finished Build, or the operation."
+    "Create `build` in Cloud Build (the settings' project, in `build_region`); the finished Build, or the operation (a Build when adopted)."
     from google.cloud.devtools import cloudbuild_v1
     s = settings.require_vertex("Building images with Cloud Build")
     client = cloudbuild_v1.CloudBuildClient(credentials=default_credentials(s))  # a user's bill the project
-    op = client.create_build(request={
-        "parent": f"projects/{s.project}/locations/{s.build_region}", "project_id": s.project, "build": cloudbuild_v1.Build(build)})
+    parent, tag = f"projects/{s.project}/locations/{s.build_region}", once_tag()
+    build = {**build, "tags": [*build.get("tags", []), tag]}
+    def made():  # the build an attempt whose answer was lost made, by the tag only this create carries
+        return next(iter(client.list_builds(request={"parent": parent, "project_id": s.project, "filter": f'tags="{tag}"'})), None)
+    op = google_call("build create", lambda: client.create_build(request={
+        "parent": parent, "project_id": s.project, "build": cloudbuild_v1.Build(build)}), service="Cloud Build", lookup=made)
+    if isinstance(op, cloudbuild_v1.Build): return wait_build(client, op, build_wait_s(build)) if wait else op
     if not wait: return op
     from google.api_core.exceptions import GoogleAPICallError
     try: return op.result(timeout=build_wait_s(build))

@@ -172,14 +172,20 @@ class ExperimentRun:
         self._ai, self.time_series = aiplatform, bool(tensorboard)
         vertex_init(s, experiment=experiment, experiment_tensorboard=tensorboard or False)
         job_run = job_run_name(experiment)  # inside a Vertex job: the job's run, which exists
-        self.run = aiplatform.start_run(job_run or experiment_run_name(run), resume=bool(job_run) or resume)
+        name, tries = job_run or experiment_run_name(run), []
+        def start():  # a retry resumes the run when a lost answer had made it (the run is named: it cannot be made twice)
+            again = bool(tries); tries.append(name)
+            made = again and aiplatform.ExperimentRun.get(name, experiment=experiment) is not None
+            return aiplatform.start_run(name, resume=bool(job_run) or resume or made)
+        self.run = google_call("experiment run start", start)
 
-    def log_params(self, params: dict) -> None: self._ai.log_params(params)
+    def log_params(self, params: dict) -> None: google_call("experiment params log", lambda: self._ai.log_params(params))
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         "Metrics; with a `step` and a TensorBoard, one point of each time series; else the run's latest values."
-        if step is not None and self.time_series: self._ai.log_time_series_metrics(metrics, step=step)
-        else: self._ai.log_metrics(metrics)
-    def end(self) -> None: self._ai.end_run()
+        if step is not None and self.time_series:
+            google_call("experiment time series log", lambda: self._ai.log_time_series_metrics(metrics, step=step))
+        else: google_call("experiment metrics log", lambda: self._ai.log_metrics(metrics))
+    def end(self) -> None: google_call("experiment run end", self._ai.end_run)
 
 # %% ../../nbs/cloud_jobs.ipynb #c1djb002
 def main(argv: list[str] | None = None) -> int:

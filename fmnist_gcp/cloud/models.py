@@ -55,8 +55,9 @@ def upload_to_vertex(settings: Settings, name: str, version: int,
     vertex_init(settings)
     labels = {**create_labels("upload", rec.get("run_id") or f"{name}-{version}"), "fmnist-version": str(version)}
     def uploaded():  # a version an earlier attempt made: the model's versions (or, first upload, the models) with these labels
-        if parent_model: return labelled(aiplatform.models.ModelRegistry(parent_model).list_versions, labels)
-        return labelled(aiplatform.Model.list, labels)
+        if not parent_model: return labelled(aiplatform.Model.list, labels)
+        v = labelled(aiplatform.models.ModelRegistry(parent_model).list_versions, labels)  # a VersionInfo: the Model it names
+        return aiplatform.Model(parent_model, version=v.version_id) if v else None
     return google_call("model upload", lambda: aiplatform.Model.upload(
         display_name=name, artifact_uri=rec["uri"], parent_model=parent_model,
         is_default_version=reg.aliases.get("default") == version, version_aliases=list(aliases),

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..config import CLOUD_SCOPE, LOGIN_FIX, ConfigError, Settings, default_credentials, storage_options
+from ..config import CLOUD_SCOPE, LOGIN_FIX, ConfigError, GoogleUnavailable, RetryPolicy, Settings, default_credentials, storage_options
 from .vertex import vertex_client_options
+from .retry import google_call
 
 # %% auto #0
 __all__ = ['APPLY_FIX', 'QUOTAS_CONSOLE', 'APIS', 'REACH_TIMEOUT_S', 'VERTEX_API', 'CPU_QUOTAS', 'GPU_QUOTAS', 'MACHINES',
            'IAM_APIS', 'PreflightError', 'check_credentials', 'Clients', 'api_problem', 'Unreachable', 'out_of_reach',
-           'unreachable', 'reach_limits', 'asking_google', 'check_project', 'check_region', 'check_bucket',
+           'unreachable', 'reach_limits', 'reach', 'asking_google', 'check_project', 'check_region', 'check_bucket',
            'check_service_account', 'repository_name', 'check_repository', 'job_quotas', 'quota_infos_parent',
            'vertex_quota_infos', 'region_limits', 'check_quota', 'iam_resource', 'held_permissions', 'lacking',
            'missing_line', 'impersonated', 'check_permissions', 'preflight', 'cloud_preflight']
@@ -100,9 +101,12 @@ def unreachable(e: Exception, what: str, api: str) -> Unreachable:
                         "a proxy or FMNIST_VERTEX_ENDPOINT, or skip this check with --no-check"])
 
 def reach_limits() -> dict:
-    "`retry` and `timeout` for a gapic call: give up on an unreachable API after `REACH_TIMEOUT_S`."
-    from google.api_core.retry import Retry
-    return {"retry": Retry(timeout=REACH_TIMEOUT_S), "timeout": REACH_TIMEOUT_S}
+    "`retry` and `timeout` for one gapic request: no retry of its own (`reach` retries), a `REACH_TIMEOUT_S` timeout."
+    return {"retry": None, "timeout": REACH_TIMEOUT_S}
+
+def reach(what: str, fn: Callable[[], object]):  # what is asked, as the log names it: "project get"
+    "`fn()` under the package's retry policy with `REACH_TIMEOUT_S` as its deadline: a check says soon that Google is out of reach."
+    return google_call(what, fn, service="Google Cloud", policy=RetryPolicy.from_env(deadline_s=REACH_TIMEOUT_S))
 
 @contextmanager
 def asking_google(what: str,  # what the calls inside check, as the problem line names it
@@ -111,6 +115,7 @@ def asking_google(what: str,  # what the calls inside check, as the problem line
     "Around a check's calls: Google out of reach is one `unreachable` line, any other API error one `api_problem` line."
     from google.api_core.exceptions import GoogleAPICallError
     try: yield
+    except GoogleUnavailable as e: raise unreachable(e.__context__ or e, what, APIS[api]) from None  # the last error retried
     except out_of_reach() as e: raise unreachable(e, what, APIS[api]) from None
     except GoogleAPICallError as e: raise PreflightError([api_problem(e, what, APIS[api], project)])
 
@@ -120,7 +125,7 @@ def check_project(client,  # `resourcemanager_v3.ProjectsClient`
     "'project ... is active', or a PreflightError."
     from google.api_core import exceptions as gexc
     with asking_google(f"project {project}", "project", project):
-        try: p = client.get_project(name=f"projects/{project}", **reach_limits())
+        try: p = reach("project get", lambda: client.get_project(name=f"projects/{project}", **reach_limits()))
         except (gexc.NotFound, gexc.PermissionDenied) as e:
             if "SERVICE_DISABLED" in str(e): raise PreflightError([api_problem(e, f"project {project}", APIS["project"], project)])
             raise PreflightError([f"project {project} does not exist or these credentials cannot see it: check FMNIST_PROJECT "
@@ -135,9 +140,9 @@ def check_region(client,  # a Vertex AI client on the region's endpoint (`Client
     from google.api_core import exceptions as gexc
     what = f"region {region}"
     with asking_google(what, "region", project):
-        try: client.get_location(request={"name": f"projects/{project}/locations/{region}"}, **reach_limits())
+        try: reach("region get", lambda: client.get_location(request={"name": f"projects/{project}/locations/{region}"}, **reach_limits()))
         # BadRequest: over gRPC an INVALID_ARGUMENT is InvalidArgument (a BadRequest); over REST an HTTP 400 is BadRequest itself
-        except (gexc.NotFound, gexc.BadRequest, gexc.ServiceUnavailable) as e:
+        except (gexc.NotFound, gexc.BadRequest, gexc.ServiceUnavailable, GoogleUnavailable) as e:  # an unknown region's host: UNAVAILABLE
             if "SERVICE_DISABLED" in str(e): raise PreflightError([api_problem(e, what, APIS["region"], project)])
             raise PreflightError([f"{what} is not a Vertex AI region (or it could not be reached): set FMNIST_REGION to one listed at "
                                   "https://cloud.google.com/vertex-ai/docs/general/locations, e.g. europe-west4"]) from None
@@ -154,11 +159,11 @@ def check_bucket(client,  # `google.cloud.storage.Client`
     what, project = f"bucket gs://{name}", client.project
     with asking_google(what, "bucket", project):
         try:
-            bucket = client.lookup_bucket(name)
+            bucket = reach("bucket get", lambda: client.lookup_bucket(name, timeout=REACH_TIMEOUT_S, retry=None))
             if bucket is None: raise PreflightError([f"{what} does not exist: {APPLY_FIX} (or set the store's FMNIST_<ROLE>_BUCKET)"])
             probe = bucket.blob("/".join(p for p in (prefix.strip("/"), f".fmnist-preflight-{secrets.token_hex(4)}") if p))
-            probe.upload_from_string(b"fmnist preflight probe\n")
-            probe.delete()
+            reach("probe write", lambda: probe.upload_from_string(b"fmnist preflight probe\n", timeout=REACH_TIMEOUT_S, retry=None))
+            reach("probe delete", lambda: probe.delete(timeout=REACH_TIMEOUT_S, retry=None))
         except gexc.Forbidden as e:
             raise PreflightError([f"{what} is not writable with these credentials ({e.message}): "
                                   f"{APPLY_FIX} to grant roles/storage.objectUser on it, or ask its owner"]) from None
@@ -171,7 +176,7 @@ def check_service_account(client,  # `iam_admin_v1.IAMClient`
     from google.api_core import exceptions as gexc
     what = f"service account {email}"
     with asking_google(what, "service_account", project):
-        try: client.get_service_account(name=f"projects/{project}/serviceAccounts/{email}", **reach_limits())
+        try: reach("service account get", lambda: client.get_service_account(name=f"projects/{project}/serviceAccounts/{email}", **reach_limits()))
         except gexc.NotFound: raise PreflightError([f"{what} does not exist: {APPLY_FIX} (or set FMNIST_SERVICE_ACCOUNT to an existing one)"]) from None
     return f"{what} exists"
 
@@ -186,7 +191,7 @@ def check_repository(client,  # `artifactregistry_v1.ArtifactRegistryClient`
     from google.api_core import exceptions as gexc
     what = f"image repository {region}-docker.pkg.dev/{project}/{repository}"
     with asking_google(what, "repository", project):
-        try: client.get_repository(name=repository_name(project, region, repository), **reach_limits())
+        try: reach("repository get", lambda: client.get_repository(name=repository_name(project, region, repository), **reach_limits()))
         except gexc.NotFound: raise PreflightError([f"{what} does not exist: {APPLY_FIX}"]) from None
     return f"{what} exists"
 
@@ -232,7 +237,7 @@ def vertex_quota_infos(client,  # `cloudquotas_v1.CloudQuotasClient`
     "Every Vertex AI quota of `project` from one (paged) list, by metric; the per-region quota where a metric has several."
     what = f"Vertex AI quotas of project {project}"
     with asking_google(what, "quota", project):
-        infos = list(client.list_quota_infos(parent=quota_infos_parent(project), **reach_limits()))
+        infos = reach("quota list", lambda: list(client.list_quota_infos(parent=quota_infos_parent(project), **reach_limits())))
     out: dict[str, object] = {}
     for i in infos:
         if i.metric not in out or ("region" in i.dimensions and "region" not in out[i.metric].dimensions): out[i.metric] = i
@@ -287,10 +292,13 @@ def held_permissions(clients: Clients, scope: str,  # project | bucket | reposit
                      name: str,  # from `iam_resource`
                      permissions: list[str]) -> set[str]:
     "The subset of `permissions` that Google says `clients`' credentials hold on `name` (testIamPermissions)."
+    what = f"permissions test on {name}"
     if scope == "bucket":
-        return set(clients.storage().bucket(name).test_iam_permissions(sorted(permissions), timeout=REACH_TIMEOUT_S))
+        bucket = clients.storage().bucket(name)
+        return set(reach(what, lambda: bucket.test_iam_permissions(sorted(permissions), timeout=REACH_TIMEOUT_S, retry=None)))
     client = {"project": clients.projects, "repository": clients.registry, "service_account": clients.iam}[scope]()
-    return set(client.test_iam_permissions(request={"resource": name, "permissions": sorted(permissions)}, **reach_limits()).permissions)
+    return set(reach(what, lambda: client.test_iam_permissions(request={"resource": name, "permissions": sorted(permissions)},
+                                                                **reach_limits())).permissions)
 
 # %% ../../nbs/cloud_preflight.ipynb #22570a7c
 def lacking(clients: Clients, need: set,  # `perms.Need`s
@@ -306,6 +314,7 @@ def lacking(clients: Clients, need: set,  # `perms.Need`s
         name, label = iam_resource(s, resource, repository)
         try: held = held_permissions(clients, scope, name, by[resource])
         except (gexc.NotFound, gexc.PermissionDenied, gexc.Forbidden): continue  # not there, or not visible: its own check says so
+        except GoogleUnavailable as e: raise unreachable(e.__context__ or e, f"permissions on {label}", IAM_APIS[scope]) from None
         except out_of_reach() as e: raise unreachable(e, f"permissions on {label}", IAM_APIS[scope]) from None
         except gexc.GoogleAPICallError as e: problems.append(api_problem(e, f"permissions on {label}", IAM_APIS[scope], s.project)); continue
         out += [(resource, p, label) for p in sorted(by[resource] - held)]

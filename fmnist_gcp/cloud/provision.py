@@ -15,6 +15,7 @@ from typing import Any, Iterable, Iterator
 
 from ..config import APP_LABELS, ROLES as STORES, Settings, default_credentials, store_uris
 from .vertex import vertex_client_options
+from .retry import google_call
 
 # %% auto #0
 __all__ = ['RUNNER', 'BUILDER', 'SUBMITTER', 'BUILD_SOURCE_STORE', 'SCOPES', 'IAM_ROLES', 'BASIC_ROLES', 'STORAGE_API', 'IAM_API',
@@ -24,7 +25,7 @@ __all__ = ['RUNNER', 'BUILDER', 'SUBMITTER', 'BUILD_SOURCE_STORE', 'SCOPES', 'IA
            'CREATE_SERVICE_ACCOUNT', 'CREATE_REPOSITORY', 'GRANT', 'REVOKE', 'DELETE_BUCKET', 'DELETE_REPOSITORY',
            'DELETE_SERVICE_ACCOUNT', 'DELETE_ONLINE_STORE', 'RUNNER_PURPOSE', 'BUILDER_PURPOSE', 'NOTHING_TO_CHANGE',
            'VERTEX_API', 'OPERATION_TIMEOUT', 'SERVICE_ACCOUNT_DESCRIPTION', 'REPOSITORY_DESCRIPTION', 'MAKERS',
-           'APIS_KEPT', 'OPERATION_TIMEOUT_ONLINE_STORE', 'Role', 'ProvisionError', 'project_and_region',
+           'SERVICES', 'APIS_KEPT', 'OPERATION_TIMEOUT_ONLINE_STORE', 'Role', 'ProvisionError', 'project_and_region',
            'bucket_names', 'service_account_email', 'member', 'builder_email', 'bucket_settings', 'grants',
            'desired_state', 'service_accounts', 'merge_policy', 'remove_members', 'has_member', 'Change',
            'service_account_name', 'repository_name', 'api_change', 'bucket_change', 'service_account_change',
@@ -409,13 +410,14 @@ def enabled_apis(services, project: str, apis: Iterable[str]) -> set[str]:
     "Which of `apis` are enabled in `project` (one request)."
     from google.cloud import service_usage_v1 as su
     names = [f"projects/{project}/services/{a}" for a in apis]
-    resp = services.batch_get_services(request=su.BatchGetServicesRequest(parent=f"projects/{project}", names=names))
+    resp = google_call("API states read", lambda: services.batch_get_services(
+        request=su.BatchGetServicesRequest(parent=f"projects/{project}", names=names)), service="Service Usage")
     return {s.name.rsplit("/", 1)[-1] for s in resp.services if s.state == su.State.ENABLED}
 
 def read_bucket(storage, name: str) -> dict | None:
     "Location, settings and whether apply created it, of bucket `name`; None when it does not exist."
     from google.api_core import exceptions
-    try: b = storage.lookup_bucket(name)
+    try: b = google_call(f"bucket {name} read", lambda: storage.lookup_bucket(name), service="Cloud Storage")
     except exceptions.Forbidden:
         raise ProvisionError(f"bucket {name} belongs to someone else (bucket names are global): "
                              "name another one with FMNIST_<STORE>_BUCKET") from None
@@ -429,15 +431,18 @@ def read_bucket(storage, name: str) -> dict | None:
 def exists(get, name: str) -> bool:
     "True when `get(request={'name': name})` finds the resource, False on NotFound."
     from google.api_core import exceptions
-    try: get(request={"name": name}); return True
+    try: google_call(f"{name} read", lambda: get(request={"name": name}), service="Google Cloud"); return True
     except exceptions.NotFound: return False
 
 def read_policy(clients: Clients, scope: str, target: str) -> dict:
     "The IAM policy of `target` as JSON (`{'bindings': [...], 'etag': ..., 'version': ...}`)."
+    what = f"IAM policy read of {target}"
     if scope == "bucket":
-        return clients.storage.bucket(target).get_iam_policy(requested_policy_version=3).to_api_repr()
+        return google_call(what, lambda: clients.storage.bucket(target).get_iam_policy(requested_policy_version=3).to_api_repr(),
+                           service="Cloud Storage")
     from google.protobuf import json_format
-    policy = clients.gapic(scope).get_iam_policy(request={"resource": target, "options": {"requested_policy_version": 3}})
+    policy = google_call(what, lambda: clients.gapic(scope).get_iam_policy(
+        request={"resource": target, "options": {"requested_policy_version": 3}}), service=SERVICES[scope])
     return json_format.MessageToDict(policy, preserving_proto_field_name=True)
 
 # %% ../../nbs/cloud_provision.ipynb #75da2288
@@ -451,9 +456,9 @@ def online_store_views(clients: Clients, name: str) -> list[str] | None:
     "The feature view ids of online store `name`; None when it does not exist (or no Feature Store client is given)."
     from google.api_core import exceptions
     if clients.feature_store is None: return None
-    try: clients.feature_store.get_feature_online_store(name=name)
+    try: google_call("online store read", lambda: clients.feature_store.get_feature_online_store(name=name))
     except exceptions.NotFound: return None
-    return [v.name.rsplit("/", 1)[-1] for v in clients.feature_store.list_feature_views(parent=name)]
+    return google_call("feature views read", lambda: [v.name.rsplit("/", 1)[-1] for v in clients.feature_store.list_feature_views(parent=name)])
 
 # %% ../../nbs/cloud_provision.ipynb #f621cf8d
 def current_state(state: dict, project: str, clients: Clients) -> dict:
@@ -478,7 +483,8 @@ def enable_apis(clients: Clients, project: str, apis: list[str]) -> None:
     "Enable `apis` in one request and wait for it."
     from google.cloud import service_usage_v1 as su
     req = su.BatchEnableServicesRequest(parent=f"projects/{project}", service_ids=list(apis))
-    clients.services.batch_enable_services(request=req).result(timeout=OPERATION_TIMEOUT)
+    google_call("API enable", lambda: clients.services.batch_enable_services(request=req).result(timeout=OPERATION_TIMEOUT),
+                service="Service Usage")  # enabling an enabled API changes nothing: retried as it is
 
 def _configure_bucket(b, s: dict) -> None:
     if "uniform_bucket_level_access" in s: b.iam_configuration.uniform_bucket_level_access_enabled = s["uniform_bucket_level_access"]
@@ -527,7 +533,8 @@ def update_policy(clients: Clients, scope: str, target: str, edit, tries: int = 
     "Read, `edit` (policy -> policy) and write the policy of `target`, retrying while a new member is unknown."
     from google.api_core import exceptions
     for attempt in range(tries):
-        try: return write_policy(clients, scope, target, edit(read_policy(clients, scope, target)))
+        try: return google_call(f"IAM policy update of {target}", service=SERVICES[scope],  # read again on a retry: `edit` is idempotent
+                                fn=lambda: write_policy(clients, scope, target, edit(read_policy(clients, scope, target))))
         except exceptions.BadRequest:
             if attempt == tries - 1: raise
             time.sleep(wait)
@@ -543,6 +550,10 @@ def bindings_of(changes: list[Change]) -> dict[tuple[str, str], dict[str, set[st
 
 MAKERS = {CREATE_SERVICE_ACCOUNT: create_service_account, CREATE_BUCKET: create_bucket,
           UPDATE_BUCKET: update_bucket, CREATE_REPOSITORY: create_repository}
+SERVICES = {"project": "Resource Manager", "repository": "Artifact Registry", "service_account": "IAM", "bucket": "Cloud Storage",
+            CREATE_SERVICE_ACCOUNT: "IAM", CREATE_BUCKET: "Cloud Storage", UPDATE_BUCKET: "Cloud Storage",
+            CREATE_REPOSITORY: "Artifact Registry", DELETE_BUCKET: "Cloud Storage", DELETE_REPOSITORY: "Artifact Registry",
+            DELETE_SERVICE_ACCOUNT: "IAM", DELETE_ONLINE_STORE: "Vertex AI"}  # who answers, as a fault's line names it
 
 # %% ../../nbs/cloud_provision.ipynb #d3565741
 def plan(settings: Settings,
@@ -568,8 +579,9 @@ def apply(settings: Settings,
     clients = clients or Clients.connect(settings)
     changes = plan(settings, repository=repository, service_account_id=service_account_id, submitters=submitters, clients=clients)
     if apis := [c.args["api"] for c in changes if c.what == ENABLE_API]: enable_apis(clients, project, apis)
-    for c in changes:
-        if c.what in MAKERS: MAKERS[c.what](clients, c.args)
+    for c in changes:  # named creates: ALREADY_EXISTS on a retry means an earlier attempt made it
+        if c.what in MAKERS: google_call(f"{c.what} {c.resource}", lambda c=c: MAKERS[c.what](clients, c.args),
+                                         service=SERVICES[c.what], adopt_conflict=True)
     for (scope, target), add in bindings_of([c for c in changes if c.what == GRANT]).items():
         update_policy(clients, scope, target, lambda p, add=add: merge_policy(p, add))
     return changes
@@ -605,25 +617,30 @@ def removal_changes(state: dict, project: str, current: dict) -> list[Change]:
 # %% ../../nbs/cloud_provision.ipynb #a409292f
 def is_empty(clients: Clients, change: Change) -> bool:
     "True when the bucket or repository `change` deletes holds nothing."
-    if change.what == DELETE_BUCKET: items = clients.storage.list_blobs(change.resource, max_results=1, versions=True)
-    else: items = clients.registry.list_packages(request={"parent": change.resource, "page_size": 1})
-    return next(iter(items), None) is None
+    def first():
+        if change.what == DELETE_BUCKET: items = clients.storage.list_blobs(change.resource, max_results=1, versions=True)
+        else: items = clients.registry.list_packages(request={"parent": change.resource, "page_size": 1})
+        return next(iter(items), None)
+    return google_call(f"{change.resource} read", first, service=SERVICES[change.what]) is None
 
 def delete_bucket(clients: Clients, name: str) -> None:
     "Delete every object (all versions) in bucket `name`, then the bucket."
     bucket = clients.storage.bucket(name)
-    for blob in clients.storage.list_blobs(name, versions=True): bucket.delete_blob(blob.name, generation=blob.generation)
-    bucket.delete()
+    blobs = google_call(f"bucket {name} list", lambda: list(clients.storage.list_blobs(name, versions=True)), service="Cloud Storage")
+    for blob in blobs: google_call(f"object {blob.name} delete", lambda b=blob: bucket.delete_blob(b.name, generation=b.generation),
+                                   service="Cloud Storage", gone_ok=True)
+    google_call(f"bucket {name} delete", bucket.delete, service="Cloud Storage", gone_ok=True)
 
 # %% ../../nbs/cloud_provision.ipynb #04cff400
 def remove(clients: Clients, change: Change) -> None:
     "Make one destroy change."
     if change.what == DELETE_BUCKET: return delete_bucket(clients, change.resource)
-    if change.what == DELETE_REPOSITORY:
-        return clients.registry.delete_repository(request={"name": change.resource}).result(timeout=OPERATION_TIMEOUT)
-    if change.what == DELETE_ONLINE_STORE:
-        return clients.feature_store.delete_feature_online_store(name=change.resource, force=True).result(timeout=OPERATION_TIMEOUT_ONLINE_STORE)
-    if change.what == DELETE_SERVICE_ACCOUNT: return clients.iam.delete_service_account(request={"name": change.resource})
+    delete = {DELETE_REPOSITORY: lambda: clients.registry.delete_repository(request={"name": change.resource}).result(timeout=OPERATION_TIMEOUT),
+              DELETE_ONLINE_STORE: lambda: clients.feature_store.delete_feature_online_store(
+                  name=change.resource, force=True).result(timeout=OPERATION_TIMEOUT_ONLINE_STORE),
+              DELETE_SERVICE_ACCOUNT: lambda: clients.iam.delete_service_account(request={"name": change.resource})}.get(change.what)
+    if delete:  # NOT_FOUND on a retry: an earlier attempt deleted it
+        return google_call(f"{change.what} {change.resource}", delete, service=SERVICES[change.what], gone_ok=True)
     (scope, target), drop = next(iter(bindings_of([change]).items()))
     update_policy(clients, scope, target, lambda p: remove_members(p, drop))
 

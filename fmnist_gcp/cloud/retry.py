@@ -25,9 +25,11 @@ def google_call(what: str,  # the call, as the log and the error name it: "job c
                 fn: Callable[[], Any], *, service: str = VERTEX,
                 lookup: Callable[[], Any] | None = None,  # before a retry: what an earlier attempt made, or None
                 adopt_conflict: bool = False,  # a named create: on a retry, ALREADY_EXISTS means an earlier attempt made it
+                gone_ok: bool = False,  # a delete: on a retry, NOT_FOUND means an earlier attempt deleted it
                 policy: RetryPolicy | None = None) -> Any:  # default: `RetryPolicy.from_env()`
     "`fn()` under the package's retry policy."
-    return (policy or RetryPolicy.from_env()).call(what, fn, service=service, lookup=lookup, adopt_conflict=adopt_conflict)
+    return (policy or RetryPolicy.from_env()).call(what, fn, service=service, lookup=lookup, adopt_conflict=adopt_conflict,
+                                                   gone_ok=gone_ok)
 
 # %% ../../nbs/cloud_retry.ipynb #222f5585
 RUN_LABEL, STAGE_LABEL = "fmnist-run", "fmnist-stage"

@@ -1,6 +1,7 @@
 """`fmnist gcp build` on Cloud Build: the build context uploaded into the dev bucket (a GCS emulator) and the request
 sent to a patched `CloudBuildClient` (anonymous credentials; nothing reaches Google)."""
 import io
+import re
 import tarfile
 
 import pytest
@@ -45,7 +46,8 @@ def test_build_uploads_the_context_to_the_dev_bucket_and_builds_each_target(gcs_
     assert (b.source.storage_source.bucket, b.source.storage_source.object_) == ("fmnist-test", f"build-dev/cloudbuild/source/{tag}.tgz")
     assert [(st.id, st.name, list(st.args)) for st in b.steps] == [
         (t, "gcr.io/cloud-builders/docker", ["build", "-f", DOCKERFILE, "--target", t, "-t", uris[t], "."]) for t in uris]
-    assert list(b.images) == list(uris.values()) and list(b.tags) == ["fmnist-gcp", "train", "train-gpu", "serve"]
+    assert list(b.images) == list(uris.values()) and list(b.tags)[:-1] == ["fmnist-gcp", "train", "train-gpu", "serve"]
+    assert re.fullmatch(r"fmnist-once-[0-9a-f]{12}", b.tags[-1])  # this create's own tag: a retry's lookup finds it by that
     assert b.options.logging.name == "CLOUD_LOGGING_ONLY" and b.timeout.total_seconds() == 3600
     # the builder account `fmnist gcp apply` creates, not the Compute Engine default (CLOUD_LOGGING_ONLY is required with it)
     assert b.service_account == "projects/acme-ml/serviceAccounts/fmnist-builder@acme-ml.iam.gserviceaccount.com"
@@ -105,3 +107,71 @@ def test_a_failed_build_is_one_line_with_its_status_and_logs(monkeypatch, anonym
     msg = str(e.value)
     assert "\n" not in msg and "b-9" in msg and "FAILURE" in msg and "step serve: exit status 1" in msg and logs in msg, msg
     assert isinstance(e.value, ValueError)  # the CLI prints it as one line, no traceback
+
+
+class FlakyCloudBuild:
+    """CloudBuildClient's create_build, list_builds and get_build on one in-memory project: `faults` are errors the next
+    creates raise, before the build is made or (made) after, the answer lost; a made build runs for `runs` reads.
+    list_builds takes Cloud Build's filter of `tags="..."` terms (AND); anything else is INVALID_ARGUMENT."""
+    def __init__(self, faults=(), made=False, runs=2):
+        self.faults, self.made, self.runs, self.builds, self.sent, self.lists, self.reads = list(faults), made, runs, {}, 0, [], 0
+
+    def patch(self, monkeypatch):
+        from google.cloud.devtools import cloudbuild_v1
+        C = cloudbuild_v1.CloudBuildClient
+        for n in ("create_build", "list_builds", "get_build"):
+            monkeypatch.setattr(C, n, lambda client, request=None, _n=n, **kw: getattr(self, _n)(request))
+        return self
+
+    def create_build(self, request):
+        from google.cloud.devtools import cloudbuild_v1
+        self.sent += 1
+        if self.faults and not self.made: raise self.faults.pop(0)
+        b = cloudbuild_v1.Build(request["build"], id=f"b-{len(self.builds) + 1}", project_id=request["project_id"], status="QUEUED",
+                                log_url="https://console.cloud.google.com/cloud-build/builds/x")
+        self.builds[b.id] = b
+        if self.faults: raise self.faults.pop(0)
+        done = cloudbuild_v1.Build(b, status="SUCCESS")
+        return type("Op", (), {"result": lambda op, timeout=None: done, "metadata": None})()
+
+    def list_builds(self, request):
+        from google.api_core.exceptions import InvalidArgument
+        terms = request["filter"].split(" AND ")
+        tags = [re.fullmatch(r'tags="([\w][\w.-]{0,127})"', t) for t in terms]
+        if not all(tags): raise InvalidArgument(f"invalid filter: {request['filter']!r}")
+        self.lists.append(request["filter"])
+        return [b for b in self.builds.values() if all(t[1] in b.tags for t in tags)]
+
+    def get_build(self, request):
+        from google.api_core.exceptions import NotFound
+        if request["id"] not in self.builds: raise NotFound(f"build {request['id']} not found")
+        self.reads += 1
+        b = self.builds[request["id"]]
+        if self.reads >= self.runs: b.status = "SUCCESS"
+        return b
+
+
+def test_the_build_fake_refuses_a_filter_cloud_build_cannot_parse():
+    from google.api_core.exceptions import InvalidArgument
+    with pytest.raises(InvalidArgument, match="invalid filter"):
+        FlakyCloudBuild().list_builds({"filter": "tags=fmnist-gcp OR true"})
+
+
+@pytest.mark.parametrize("made", [False, True], ids=["not-made", "made"])
+def test_a_build_create_meeting_a_503_makes_one_build(monkeypatch, anonymous, capsys, made):
+    from google.api_core.exceptions import ServiceUnavailable
+    from fmnist_gcp.cloud import build as B
+    for k, v in {"NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:1", "FMNIST_RETRY_INITIAL_S": "0.01",
+                 "FMNIST_RETRY_MAX_S": "0.02"}.items(): monkeypatch.setenv(k, v)
+    monkeypatch.setattr(B, "BUILD_POLL_S", 0.001)
+    fake = FlakyCloudBuild([ServiceUnavailable("The service is currently unavailable.")], made=made).patch(monkeypatch)
+    build = B.build_config({"serve": "europe-west4-docker.pkg.dev/acme-ml/fmnist/serve:t"}, "gs://acme-ml-fmnist-dev/b/t.tgz")
+    out = B.submit_build(Settings.from_env(VERTEX_ENV), build)
+    (b,) = fake.builds.values()  # exactly one build
+    assert out.id == b.id and out.status.name == "SUCCESS" and fake.sent == (1 if made else 2)
+    (tag,) = [t for t in b.tags if t.startswith("fmnist-once-")]
+    assert fake.lists == [f'tags="{tag}"']  # the lookup before the retry, by this create's own tag
+    assert fake.reads == (fake.runs if made else 0)  # adopted: followed by reads until it ended
+    err = capsys.readouterr().err
+    assert "build create: attempt 2 of 12 after 503 UNAVAILABLE" in err
+    assert (f"build create: adopted what attempt 1 made ({b.id}); not made again" in err) == made and ("build create: done on attempt 2" in err) != made

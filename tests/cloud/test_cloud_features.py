@@ -65,11 +65,13 @@ class FakeFeatureStore:
     def __init__(self, rows, sync_code=0):
         self.stores, self.views, self.requests, self.rows = {}, {}, [], rows
         self.syncs, self.sync_gets, self.sync_code = {}, [], sync_code  # sync name -> gets so far; every get; its final code
+        self.sync_times = {}  # sync name -> its create time (RFC 3339 UTC)
+        self.sync_faults, self.sync_sent = [], 0  # (error, made): what the next sync requests raise, before or after starting it
 
     def patch(self, monkeypatch):
         from google.cloud.aiplatform_v1 import FeatureOnlineStoreAdminServiceClient as Admin, FeatureOnlineStoreServiceClient as Serving
         for n in ("get_feature_online_store", "create_feature_online_store", "get_feature_view", "create_feature_view",
-                  "sync_feature_view", "get_feature_view_sync", "delete_feature_online_store"):
+                  "sync_feature_view", "get_feature_view_sync", "list_feature_view_syncs", "delete_feature_online_store"):
             monkeypatch.setattr(Admin, n, lambda client, request=None, _n=n, **kw: getattr(self, _n)(request, **kw))
         for n in ("fetch_feature_values", "search_nearest_entities"):
             monkeypatch.setattr(Serving, n, lambda client, request=None, _n=n, **kw: getattr(self, _n)(client, request, **kw))
@@ -100,12 +102,35 @@ class FakeFeatureStore:
         return lro(self.views[name])
 
     def sync_feature_view(self, request=None, *, feature_view=None, **kw):
+        "A new sync of the view; a queued fault raises before the sync starts, or (made) after, its answer lost."
+        import datetime as dt
         from google.cloud.aiplatform_v1.types import feature_online_store_admin_service as admin
+        self.sync_sent += 1
+        fault = self.sync_faults.pop(0) if self.sync_faults else None
+        if fault and not fault[1]: raise fault[0]
         self._get(self.views, feature_view)
         self.requests.append(admin.SyncFeatureViewRequest(feature_view=feature_view))
         name = f"{feature_view}/featureViewSyncs/{1000 + len(self.syncs)}"
         self.syncs[name] = 0
+        self.sync_times[name] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        if fault: raise fault[0]
         return admin.SyncFeatureViewResponse(feature_view_sync=name)
+
+    def list_feature_view_syncs(self, request=None, *, parent=None, filter="", order_by="", **kw):
+        "The view's syncs; filter: `create_time OP \"RFC 3339\"` only, order_by: create_time [desc] only (as Vertex documents)."
+        import re
+        from google.api_core import exceptions
+        from google.cloud.aiplatform_v1.types import FeatureViewSync
+        self._get(self.views, parent)
+        m = re.fullmatch(r'\s*create_time\s*(=|!=|<=|>=|<|>)\s*"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z)"\s*', filter) if filter else None
+        if filter and not m: raise exceptions.InvalidArgument(f"Unsupported filter: {filter!r}")
+        if order_by and not re.fullmatch(r"create_time( desc| asc)?", order_by.strip()):
+            raise exceptions.InvalidArgument(f"Unsupported order_by: {order_by!r}")
+        ops = {"=": "__eq__", "!=": "__ne__", "<": "__lt__", ">": "__gt__", "<=": "__le__", ">=": "__ge__"}
+        t = lambda v: v.replace("Z", "").ljust(26, "0")[:26]  # comparable: seconds and microseconds
+        found = [n for n in self.syncs if n.startswith(parent + "/") and (not m or getattr(t(self.sync_times[n]), ops[m[1]])(t(m[2])))]
+        found.sort(key=self.sync_times.get, reverse=order_by.strip().endswith("desc"))
+        return [FeatureViewSync(name=n) for n in found]
 
     def get_feature_view_sync(self, request=None, *, name=None, **kw):
         "Running (no end_time, no final_status) until its SYNC_POLLS-th get, then ended with `sync_code`."
@@ -317,3 +342,31 @@ def test_delete_online_store_deletes_it_with_its_views(settings, bq, fs):
     assert (delete.name, delete.force) == (STORE, True)  # what our code sent: the store, with its views
     assert not fs.stores and not fs.views
     V.delete_online_store(settings)  # gone already: nothing to do, no error
+
+
+@pytest.mark.parametrize("made", [False, True], ids=["not-made", "made"])
+def test_a_sync_meeting_a_503_starts_one_sync(settings, bq, fs, capsys, monkeypatch, made):
+    "A 503 on the sync request, before the sync started or after (its answer lost): the view is synced once, the retry in the log."
+    from google.api_core.exceptions import ServiceUnavailable
+    monkeypatch.setenv("FMNIST_RETRY_INITIAL_S", "0.01"); monkeypatch.setenv("FMNIST_RETRY_MAX_S", "0.02")
+    fs.sync_faults = [(ServiceUnavailable("The service is currently unavailable."), made)]
+    out = V.publish_view(settings, "image_stats")
+    (sync,) = fs.syncs  # exactly one sync of the view
+    assert out["sync"] == sync and out["sync_status"] == "ok" and fs.sync_gets == [sync] * fs.SYNC_POLLS
+    assert fs.sync_sent == (1 if made else 2)  # made: found by its create time, not sent again
+    err = capsys.readouterr().err
+    assert "sync: attempt 2 of 12 after 503 UNAVAILABLE" in err
+    assert ("sync: adopted what attempt 1 made" in err) == made and ("sync: done on attempt 2" in err) != made
+
+
+def test_the_sync_list_refuses_a_filter_vertex_does_not_support(settings, bq, fs):
+    from google.api_core import exceptions
+    V.publish_view(settings, "image_stats")
+    admin, view = V.admin_client(settings), f"{STORE}/featureViews/image_stats"
+    assert len(admin.list_feature_view_syncs(parent=view, filter='create_time > "2020-01-01T00:00:00Z"')) == 1
+    assert admin.list_feature_view_syncs(parent=view, filter='create_time > "2999-01-01T00:00:00Z"') == []
+    for bad in ('name = "x"', "create_time > yesterday"):
+        with pytest.raises(exceptions.InvalidArgument, match="Unsupported filter"):
+            admin.list_feature_view_syncs(parent=view, filter=bad)
+    with pytest.raises(exceptions.InvalidArgument, match="Unsupported order_by"):
+        admin.list_feature_view_syncs(parent=view, order_by="update_time")

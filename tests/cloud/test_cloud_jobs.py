@@ -256,3 +256,28 @@ def test_submit_training_refuses_an_experiment_on_several_workers_before_the_pre
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip().splitlines()[-1].endswith("cannot track a multi-worker job (3 replicas): drop --experiment or "
                                                       "train on one machine (--workers 0)"), p.stderr
+
+
+@pytest.mark.parametrize("made", [False, True], ids=["not-made", "made"])
+def test_experiment_calls_meeting_a_503_are_retried_and_start_one_run(anonymous, capsys, monkeypatch, made):
+    "A 503 on start_run (the run made or not) and on a metrics log: asked again; a made run is resumed, not started twice."
+    from google.api_core.exceptions import ServiceUnavailable
+    from google.cloud import aiplatform
+    from fmnist_gcp.cloud.jobs import ExperimentRun
+    monkeypatch.setenv("FMNIST_RETRY_INITIAL_S", "0.01"); monkeypatch.setenv("FMNIST_RETRY_MAX_S", "0.02")
+    down = lambda: ServiceUnavailable("The service is currently unavailable.")
+    names = ["init", "start_run", "log_params", "log_metrics", "log_time_series_metrics", "end_run"]
+    with mock.patch.multiple(aiplatform, **{n: mock.DEFAULT for n in names}, autospec=True) as m, \
+         mock.patch.object(aiplatform.ExperimentRun, "get", autospec=True, return_value=mock.sentinel.run if made else None) as get:
+        m["start_run"].side_effect = [down(), mock.sentinel.started]
+        m["log_metrics"].side_effect = [down(), None]
+        run = ExperimentRun(Settings.from_env(VERTEX_ENV), "fmnist-custom", "r1")
+        run.log_metrics({"val_accuracy": 0.93})
+        run.end()
+    assert run.run is mock.sentinel.started
+    assert m["start_run"].call_args_list == [mock.call("r1", resume=False), mock.call("r1", resume=made)]
+    get.assert_called_once_with("r1", experiment="fmnist-custom")  # asked only before the retry
+    assert m["log_metrics"].call_args_list == [mock.call({"val_accuracy": 0.93})] * 2
+    m["end_run"].assert_called_once_with()
+    err = capsys.readouterr().err
+    assert "experiment run start: attempt 2 of 12 after 503 UNAVAILABLE" in err and "experiment metrics log: done on attempt 2" in err

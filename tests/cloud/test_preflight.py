@@ -129,10 +129,10 @@ def test_disabled_api_and_unwritable_bucket_name_their_fixes(anonymous, monkeypa
     from google.api_core import exceptions as gexc
     from fmnist_gcp.cloud import preflight as pf
     class Blob:
-        def upload_from_string(self, data): raise gexc.Forbidden("fmnist@acme-ml does not have storage.objects.create access")
+        def upload_from_string(self, data, **kw): raise gexc.Forbidden("fmnist@acme-ml does not have storage.objects.create access")
     class Storage:
         project = "acme-ml"
-        def lookup_bucket(self, name): return mock.Mock(blob=lambda n: Blob())
+        def lookup_bucket(self, name, **kw): return mock.Mock(blob=lambda n: Blob())
         def bucket(self, name): return mock.Mock(test_iam_permissions=lambda permissions, **kw: list(permissions))
     disabled = gexc.PermissionDenied("Cloud Quotas API has not been used in project acme-ml before or it is disabled. "
                                      "reason: SERVICE_DISABLED")
@@ -294,3 +294,28 @@ def test_a_region_vertex_does_not_serve_is_named_over_rest_too(vertex_rest):
     assert str(e.value).startswith("region europe-west99 is not a Vertex AI region") and "FMNIST_REGION" in str(e.value)
     assert [(r.path.split("/", 2)[2], r.status) for r in vertex_rest.requests] == [
         ("projects/acme-ml/locations/europe-west4", 200), ("projects/acme-ml/locations/europe-west99", 400)]
+
+
+def test_a_check_meeting_a_503_asks_again_under_the_one_retry_policy(capsys, monkeypatch):
+    "One 503 on the project get: asked again (api-core's own retry off: one policy), the check passes, the attempt in the log."
+    from google.api_core.exceptions import ServiceUnavailable
+    from google.cloud import resourcemanager_v3
+    from fmnist_gcp.cloud import preflight as pf
+    monkeypatch.setenv("FMNIST_RETRY_INITIAL_S", "0.01"); monkeypatch.setenv("FMNIST_RETRY_MAX_S", "0.02")
+    sent = []
+    def get_project(name, retry=None, timeout=None, **kw):
+        sent.append((name, retry, timeout))
+        if len(sent) == 1: raise ServiceUnavailable("The service is currently unavailable.")
+        return resourcemanager_v3.Project(name=name, state="ACTIVE")
+    client = mock.Mock(get_project=get_project)
+    assert pf.check_project(client, "acme-ml") == "project acme-ml is active"
+    assert sent == [("projects/acme-ml", None, pf.REACH_TIMEOUT_S)] * 2
+    assert "project get: attempt 2 of 12 after 503 UNAVAILABLE" in capsys.readouterr().err
+    # a 503 that lasts past the preflight's deadline: the one line that says Google could not be reached
+    monkeypatch.setattr(pf, "REACH_TIMEOUT_S", 0.1)
+    always = mock.Mock(get_project=mock.Mock(side_effect=ServiceUnavailable("The service is currently unavailable.")))
+    with pytest.raises(pf.PreflightError) as e: pf.check_project(always, "acme-ml")
+    (line,) = e.value.problems
+    assert line.startswith("project acme-ml: cloudresourcemanager.googleapis.com could not be reached (ServiceUnavailable: "
+                           "The service is currently unavailable.)"), line
+    assert always.get_project.call_count >= 2

@@ -9,6 +9,7 @@ RPC methods replaced by one stateful fake that records every request.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from unittest import mock
@@ -62,6 +63,7 @@ class FakeGoogle:
         self.enabled = {"storage.googleapis.com"}  # on by default in a new project
         self.accounts, self.repos, self.packages, self.calls = {}, {}, {}, []
         self.online_stores = {}  # Feature Store V2 online store name -> its feature view ids (publishing makes it, not apply)
+        self.faults = {}  # method name -> [(error, made)]: its next calls raise, before acting or (made) after, the answer lost
         self.policies = {"projects/acme-ml": policy_pb2.Policy(version=1, etag=b"e0", bindings=[
             policy_pb2.Binding(role="roles/aiplatform.user", members=[OTHER]),
             policy_pb2.Binding(role="roles/cloudbuild.builds.editor", members=[OTHER])])}
@@ -93,14 +95,22 @@ class FakeGoogle:
         def create_sa(_, request=None, **kw):
             r = self._rec("create_service_account", request)
             email = f"{r.account_id}@acme-ml.iam.gserviceaccount.com"
-            self.accounts[f"projects/acme-ml/serviceAccounts/{email}"] = iam.ServiceAccount(email=email)
+            name = f"projects/acme-ml/serviceAccounts/{email}"
+            if name in self.accounts: raise exceptions.AlreadyExists(f"Service account {r.account_id} already exists within project acme-ml.")
+            self.accounts[name] = iam.ServiceAccount(email=email)
         def delete_sa(_, request=None, **kw):
-            self.accounts.pop(self._rec("delete_service_account", request)["name"]); self.policies.pop(request["name"], None)
+            name = self._rec("delete_service_account", request)["name"]
+            if name not in self.accounts: raise exceptions.NotFound(f"Unknown service account {name}")
+            self.accounts.pop(name); self.policies.pop(name, None)
         def create_repo(_, request=None, **kw):
             r = self._rec("create_repository", request)
-            self.repos[f"{r.parent}/repositories/{r.repository_id}"] = r.repository; return self._op(r.repository)
+            name = f"{r.parent}/repositories/{r.repository_id}"
+            if name in self.repos: raise exceptions.AlreadyExists(f"the repository already exists: {name}")
+            self.repos[name] = r.repository; return self._op(r.repository)
         def delete_repo(_, request=None, **kw):
-            self.repos.pop(self._rec("delete_repository", request)["name"]); self.policies.pop(request["name"], None)
+            name = self._rec("delete_repository", request)["name"]
+            if name not in self.repos: raise exceptions.NotFound(f"Requested entity was not found: {name}")
+            self.repos.pop(name); self.policies.pop(name, None)
             return self._op()
         def list_packages(_, request=None, **kw):
             return list(self.packages.get(self._rec("list_packages", request)["parent"], []))
@@ -140,7 +150,15 @@ class FakeGoogle:
                  (A, "get_iam_policy", get_policy), (A, "set_iam_policy", set_policy),
                  (F, "get_feature_online_store", get_store), (F, "list_feature_views", list_views),
                  (F, "delete_feature_online_store", delete_store)]
-        return [mock.patch.object(cls, name, autospec=True, side_effect=fake) for cls, name, fake in table]
+        def faulty(name, fake):
+            def call(*a, **kw):
+                fault = self.faults.get(name, []) and self.faults[name].pop(0)
+                if fault and not fault[1]: raise fault[0]
+                out = fake(*a, **kw)
+                if fault: raise fault[0]
+                return out
+            return call
+        return [mock.patch.object(cls, name, autospec=True, side_effect=faulty(name, fake)) for cls, name, fake in table]
 
     def requests(self, name): return [r for n, r in self.calls if n == name]
 
@@ -345,3 +363,52 @@ def test_submitters_and_the_runner_get_what_their_commands_need():
             f"--member={RUNNER} --role=roles/iam.serviceAccountUser") in changes
     assert ("gcloud artifacts repositories add-iam-policy-binding fmnist --location=europe-west4 --project=acme-ml "
             "--member=user:alice@example.com --role=roles/artifactregistry.reader") in changes
+
+
+def test_the_fake_refuses_what_google_refuses(google):
+    "A service account or repository made twice is ALREADY_EXISTS; one deleted twice is NOT_FOUND."
+    from google.api_core import exceptions
+    from google.cloud import artifactregistry_v1 as ar, iam_admin_v1 as iam
+    from google.auth.credentials import AnonymousCredentials
+    i, a = iam.IAMClient(credentials=AnonymousCredentials()), ar.ArtifactRegistryClient(credentials=AnonymousCredentials())
+    sa = iam.CreateServiceAccountRequest(name="projects/acme-ml", account_id="x")
+    i.create_service_account(request=sa)
+    with pytest.raises(exceptions.AlreadyExists): i.create_service_account(request=sa)
+    i.delete_service_account(request={"name": "projects/acme-ml/serviceAccounts/x@acme-ml.iam.gserviceaccount.com"})
+    with pytest.raises(exceptions.NotFound): i.delete_service_account(request={"name": "projects/acme-ml/serviceAccounts/x@acme-ml.iam.gserviceaccount.com"})
+    req = ar.CreateRepositoryRequest(parent="projects/acme-ml/locations/europe-west4", repository_id="r")
+    a.create_repository(request=req)
+    with pytest.raises(exceptions.AlreadyExists): a.create_repository(request=req)
+    a.delete_repository(request={"name": "projects/acme-ml/locations/europe-west4/repositories/r"})
+    with pytest.raises(exceptions.NotFound): a.delete_repository(request={"name": "projects/acme-ml/locations/europe-west4/repositories/r"})
+
+
+def test_apply_and_destroy_meeting_503s_make_and_remove_each_thing_once(gcp_env, google, capsys, monkeypatch):
+    "One 503 on each kind of call, refused or made with its answer lost: apply ends with what a clean apply makes, destroy removes it."
+    from google.api_core.exceptions import ServiceUnavailable
+    from fmnist_gcp.cloud import provision as pv
+    monkeypatch.setenv("FMNIST_RETRY_INITIAL_S", "0.01"); monkeypatch.setenv("FMNIST_RETRY_MAX_S", "0.02")
+    down = lambda: ServiceUnavailable("The service is currently unavailable.")
+    google.faults = {"batch_get_services": [(down(), False)], "batch_enable_services": [(down(), True)],
+                     "create_service_account": [(down(), True)], "create_repository": [(down(), False)],
+                     "set_iam_policy": [(down(), True)]}
+    made = pv.apply(gcp_env, submitters=["alice@example.com"])
+    assert {c.what for c in made} == {pv.ENABLE_API, pv.CREATE_SERVICE_ACCOUNT, pv.CREATE_BUCKET, pv.CREATE_REPOSITORY, pv.GRANT}
+    assert len(google.requests("create_service_account")) == 3  # the runner's twice (made, answer lost), the builder's once
+    assert len(google.accounts) == 2 and len(google.repos) == 1 and len(google.requests("create_repository")) == 1  # the refused one made nothing
+    assert google.members("projects/acme-ml", "roles/aiplatform.user") == {OTHER, RUNNER, ALICE}
+    err = capsys.readouterr().err
+    runner = "projects/acme-ml/serviceAccounts/fmnist-runner@acme-ml.iam.gserviceaccount.com"
+    for line in ("API states read: attempt 2 of 12 after 503 UNAVAILABLE", "API enable: done on attempt 2",
+                 "create service account fmnist-runner@acme-ml.iam.gserviceaccount.com: attempt 2 found it made by an earlier attempt",
+                 "create repository europe-west4-docker.pkg.dev/acme-ml/fmnist: done on attempt 2"):
+        assert line in err, err
+    assert re.search(r"IAM policy update of \S+: done on attempt 2", err), err
+    assert pv.plan(gcp_env, submitters=["alice@example.com"]) == []  # nothing missing, nothing made twice
+
+    google.faults = {"delete_service_account": [(down(), True)], "delete_repository": [(down(), False)]}
+    removed = pv.destroy(gcp_env, force=True, submitters=["alice@example.com"])
+    assert pv.DELETE_SERVICE_ACCOUNT in {c.what for c in removed} and not google.accounts and not google.repos
+    err = capsys.readouterr().err
+    assert f"delete service account {runner}: attempt 2 found it gone: an earlier attempt deleted it" in err, err
+    assert "delete repository projects/acme-ml/locations/europe-west4/repositories/fmnist: done on attempt 2" in err, err
