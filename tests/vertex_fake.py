@@ -4,7 +4,7 @@ An HTTPS server on 127.0.0.1 (a self-signed certificate made here, trusted throu
 token endpoint that checks the JWT a service-account key made here signs, and the v1 REST methods this package calls:
 customJobs and batchPredictionJobs (create, get, cancel), models (upload, get, list, listVersions,
 mergeVersionAliases), endpoints (create, get, list, deployModel, undeployModel, delete), predict (forwarded to the
-deployed model's own serving app, as Vertex runs the container), operations get, and the metadata calls Vertex
+deployed model's serving container, started as Vertex starts it: `fmnist serve` with the AIP_* variables), operations get, and the metadata calls Vertex
 Experiments makes. It refuses what Vertex refuses (required fields of the v1 protos, aliases, deploy resources,
 traffic), answers in Google's JSON error shape so the SDK raises the real api-core exception, keeps jobs and
 long-running operations unfinished for several polls, records every request, answers 501 UNIMPLEMENTED for a method
@@ -17,15 +17,19 @@ import datetime
 import fnmatch
 import itertools
 import json
+import os
 import re
 import ssl
+import subprocess
+import sys
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-PROJECT, REGION = "acme-ml", "europe-west4"
+PROJECT, REGION, PROJECT_NUMBER = "acme-ml", "europe-west4", "123456789012"
 LOC = f"projects/{PROJECT}/locations/{REGION}"
 T = "type.googleapis.com/google.cloud.aiplatform.v1."
 STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
@@ -120,6 +124,72 @@ class Operation:
         return out
 
 
+class ServingContainer:
+    """A deployed model's serving container, started as Vertex starts it: the serve image's entry point (`fmnist serve`,
+    the venv's script beside sys.executable) in a subprocess whose environment holds the AIP_* variables Vertex sets
+    (https://cloud.google.com/vertex-ai/docs/predictions/custom-container-requirements) and containerSpec.env. Two
+    differences, both for tests: it binds 127.0.0.1 (the image: 0.0.0.0), and on a free port given as AIP_HTTP_PORT
+    (Vertex: containerSpec.ports[0], 8080); AIP_STORAGE_URI is the model's artifactUri itself (Vertex: a copy of it)."""
+    def __init__(self, endpoint: str, deployed: dict, model: dict, folder: Path):
+        from fmnist_gcp.serving import free_port
+        c = model.get("containerSpec") or {}
+        if c.get("command") or c.get("args"):
+            raise ApiError(501, "containerSpec.command/args are not modelled by the Vertex fake: it runs the serve image's "
+                                "entry point only.", "UNIMPLEMENTED")
+        ep_id, dm_id = endpoint.rsplit("/", 1)[-1], deployed["id"]
+        route = f"/v1/endpoints/{ep_id}/deployedModels/{dm_id}"  # Vertex's default routes
+        self.port = free_port()
+        self.health_route, self.predict_route = c.get("healthRoute") or route, c.get("predictRoute") or f"{route}:predict"
+        self.env = {"AIP_HTTP_PORT": str(self.port), "AIP_HEALTH_ROUTE": self.health_route,
+                    "AIP_PREDICT_ROUTE": self.predict_route, "AIP_STORAGE_URI": model.get("artifactUri", ""),
+                    "AIP_DEPLOYED_MODEL_ID": dm_id, "AIP_ENDPOINT_ID": ep_id, "AIP_MODE": "PREDICTION",
+                    "AIP_MODE_VERSION": "1.0.0", "AIP_FRAMEWORK": "CUSTOM_CONTAINER", "AIP_PROJECT_NUMBER": PROJECT_NUMBER,
+                    "AIP_MODEL_NAME": ep_id, "AIP_VERSION_NAME": dm_id,  # as Vertex sets them: the endpoint's and deployed model's ids
+                    "AIP_MACHINE_TYPE": get_path(deployed, "dedicatedResources.machineSpec.machineType") or "n1-standard-2"}
+        self.env |= {e["name"]: e.get("value", "") for e in c.get("env", [])}
+        self.url, self.log_path, self.health = f"http://127.0.0.1:{self.port}", folder / f"container-{dm_id}.log", None
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> "ServingContainer":
+        "Start the entry point and wait until the health route answers 200 (Vertex waits so before a deploy is done)."
+        import httpx
+        import fmnist_gcp
+        script = Path(sys.executable).parent / "fmnist"
+        pkg_root = str(Path(fmnist_gcp.__file__).resolve().parents[1])  # the package under test, wherever it came from
+        path = os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")]))
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([str(script), "serve", "--host", "127.0.0.1"], stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONPATH": path, **self.env})
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None: raise self._failed(f"exited with status {self.proc.returncode}")
+            try: r = httpx.get(self.url + self.health_route, timeout=5)
+            except httpx.TransportError: r = None
+            if r is not None and r.status_code == 200: self.health = r.json(); return self
+            if r is not None and r.headers.get("content-type", "").startswith("application/json") and r.json().get("status") == "failed":
+                raise self._failed(f"reported {r.json()}")
+            time.sleep(0.1)
+        raise self._failed(f"did not answer 200 on {self.health_route} within {timeout:.0f} s")
+
+    def _failed(self, what: str) -> ApiError:
+        self.stop()
+        tail = self.log_path.read_text(errors="replace")[-1500:] if self.log_path.exists() else ""
+        return precondition(f"The model's serving container {what}; its log ends:\n{tail}")
+
+    def predict(self, body: dict) -> dict:
+        import httpx
+        r = httpx.post(self.url + self.predict_route, json=body, timeout=120)
+        if r.status_code != 200: raise invalid(f"The model's container answered {r.status_code}: {r.text[:300]}")
+        return r.json()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try: self.proc.wait(10)
+            except subprocess.TimeoutExpired: self.proc.kill(); self.proc.wait()
+        if getattr(self, "log", None): self.log.close()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # credentials: a TLS certificate for 127.0.0.1 and a service-account key whose token_uri is the fake's
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,7 +264,7 @@ class VertexFake:
         self.operations: dict[str, Operation] = {}
         self.metadata: dict[str, dict] = {}  # metadataStores, contexts, executions, artifacts by name
         self.children: dict[str, list[str]] = {}
-        self.servers: dict[str, tuple] = {}  # deployed model id -> (BackgroundServer, predict route)
+        self.containers: dict[str, ServingContainer] = {}  # deployed model id -> its running serving container
         self.job_end, self.on_job_end = "JOB_STATE_SUCCEEDED", lambda job: None
         self.still: set[str] = set()  # jobs that stay in their state
         self._ids = itertools.count(1001)
@@ -222,7 +292,7 @@ class VertexFake:
 
     def stop(self) -> None:
         self.httpd.shutdown(); self.httpd.server_close()
-        for srv, _ in self.servers.values(): srv.stop()
+        for c in self.containers.values(): c.stop()
 
     # -- what tests use -------------------------------------------------------------------------------------------
     def inject(self, method: str, path_glob: str, status: int, times: int = 1, retry_delay_s: float | None = None,
@@ -526,7 +596,7 @@ class VertexFake:
                                "move its traffic to other deployed models first (traffic_split).")
         ep["deployedModels"] = [d for d in ep["deployedModels"] if d["id"] != dm_id]
         ep["trafficSplit"] = {k: v for k, v in split.items() if k != dm_id and v}
-        if dm_id in self.servers: self.servers.pop(dm_id)[0].stop()
+        if dm_id in self.containers: self.containers.pop(dm_id).stop()
         return self._operation(endpoint, "UndeployModelOperationMetadata", {"@type": T + "UndeployModelResponse"})
 
     def delete_endpoint(self, name, **_):
@@ -537,8 +607,7 @@ class VertexFake:
         return self._operation(name, "DeleteOperationMetadata", None)
 
     def predict(self, endpoint, body, **_):
-        "The deployed model with the most traffic answers, through its own serving app on loopback."
-        import httpx
+        "The deployed model with the most traffic answers, through its serving container (started on the first predict)."
         ep = self._endpoint(endpoint)
         require(body, "predict_request", "instances")
         if not ep.get("trafficSplit"):
@@ -546,24 +615,10 @@ class VertexFake:
         dm_id = max(ep["trafficSplit"], key=ep["trafficSplit"].get)
         dm = next(d for d in ep["deployedModels"] if d["id"] == dm_id)
         m = self._resolve(f"{dm['model']}@{dm['modelVersionId']}")
-        srv, route = self._server(dm, m)
-        r = httpx.post(srv.url + route, json={"instances": body["instances"], "parameters": body.get("parameters", {})},
-                       timeout=60)
-        if r.status_code != 200: raise invalid(f"The model's container answered {r.status_code}: {r.text[:300]}")
-        return {"predictions": r.json()["predictions"], "deployedModelId": dm_id, "model": m["name"],
+        if dm_id not in self.containers: self.containers[dm_id] = ServingContainer(endpoint, dm, m, self.folder).start()
+        out = self.containers[dm_id].predict({"instances": body["instances"], "parameters": body.get("parameters", {})})
+        return {"predictions": out["predictions"], "deployedModelId": dm_id, "model": m["name"],
                 "modelDisplayName": m["displayName"], "modelVersionId": m["versionId"]}
-
-    def _server(self, dm, model):
-        from fmnist_gcp.serving import BackgroundServer, Predictor, create_app
-        if dm["id"] not in self.servers:
-            c = model["containerSpec"]
-            uri = model["artifactUri"].rstrip("/") + "/model.keras"
-            app = create_app(lambda: Predictor(uri, model["displayName"], model["versionId"]),
-                             health_route=c.get("healthRoute"), predict_route=c.get("predictRoute"),
-                             deployed_model_id=dm["id"])
-            srv = BackgroundServer(app).start(); srv.wait_ready(c.get("healthRoute"))
-            self.servers[dm["id"]] = (srv, c.get("predictRoute"))
-        return self.servers[dm["id"]]
 
     # -- metadata (Vertex AI Experiments) ------------------------------------------------------------------------
     def _meta(self, name):
