@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
+
 PROJECT, REGION, PROJECT_NUMBER = "acme-ml", "europe-west4", "123456789012"
 LOC = f"projects/{PROJECT}/locations/{REGION}"
 T = "type.googleapis.com/google.cloud.aiplatform.v1."
@@ -191,6 +193,51 @@ class ServingContainer:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# AutoML: schemas, and an image classification evaluation in the shape Vertex returns
+# ----------------------------------------------------------------------------------------------------------------
+SCHEMA = "gs://google-cloud-aiplatform/schema/"
+IMAGE_DATASET = SCHEMA + "dataset/metadata/image_1.0.0.yaml"
+IMPORT_SCHEMAS = {IMAGE_DATASET: {SCHEMA + f"dataset/ioformat/image_{k}_io_format_1.0.0.yaml" for k in (
+    "classification_single_label", "classification_multi_label", "bounding_box", "segmentation")}}
+AUTOML_IMAGE_CLASSIFICATION = SCHEMA + "trainingjob/definition/automl_image_classification_1.0.0.yaml"
+IMAGE_MODEL_TYPES = {"CLOUD", "CLOUD_1", "MOBILE_TF_LOW_LATENCY_1", "MOBILE_TF_VERSATILE_1", "MOBILE_TF_HIGH_ACCURACY_1",
+                     "EFFICIENTNET", "MAXVIT", "VIT", "COCA"}
+CLASSIFICATION_METRICS = SCHEMA + "modelevaluation/classification_metrics_1.0.0.yaml"
+PIPELINE_STATES = ["PIPELINE_STATE_QUEUED", "PIPELINE_STATE_PENDING", "PIPELINE_STATE_RUNNING"]
+THRESHOLDS = [round(0.05 * i, 2) for i in range(19)] + [0.95, 0.96, 0.97, 0.98, 0.99]  # Vertex's confidence thresholds
+
+
+def _f32(x) -> float: return float(np.float32(x))  # Vertex reports floats (0.9946683), not doubles
+
+
+def automl_image_evaluation(y, proba, labels, seed: int = 0) -> dict:
+    """The `metrics` of a Vertex AutoML image classification ModelEvaluation for true classes `y` and confidences `proba`,
+    in the shape Vertex returns (its documented ListModelEvaluations answer for an image classification model): auPrc
+    and logLoss, no auRoc; confidenceMetrics with recall and precision (micro-averaged over image x class) at each
+    threshold, fields that are zero left out (confidenceThreshold 0 included); confusionMatrix with annotationSpecs
+    (long numeric ids) in Vertex's own order, not the labels', and rows of counts."""
+    from sklearn.metrics import average_precision_score
+    y, proba = np.asarray(y), np.asarray(proba, float)
+    truth = np.eye(proba.shape[1], dtype=bool)[y]
+    entries = []
+    for th in THRESHOLDS:
+        pos = proba >= th
+        tp, fp, fn = int((pos & truth).sum()), int((pos & ~truth).sum()), int((~pos & truth).sum())
+        e = {"confidenceThreshold": _f32(th), "recall": _f32(tp / max(tp + fn, 1)), "precision": _f32(tp / (tp + fp) if tp + fp else 0)}
+        entries.append({k: v for k, v in e.items() if v})
+    order = np.random.default_rng(seed).permutation(len(labels))
+    pred, k = proba.argmax(1), len(labels)
+    counts = np.zeros((k, k), int)
+    np.add.at(counts, (y, pred), 1)
+    ids = np.random.default_rng(seed + 1).integers(10**17, 9 * 10**18, k)
+    return {"auPrc": _f32(average_precision_score(truth.ravel(), proba.ravel())),
+            "logLoss": _f32(-np.mean(np.log(np.clip(proba[np.arange(len(y)), y], 1e-15, 1)))),
+            "confidenceMetrics": entries,
+            "confusionMatrix": {"annotationSpecs": [{"id": str(ids[i]), "displayName": labels[i]} for i in order],
+                                "rows": [[int(counts[i, j]) for j in order] for i in order]}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # credentials: a TLS certificate for 127.0.0.1 and a service-account key whose token_uri is the fake's
 # ----------------------------------------------------------------------------------------------------------------
 def make_tls(folder: Path) -> tuple[Path, Path]:
@@ -267,6 +314,12 @@ class VertexFake:
         self.containers: dict[str, ServingContainer] = {}  # deployed model id -> its running serving container
         self.job_end, self.on_job_end = "JOB_STATE_SUCCEEDED", lambda job: None
         self.still: set[str] = set()  # jobs that stay in their state
+        # AutoML and tuning (the section at the end of the class)
+        self.datasets: dict[str, dict] = {}
+        self.pipelines: dict[str, dict] = {}  # trainingPipelines by name
+        self.evaluations: dict[str, list[dict]] = {}  # model name -> its ModelEvaluations
+        self.pipeline_end = "PIPELINE_STATE_SUCCEEDED"
+        self.automl_metrics: dict | None = None  # the `metrics` of the evaluation an AutoML pipeline's model gets
         self._ids = itertools.count(1001)
         self._lock = threading.RLock()
         self._routes = [(m, re.compile(p), h) for m, p, h in self.ROUTES]
@@ -684,6 +737,130 @@ class VertexFake:
         ("POST", r"/v1/(projects/[^/]+/locations/[^/]+/metadataStores/[^/:]+)/contexts", create_context),
         ("PATCH", r"/v1/(projects/[^/]+/locations/[^/]+/metadataStores/[^/]+/contexts/[^/:]+)", update_context),
         ("POST", r"/v1/(projects/[^/]+/locations/[^/]+/metadataStores/[^/]+/contexts/[^/:]+):addContextChildren", add_context_children),
+    ]
+
+    # ================================================================================================================
+    # AutoML (datasets, training pipelines, model evaluations) and hyperparameter tuning jobs: their own section at the
+    # end of the class and of ROUTES, apart from the jobs/models/endpoints part above
+    # ================================================================================================================
+    def create_dataset(self, parent, body, **_):
+        require(body, "dataset", "displayName", "metadataSchemaUri")
+        if body["metadataSchemaUri"] not in IMPORT_SCHEMAS:
+            raise invalid(f"dataset.metadata_schema_uri {body['metadataSchemaUri']!r} is not a dataset metadata schema "
+                          f"the fake models (it models {IMAGE_DATASET}).")
+        name = f"{parent}/datasets/{next(self._ids)}"
+        self.datasets[name] = ds = {**body, "name": name, "createTime": now(), "updateTime": now(), "etag": "d1"}
+        return self._operation(name, "CreateDatasetOperationMetadata", {"@type": T + "Dataset", **ds})
+
+    def get_dataset(self, name, **_):
+        if name not in self.datasets: raise not_found(name)
+        return self.datasets[name]
+
+    def import_data(self, name, body, **_):
+        "ImportDataRequest: import_configs required; each with a gcs_source of gs:// uris and an import schema of the dataset's type."
+        ds = self.get_dataset(name)
+        require(body, "import_data_request", "importConfigs")
+        for i, cfg in enumerate(body["importConfigs"]):
+            what = f"import_data_request.import_configs[{i}]"
+            require(cfg, what, "importSchemaUri")
+            if "gcsSource" not in cfg: raise invalid(f"{what}: a source is required (gcs_source).")
+            require(cfg, what, "gcsSource.uris")
+            bad = [u for u in cfg["gcsSource"]["uris"] if not u.startswith("gs://")]
+            if bad: raise invalid(f"{what}.gcs_source.uris must be gs:// URIs, not {bad}.")
+            if cfg["importSchemaUri"] not in IMPORT_SCHEMAS[ds["metadataSchemaUri"]]:
+                raise invalid(f"{what}.import_schema_uri {cfg['importSchemaUri']!r} does not fit a dataset of "
+                              f"{ds['metadataSchemaUri']}.")
+        ds.setdefault("imports", []).extend(body["importConfigs"])
+        return self._operation(name, "ImportDataOperationMetadata", {"@type": T + "ImportDataResponse"})
+
+    def create_training_pipeline(self, parent, body, **_):
+        require(body, "training_pipeline", "displayName", "trainingTaskDefinition", "trainingTaskInputs")
+        if body["trainingTaskDefinition"] != AUTOML_IMAGE_CLASSIFICATION:
+            raise ApiError(501, f"trainingTaskDefinition {body['trainingTaskDefinition']} is not modelled by the Vertex fake.",
+                           "UNIMPLEMENTED")
+        require(body, "training_pipeline", "inputDataConfig.datasetId", "modelToUpload.displayName")
+        self.get_dataset(f"{parent}/datasets/{body['inputDataConfig']['datasetId']}")
+        inputs = body["trainingTaskInputs"]
+        budget = inputs.get("budgetMilliNodeHours")
+        if budget is None or not 8_000 <= float(budget) <= 800_000:
+            raise invalid(f"training_task_inputs.budget_milli_node_hours must be between 8000 and 800000 for image "
+                          f"classification, not {budget}.")
+        if inputs.get("modelType", "CLOUD") not in IMAGE_MODEL_TYPES:
+            raise invalid(f"training_task_inputs.model_type {inputs['modelType']!r} is not an image classification model type.")
+        name = f"{parent}/trainingPipelines/{next(self._ids)}"
+        self.pipelines[name] = {**body, "name": name, "state": PIPELINE_STATES[0], "createTime": now(), "updateTime": now()}
+        return dict(self.pipelines[name])
+
+    def get_training_pipeline(self, name, **_):
+        "Each get moves the pipeline one state on: QUEUED, PENDING, RUNNING, then `pipeline_end` (success: its model, evaluated)."
+        if name not in self.pipelines: raise not_found(name)
+        tp = self.pipelines[name]
+        if tp["state"] in PIPELINE_STATES:
+            i = PIPELINE_STATES.index(tp["state"])
+            if i + 1 < len(PIPELINE_STATES): tp["state"] = PIPELINE_STATES[i + 1]
+            else:
+                tp["state"], tp["endTime"] = self.pipeline_end, now()
+                if self.pipeline_end == "PIPELINE_STATE_SUCCEEDED": self._automl_model(tp)
+                else: tp["error"] = {"code": 13, "message": "Internal error occurred. Please retry in a few minutes."}
+            tp["updateTime"] = now()
+        return dict(tp)
+
+    def _automl_model(self, tp: dict) -> None:
+        "The model a succeeded AutoML pipeline uploads (no container: Google serves it), and its evaluation."
+        parent = tp["name"].split("/trainingPipelines/")[0]
+        name = f"{parent}/models/{next(self._ids)}"
+        v = self._version(name, {**tp["modelToUpload"], "trainingPipeline": tp["name"]}, "1", ["default"])
+        v["supportedDeploymentResourcesTypes"] = ["AUTOMATIC_RESOURCES"]
+        self.models[name] = [v]
+        tp["modelToUpload"] = {**tp["modelToUpload"], "name": name, "versionId": "1"}
+        tp["modelId"] = name.rsplit("/", 1)[-1]
+        if self.automl_metrics is not None:
+            self.evaluations[name] = [{"name": f"{name}/evaluations/{next(self._ids)}", "metricsSchemaUri": CLASSIFICATION_METRICS,
+                                       "metrics": self.automl_metrics, "createTime": now(), "sliceDimensions": ["annotationSpec"]}]
+
+    def list_model_evaluations(self, model, **_):
+        base = model.partition("@")[0]
+        if base not in self.models: raise not_found(model)
+        return {"modelEvaluations": self.evaluations.get(base, [])}
+
+    def get_model_evaluation(self, name, **_):
+        found = [e for evs in self.evaluations.values() for e in evs if e["name"] == name]
+        if not found: raise not_found(name)
+        return found[0]
+
+    def create_hyperparameter_tuning_job(self, parent, body, **_):
+        "HyperparameterTuningJob: the required fields of the v1 proto, each metric and parameter complete; trials as custom job pools."
+        what = "hyperparameter_tuning_job"
+        require(body, what, "displayName", "studySpec.metrics", "studySpec.parameters", "maxTrialCount",
+                "parallelTrialCount", "trialJobSpec.workerPoolSpecs")
+        for i, m in enumerate(body["studySpec"]["metrics"]): require(m, f"{what}.study_spec.metrics[{i}]", "metricId", "goal")
+        kinds = ("doubleValueSpec", "integerValueSpec", "categoricalValueSpec", "discreteValueSpec")
+        for i, p in enumerate(body["studySpec"]["parameters"]):
+            require(p, f"{what}.study_spec.parameters[{i}]", "parameterId")
+            if sum(k in p for k in kinds) != 1:
+                raise invalid(f"{what}.study_spec.parameters[{i}] ({p['parameterId']}): exactly one parameter value spec is required.")
+            spec = next(p[k] for k in kinds if k in p)
+            if "minValue" in spec and float(spec["minValue"]) >= float(spec.get("maxValue", spec["minValue"])):
+                raise invalid(f"{what}.study_spec.parameters[{i}] ({p['parameterId']}): min_value must be less than max_value.")
+        if int(body["parallelTrialCount"]) > int(body["maxTrialCount"]):
+            raise invalid(f"{what}.parallel_trial_count ({body['parallelTrialCount']}) must not exceed max_trial_count "
+                          f"({body['maxTrialCount']}).")
+        for i, pool in enumerate(body["trialJobSpec"]["workerPoolSpecs"]):
+            require(pool, f"{what}.trial_job_spec.worker_pool_specs[{i}]", "machineSpec.machineType", "replicaCount",
+                    "containerSpec.imageUri")
+        return self._new_job(f"{parent}/hyperparameterTuningJobs", body)
+
+    ROUTES = ROUTES + [
+        ("POST", rf"/v1/{P}/datasets", create_dataset),
+        ("GET", rf"/v1/{N.format('datasets')}", get_dataset),
+        ("POST", rf"/v1/{N.format('datasets')}:import", import_data),
+        ("POST", rf"/v1/{P}/trainingPipelines", create_training_pipeline),
+        ("GET", rf"/v1/{N.format('trainingPipelines')}", get_training_pipeline),
+        ("GET", r"/v1/(projects/[^/]+/locations/[^/]+/models/[^/:]+)/evaluations", list_model_evaluations),
+        ("GET", r"/v1/(projects/[^/]+/locations/[^/]+/models/[^/:]+/evaluations/[^/:]+)", get_model_evaluation),
+        ("POST", rf"/v1/{P}/hyperparameterTuningJobs", create_hyperparameter_tuning_job),
+        ("GET", rf"/v1/{N.format('hyperparameterTuningJobs')}", get_job),
+        ("POST", rf"/v1/{N.format('hyperparameterTuningJobs')}:cancel", cancel_job),
     ]
 
 
