@@ -4,8 +4,10 @@ An HTTPS server on 127.0.0.1 (a self-signed certificate made here, trusted throu
 token endpoint that checks the JWT a service-account key made here signs, and the v1 REST methods this package calls:
 customJobs and batchPredictionJobs (create, get, cancel), models (upload, get, list, listVersions,
 mergeVersionAliases), endpoints (create, get, list, deployModel, undeployModel, delete), predict (forwarded to the
-deployed model's serving container, started as Vertex starts it: `fmnist serve` with the AIP_* variables), operations get, and the metadata calls Vertex
-Experiments makes. It refuses what Vertex refuses (required fields of the v1 protos, aliases, deploy resources,
+deployed model's serving container, started as Vertex starts it: `fmnist serve` with the AIP_* variables), operations get,
+the metadata calls Vertex Experiments makes, and (a section of their own at the end of the class) AutoML datasets
+(create, import), AutoML image classification trainingPipelines, model evaluations in the shape Vertex returns
+(`automl_image_evaluation`) and hyperparameterTuningJobs. It refuses what Vertex refuses (required fields of the v1 protos, aliases, deploy resources,
 traffic), answers in Google's JSON error shape so the SDK raises the real api-core exception, keeps jobs and
 long-running operations unfinished for several polls, records every request, answers 501 UNIMPLEMENTED for a method
 it does not model, and can inject faults (`inject`).
@@ -832,7 +834,8 @@ class VertexFake:
         "HyperparameterTuningJob: the required fields of the v1 proto, each metric and parameter complete; trials as custom job pools."
         what = "hyperparameter_tuning_job"
         require(body, what, "displayName", "studySpec.metrics", "studySpec.parameters", "maxTrialCount",
-                "parallelTrialCount", "trialJobSpec.workerPoolSpecs")
+                "parallelTrialCount", "trialJobSpec")
+        require(body, what, "trialJobSpec.workerPoolSpecs")
         for i, m in enumerate(body["studySpec"]["metrics"]): require(m, f"{what}.study_spec.metrics[{i}]", "metricId", "goal")
         kinds = ("doubleValueSpec", "integerValueSpec", "categoricalValueSpec", "discreteValueSpec")
         for i, p in enumerate(body["studySpec"]["parameters"]):

@@ -187,42 +187,70 @@ def test_evaluation_is_fetched_and_parsed_into_our_figures(vertex, vertex_rest, 
     assert parsed["confusion"] == confusion(y, p.argmax(1)).tolist()
 
 
-def test_tuning_job_runs_the_training_container_over_the_local_search_space(vertex, monkeypatch):
-    from google.cloud.aiplatform.compat.services import job_service_client
-    from google.cloud.aiplatform.compat.types import hyperparameter_tuning_job as gca_hpt, job_state
+def test_tuning_job_runs_the_training_container_over_the_local_search_space(vertex, vertex_rest):
     from fmnist_gcp.automl import search_space
     from fmnist_gcp.task import task_parser
+    from google.cloud.aiplatform_v1.types.study import StudySpec
     from fmnist_gcp.cloud.automl import submit_tuning_job
-    sent = []
-    def create(self, parent, hyperparameter_tuning_job, **kw):
-        sent.append((parent, hyperparameter_tuning_job))
-        return gca_hpt.HyperparameterTuningJob(hyperparameter_tuning_job, name=f"{LOC}/hyperparameterTuningJobs/31",
-                                               state=job_state.JobState.JOB_STATE_SUCCEEDED)
-    monkeypatch.setattr(job_service_client.JobServiceClient, "create_hyperparameter_tuning_job", create)
-    monkeypatch.setattr(job_service_client.JobServiceClient, "get_hyperparameter_tuning_job", lambda self, name=None, **kw: sent and
-                        gca_hpt.HyperparameterTuningJob(sent[-1][1], name=name, state=job_state.JobState.JOB_STATE_SUCCEEDED))
+    fake = vertex_rest
     space = search_space("16,32|32,64,128", "64,128")
     job = submit_tuning_job(vertex, "europe-docker.pkg.dev/acme-ml/fmnist/train:1", space, max_trial_count=12,
                             parallel_trial_count=3, display_name="fmnist-tune-test", log=lambda *a: None)
     job.wait()
-    (parent, req), = sent
-    assert parent == LOC and req.display_name == "fmnist-tune-test" and req.labels["app"] == "fmnist-gcp"
-    assert (req.max_trial_count, req.parallel_trial_count) == (12, 3)
-    (metric,) = req.study_spec.metrics
-    assert metric.metric_id == "val_accuracy" and metric.goal.name == "MAXIMIZE"
-    assert req.study_spec.measurement_selection_type.name == "LAST_MEASUREMENT"
+    (sent,) = fake.calls("POST", f"/v1/{LOC}/hyperparameterTuningJobs")
+    req = sent.body
+    assert req["displayName"] == "fmnist-tune-test" and req["labels"]["app"] == "fmnist-gcp"
+    assert (req["maxTrialCount"], req["parallelTrialCount"]) == (12, 3)
+    study = req["studySpec"]  # the REST transport sends enums as their numbers
+    assert study["metrics"] == [{"metricId": "val_accuracy", "goal": StudySpec.MetricSpec.GoalType.MAXIMIZE.value}]
+    assert study["measurementSelectionType"] == StudySpec.MeasurementSelectionType.LAST_MEASUREMENT.value
     flags = {o for a in task_parser()._actions for o in a.option_strings}
-    params = {p.parameter_id: p for p in req.study_spec.parameters}
+    params = {p["parameterId"]: p for p in study["parameters"]}
     assert list(params) == [p.name for p in space if f"--{p.name}" in flags]  # what the task can take, in space order
-    assert list(params["widths"].categorical_value_spec.values) == ["16,32", "32,64,128"]
-    lr = params["lr"].double_value_spec
-    assert (lr.min_value, lr.max_value, params["lr"].scale_type.name) == (1e-3, 1.5e-2, "UNIT_LOG_SCALE")
-    assert (params["convs"].integer_value_spec.min_value, params["convs"].integer_value_spec.max_value) == (1, 3)
-    (pool,) = req.trial_job_spec.worker_pool_specs
-    c = pool.container_spec
-    assert c.image_uri == "europe-docker.pkg.dev/acme-ml/fmnist/train:1" and list(c.command) == ["python", "-m", "fmnist_gcp.task"]
-    assert list(c.args)[:2] == ["--epochs", "3"] and "--datasets-uri" in list(c.args)
-    assert req.trial_job_spec.service_account == VERTEX_ENV["FMNIST_SERVICE_ACCOUNT"]
+    assert params["widths"]["categoricalValueSpec"]["values"] == ["16,32", "32,64,128"]
+    assert params["batch_size"]["discreteValueSpec"]["values"] == [64.0, 128.0]  # numbers: trials get "--batch_size=128.0"
+    lr = params["lr"]
+    assert (lr["doubleValueSpec"], lr["scaleType"]) == ({"minValue": 1e-3, "maxValue": 1.5e-2},
+                                                       StudySpec.ParameterSpec.ScaleType.UNIT_LOG_SCALE.value)
+    assert params["convs"]["integerValueSpec"] == {"minValue": "1", "maxValue": "3"}  # int64: a JSON string
+    (pool,) = req["trialJobSpec"]["workerPoolSpecs"]
+    c = pool["containerSpec"]
+    assert c["imageUri"] == "europe-docker.pkg.dev/acme-ml/fmnist/train:1" and c["command"] == ["python", "-m", "fmnist_gcp.task"]
+    assert c["args"][:2] == ["--epochs", "3"] and "--datasets-uri" in c["args"]
+    assert req["trialJobSpec"]["serviceAccount"] == VERTEX_ENV["FMNIST_SERVICE_ACCOUNT"]
+    # followed in the SDK's thread through queued, pending and running to succeeded
+    (name,) = fake.jobs
+    assert job.resource_name == name and fake.jobs[name]["state"] == "JOB_STATE_SUCCEEDED"
+    assert len(fake.calls("GET", f"/v1/{name}")) >= 3 and job.state.name == "JOB_STATE_SUCCEEDED"
+
+
+def test_tuning_job_requests_vertex_refuses_are_refused(vertex_rest):
+    from google.api_core.exceptions import BadRequest
+    fake, c = vertex_rest, client(vertex_rest, "JobServiceClient")
+    pool = {"machine_spec": {"machine_type": "n1-standard-8"}, "replica_count": 1, "container_spec": {"image_uri": "img:1"}}
+    def job(**over):
+        return {"display_name": "t", "max_trial_count": 4, "parallel_trial_count": 2, "trial_job_spec": {"worker_pool_specs": [pool]},
+                "study_spec": {"metrics": [{"metric_id": "val_accuracy", "goal": "MAXIMIZE"}],
+                               "parameters": [{"parameter_id": "lr", "double_value_spec": {"min_value": 1e-3, "max_value": 1e-2}}]},
+                **over}
+    create = lambda **over: c.create_hyperparameter_tuning_job(parent=LOC, hyperparameter_tuning_job=job(**over))
+    for field, over in (("max_trial_count", {"max_trial_count": 0}), ("trial_job_spec", {"trial_job_spec": {}}),
+                        ("study_spec.metrics", {"study_spec": {"parameters": job()["study_spec"]["parameters"]}}),
+                        ("study_spec.parameters", {"study_spec": {"metrics": job()["study_spec"]["metrics"]}})):
+        with pytest.raises(BadRequest, match=rf"hyperparameter_tuning_job\.{field}; Message: Required field is not set"):
+            create(**over)
+    with pytest.raises(BadRequest, match=r"parameters\[0\] \(lr\): exactly one parameter value spec"):
+        create(study_spec={**job()["study_spec"], "parameters": [{"parameter_id": "lr"}]})
+    with pytest.raises(BadRequest, match="min_value must be less than max_value"):
+        create(study_spec={**job()["study_spec"], "parameters": [{"parameter_id": "lr", "double_value_spec": {"min_value": 0.1, "max_value": 0.01}}]})
+    with pytest.raises(BadRequest, match="parallel_trial_count \\(5\\) must not exceed max_trial_count"):
+        create(parallel_trial_count=5)
+    with pytest.raises(BadRequest, match=r"worker_pool_specs\[0\].container_spec.image_uri; Message: Required field is not set"):
+        create(trial_job_spec={"worker_pool_specs": [{**pool, "container_spec": {}}]})
+    assert fake.jobs == {}
+    made = create()
+    assert made.state.name == "JOB_STATE_QUEUED"  # not done when created
+    assert c.get_hyperparameter_tuning_job(name=made.name).state.name == "JOB_STATE_PENDING"
 
 
 def test_upload_to_the_bucket_skips_objects_already_there(gcs_emulator, monkeypatch, tmp_path):
@@ -292,20 +320,11 @@ def test_task_refuses_a_fractional_value_for_an_integer_flag(capsys):
     assert e.value.code == 2 and "--batch-size/--batch_size: 128.5 is not a whole number" in err, err
 
 
-def test_tuning_trials_get_the_private_endpoint_and_transport_when_set(monkeypatch, anonymous):
-    from google.cloud.aiplatform.compat.services import job_service_client
-    from google.cloud.aiplatform.compat.types import hyperparameter_tuning_job as gca_hpt, job_state
+def test_tuning_trials_get_the_private_endpoint_and_transport_when_set(vertex, vertex_rest):
     from fmnist_gcp.automl import search_space
     from fmnist_gcp.cloud.automl import submit_tuning_job
-    monkeypatch.setenv("NO_GCE_CHECK", "True"); monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:1")
-    sent = []
-    def create(self, parent, hyperparameter_tuning_job, **kw):
-        sent.append(hyperparameter_tuning_job)
-        return gca_hpt.HyperparameterTuningJob(hyperparameter_tuning_job, name=f"{LOC}/hyperparameterTuningJobs/31",
-                                               state=job_state.JobState.JOB_STATE_RUNNING)
-    monkeypatch.setattr(job_service_client.JobServiceClient, "create_hyperparameter_tuning_job", create)
-    s = Settings.from_env({**VERTEX_ENV, "FMNIST_VERTEX_ENDPOINT": "vertex-psc.p.googleapis.com", "FMNIST_VERTEX_TRANSPORT": "rest"})
-    submit_tuning_job(s, "img:1", search_space(), display_name="t", log=lambda *a: None)
-    (pool,) = sent[0].trial_job_spec.worker_pool_specs
-    env = {e.name: e.value for e in pool.container_spec.env}
-    assert (env["FMNIST_VERTEX_ENDPOINT"], env["FMNIST_VERTEX_TRANSPORT"]) == ("vertex-psc.p.googleapis.com", "rest")
+    submit_tuning_job(vertex, "img:1", search_space(), display_name="t", log=lambda *a: None)
+    (sent,) = vertex_rest.calls("POST", "*/hyperparameterTuningJobs")
+    (pool,) = sent.body["trialJobSpec"]["workerPoolSpecs"]
+    env = {e["name"]: e["value"] for e in pool["containerSpec"]["env"]}
+    assert (env["FMNIST_VERTEX_ENDPOINT"], env["FMNIST_VERTEX_TRANSPORT"]) == (vertex_rest.host, "rest")
