@@ -7,7 +7,9 @@ mergeVersionAliases), endpoints (create, get, list, deployModel, undeployModel, 
 deployed model's serving container, started as Vertex starts it: `fmnist serve` with the AIP_* variables), operations get,
 the metadata calls Vertex Experiments makes, and (a section of their own at the end of the class) AutoML datasets
 (create, import), AutoML image classification trainingPipelines, model evaluations in the shape Vertex returns
-(`automl_image_evaluation`) and hyperparameterTuningJobs. It refuses what Vertex refuses (required fields of the v1 protos, aliases, deploy resources,
+(`automl_image_evaluation`), hyperparameterTuningJobs, and Feature Store V2 (online stores, feature views, syncs
+not done on their first get, fetchFeatureValues and searchNearestEntities on the store's serving endpoint, which is
+the fake itself). It refuses what Vertex refuses (required fields of the v1 protos, aliases, deploy resources,
 traffic), answers in Google's JSON error shape so the SDK raises the real api-core exception, keeps jobs and
 long-running operations unfinished for several polls, records every request, answers 501 UNIMPLEMENTED for a method
 it does not model, and can inject faults (`inject`).
@@ -322,6 +324,13 @@ class VertexFake:
         self.evaluations: dict[str, list[dict]] = {}  # model name -> its ModelEvaluations
         self.pipeline_end = "PIPELINE_STATE_SUCCEEDED"
         self.automl_metrics: dict | None = None  # the `metrics` of the evaluation an AutoML pipeline's model gets
+        # Feature Store V2 (the same section)
+        self.online_stores: dict[str, dict] = {}
+        self.feature_views: dict[str, dict] = {}
+        self.syncs: dict[str, dict] = {}  # featureViewSync name -> {"gets": n, ...}
+        self.sync_gets: list[str] = []  # every get of a sync, in order
+        self.sync_polls, self.sync_code = 3, 0  # a sync ends on its third get, with this status code
+        self.feature_rows: dict[str, dict[str, dict]] = {}  # view id -> entity id -> row: what its BigQuery table holds
         self._ids = itertools.count(1001)
         self._lock = threading.RLock()
         self._routes = [(m, re.compile(p), h) for m, p, h in self.ROUTES]
@@ -853,6 +862,115 @@ class VertexFake:
                     "containerSpec.imageUri")
         return self._new_job(f"{parent}/hyperparameterTuningJobs", body)
 
+
+    # -- Feature Store V2: online stores, feature views, syncs (admin, on the region's endpoint); fetch and search (on
+    # -- the store's own serving endpoint, which the fake reports as itself) ----------------------------------------
+    def create_online_store(self, parent, body, query, **_):
+        sid = query.get("featureOnlineStoreId", "")
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,59}", sid):
+            raise invalid(f"feature_online_store_id {sid!r} must match [a-z_][a-z0-9_]{{0,59}}.")
+        if sum(k in body for k in ("bigtable", "optimized")) != 1:
+            raise invalid("feature_online_store: exactly one storage type (bigtable or optimized) is required.")
+        name = f"{parent}/featureOnlineStores/{sid}"
+        if name in self.online_stores: raise ApiError(409, f"FeatureOnlineStore {name} already exists.")
+        store = {**body, "name": name, "createTime": now(), "updateTime": now(), "etag": "s1", "state": "STABLE"}
+        if "optimized" in body:  # its own serving domain: here, the fake itself
+            store["dedicatedServingEndpoint"] = {"publicEndpointDomainName": self.host}
+        self.online_stores[name] = store
+        return self._operation(name, "CreateFeatureOnlineStoreOperationMetadata", {"@type": T + "FeatureOnlineStore", **store})
+
+    def get_online_store(self, name, **_):
+        if name not in self.online_stores: raise not_found(name)
+        return self.online_stores[name]
+
+    def delete_online_store(self, name, query, **_):
+        "Refused while it holds feature views, unless force."
+        self.get_online_store(name)
+        views = [v for v in self.feature_views if v.startswith(name + "/featureViews/")]
+        if views and query.get("force") != "true":
+            raise precondition(f"FeatureOnlineStore {name} has feature views {views}: delete them first or set force.")
+        for v in views: del self.feature_views[v]
+        del self.online_stores[name]
+        return self._operation(name, "DeleteOperationMetadata", None)
+
+    def create_feature_view(self, store, body, query, **_):
+        self.get_online_store(store)
+        vid = query.get("featureViewId", "")
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,59}", vid): raise invalid(f"feature_view_id {vid!r} must match [a-z_][a-z0-9_]{{0,59}}.")
+        if "bigQuerySource" in body:
+            require(body, "feature_view.big_query_source", "bigQuerySource.uri", "bigQuerySource.entityIdColumns")
+        elif "featureRegistrySource" not in body:
+            raise invalid("feature_view: a source is required (big_query_source or feature_registry_source).")
+        if "indexConfig" in body:
+            require(body, "feature_view.index_config", "indexConfig.embeddingColumn", "indexConfig.embeddingDimension")
+        name = f"{store}/featureViews/{vid}"
+        if name in self.feature_views: raise ApiError(409, f"FeatureView {name} already exists.")
+        self.feature_views[name] = view = {**body, "name": name, "createTime": now(), "updateTime": now(), "etag": "v1"}
+        return self._operation(name, "CreateFeatureViewOperationMetadata", {"@type": T + "FeatureView", **view})
+
+    def _feature_view(self, name):
+        if name not in self.feature_views: raise not_found(name)
+        return self.feature_views[name]
+
+    def get_feature_view(self, name, **_): return self._feature_view(name)
+
+    def sync_feature_view(self, view, **_):
+        self._feature_view(view)
+        name = f"{view}/featureViewSyncs/{next(self._ids)}"
+        self.syncs[name] = {"gets": 0, "createTime": now()}
+        return {"featureViewSync": name}
+
+    def get_feature_view_sync(self, name, **_):
+        "Running (run_time without end_time, no final_status) until its `sync_polls`-th get, then ended with `sync_code`."
+        if name not in self.syncs: raise not_found(name)
+        sync = self.syncs[name]; sync["gets"] += 1; self.sync_gets.append(name)
+        out = {"name": name, "createTime": sync["createTime"], "runTime": {"startTime": sync["createTime"]}}
+        if sync["gets"] >= self.sync_polls:
+            out["runTime"]["endTime"] = now()
+            out["finalStatus"] = {"code": self.sync_code, "message": "BigQuery table has duplicate entity ids"} if self.sync_code else {}
+        return out
+
+    @staticmethod
+    def _feature_value(v) -> dict:
+        if isinstance(v, list): return {"doubleArrayValue": {"values": [float(x) for x in v]}}
+        if isinstance(v, str): return {"stringValue": v}
+        if isinstance(v, (bool, np.bool_)): return {"boolValue": bool(v)}
+        return {"int64Value": str(int(v))} if isinstance(v, (int, np.integer)) else {"doubleValue": float(v)}
+
+    def _key_values(self, view_id, key):
+        return {"features": [{"name": k, "value": self._feature_value(v)} for k, v in self.feature_rows[view_id][key].items()]}
+
+    def _synced_rows(self, view):
+        self._feature_view(view)
+        view_id = view.rsplit("/", 1)[1]
+        if not any(n.startswith(view + "/") and s["gets"] >= self.sync_polls for n, s in self.syncs.items()):
+            raise precondition(f"FeatureView {view} has no completed sync: its online data is empty.")
+        return view_id, self.feature_rows.get(view_id, {})
+
+    def fetch_feature_values(self, view, body, **_):
+        key = get_path(body, "dataKey.key")
+        if not key: raise invalid("fetch_feature_values: data_key.key is required.")
+        if body.get("dataFormat") not in ("KEY_VALUE", 1): raise invalid("data_format must be KEY_VALUE or PROTO_STRUCT; the fake models KEY_VALUE.")
+        view_id, rows = self._synced_rows(view)
+        if key not in rows: raise ApiError(404, f"Entity {key} is not found in feature view {view}.", "NOT_FOUND")
+        return {"keyValues": self._key_values(view_id, key)}
+
+    def search_nearest_entities(self, view, body, **_):
+        "Exact cosine-distance neighbours of `query.entityId` among the view's synced rows (the view needs an index config)."
+        fv = self._feature_view(view)
+        if "indexConfig" not in fv: raise precondition(f"FeatureView {view} has no index_config: it cannot be searched.")
+        q = body.get("query") or {}
+        if not q.get("entityId") and not q.get("embedding"): raise invalid("query: an entity_id or an embedding is required.")
+        view_id, rows = self._synced_rows(view)
+        col = fv["indexConfig"]["embeddingColumn"]
+        if q.get("entityId") and q["entityId"] not in rows: raise ApiError(404, f"Entity {q['entityId']} is not found.", "NOT_FOUND")
+        vec = np.array(rows[q["entityId"]][col] if q.get("entityId") else q["embedding"]["value"], float)
+        dist = {i: 1 - float(vec @ np.array(r[col]) / np.linalg.norm(vec) / np.linalg.norm(r[col])) for i, r in rows.items()}
+        near = sorted(dist, key=dist.get)[:int(q.get("neighborCount") or 10)]
+        return {"nearestNeighbors": {"neighbors": [
+            {"entityId": i, "distance": dist[i], **({"entityKeyValues": {"keyValues": self._key_values(view_id, i)}} if body.get("returnFullEntity") else {})}
+            for i in near]}}
+
     ROUTES = ROUTES + [
         ("POST", rf"/v1/{P}/datasets", create_dataset),
         ("GET", rf"/v1/{N.format('datasets')}", get_dataset),
@@ -864,6 +982,16 @@ class VertexFake:
         ("POST", rf"/v1/{P}/hyperparameterTuningJobs", create_hyperparameter_tuning_job),
         ("GET", rf"/v1/{N.format('hyperparameterTuningJobs')}", get_job),
         ("POST", rf"/v1/{N.format('hyperparameterTuningJobs')}:cancel", cancel_job),
+        ("GET", r"/(?:v1|ui)/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+/featureViews/[^/:]+/operations/[^/:]+)", get_operation),  # a view's own operations
+        ("POST", rf"/v1/{P}/featureOnlineStores", create_online_store),
+        ("GET", r"/v1/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+)", get_online_store),
+        ("DELETE", r"/v1/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+)", delete_online_store),
+        ("POST", r"/v1/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+)/featureViews", create_feature_view),
+        ("GET", r"/v1/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+/featureViews/[^/:]+)", get_feature_view),
+        ("POST", r"/v1/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+/featureViews/[^/:]+):sync", sync_feature_view),
+        ("GET", r"/v1/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+/featureViews/[^/:]+/featureViewSyncs/[^/:]+)", get_feature_view_sync),
+        ("POST", r"/v1/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+/featureViews/[^/:]+):fetchFeatureValues", fetch_feature_values),
+        ("POST", r"/v1/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+/featureViews/[^/:]+):searchNearestEntities", search_nearest_entities),
     ]
 
 
