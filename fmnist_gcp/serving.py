@@ -299,9 +299,11 @@ def wait_ready(self: BackgroundServer, health_route: str = SERVING_CONTRACT.heal
 # %% ../nbs/09a_serving.ipynb #5ce04a7a
 def model_source(ref: str | None = None, settings=None) -> tuple[str, str, str]:
     "(model.keras URI, name, version): from AIP_STORAGE_URI on Vertex, else from the registry (`NAME@ALIAS`)."
+    from fmnist_gcp.config import Store
     if os.environ.get("AIP_STORAGE_URI") and not ref:
-        uri = os.environ["AIP_STORAGE_URI"].rstrip("/")
-        return f"{uri}/model.keras", os.environ.get("AIP_MODEL_NAME", DEFAULT_MODEL), os.environ.get("AIP_MODEL_VERSION", "vertex")
+        folder = Store("models", os.environ["AIP_STORAGE_URI"].rstrip("/"))
+        meta = folder.read_json("metadata.json") if folder.exists("metadata.json") else {}  # the version's own record
+        return folder.uri("model.keras"), meta.get("name", DEFAULT_MODEL), str(meta.get("version", "vertex"))
     from fmnist_gcp.config import Settings
     from fmnist_gcp.registry import Registry, parse_ref
     settings = settings or Settings.from_env()

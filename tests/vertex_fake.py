@@ -2,10 +2,14 @@
 
 An HTTPS server on 127.0.0.1 (a self-signed certificate made here, trusted through REQUESTS_CA_BUNDLE), an OAuth
 token endpoint that checks the JWT a service-account key made here signs, and the v1 REST methods this package calls:
-customJobs (create, get, list, cancel) and batchPredictionJobs (create, get, cancel), models (upload, get, list,
-listVersions, mergeVersionAliases), endpoints (create, get, list, deployModel, undeployModel, delete), predict (forwarded to the
-deployed model's own serving app, as Vertex runs the container), operations get, and the metadata calls Vertex
-Experiments makes. It refuses what Vertex refuses (required fields of the v1 protos, aliases, deploy resources,
+customJobs (create, get, list, cancel) and batchPredictionJobs (create, get, cancel), models (upload, get, list, listVersions,
+mergeVersionAliases), endpoints (create, get, list, deployModel, undeployModel, delete), predict (forwarded to the
+deployed model's serving container, started as Vertex starts it: `fmnist serve` with the AIP_* variables), operations get,
+the metadata calls Vertex Experiments makes, and (a section of their own at the end of the class) AutoML datasets
+(create, import), AutoML image classification trainingPipelines, model evaluations in the shape Vertex returns
+(`automl_image_evaluation`), hyperparameterTuningJobs, and Feature Store V2 (online stores, feature views, syncs
+not done on their first get, fetchFeatureValues and searchNearestEntities on the store's serving endpoint, which is
+the fake itself). It refuses what Vertex refuses (required fields of the v1 protos, aliases, deploy resources,
 traffic), answers in Google's JSON error shape so the SDK raises the real api-core exception, keeps jobs and
 long-running operations unfinished for several polls, records every request, answers 501 UNIMPLEMENTED for a method
 it does not model, and can inject faults (`inject`).
@@ -17,8 +21,11 @@ import datetime
 import fnmatch
 import itertools
 import json
+import os
 import re
 import ssl
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -26,7 +33,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-PROJECT, REGION = "acme-ml", "europe-west4"
+import numpy as np
+
+PROJECT, REGION, PROJECT_NUMBER = "acme-ml", "europe-west4", "123456789012"
 LOC = f"projects/{PROJECT}/locations/{REGION}"
 T = "type.googleapis.com/google.cloud.aiplatform.v1."
 STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
@@ -135,6 +144,117 @@ class Operation:
         return out
 
 
+class ServingContainer:
+    """A deployed model's serving container, started as Vertex starts it: the serve image's entry point (`fmnist serve`,
+    the venv's script beside sys.executable) in a subprocess whose environment holds the AIP_* variables Vertex sets
+    (https://cloud.google.com/vertex-ai/docs/predictions/custom-container-requirements) and containerSpec.env. Two
+    differences, both for tests: it binds 127.0.0.1 (the image: 0.0.0.0), and on a free port given as AIP_HTTP_PORT
+    (Vertex: containerSpec.ports[0], 8080); AIP_STORAGE_URI is the model's artifactUri itself (Vertex: a copy of it)."""
+    def __init__(self, endpoint: str, deployed: dict, model: dict, folder: Path):
+        from fmnist_gcp.serving import free_port
+        c = model.get("containerSpec") or {}
+        if c.get("command") or c.get("args"):
+            raise ApiError(501, "containerSpec.command/args are not modelled by the Vertex fake: it runs the serve image's "
+                                "entry point only.", "UNIMPLEMENTED")
+        ep_id, dm_id = endpoint.rsplit("/", 1)[-1], deployed["id"]
+        route = f"/v1/endpoints/{ep_id}/deployedModels/{dm_id}"  # Vertex's default routes
+        self.port = free_port()
+        self.health_route, self.predict_route = c.get("healthRoute") or route, c.get("predictRoute") or f"{route}:predict"
+        self.env = {"AIP_HTTP_PORT": str(self.port), "AIP_HEALTH_ROUTE": self.health_route,
+                    "AIP_PREDICT_ROUTE": self.predict_route, "AIP_STORAGE_URI": model.get("artifactUri", ""),
+                    "AIP_DEPLOYED_MODEL_ID": dm_id, "AIP_ENDPOINT_ID": ep_id, "AIP_MODE": "PREDICTION",
+                    "AIP_MODE_VERSION": "1.0.0", "AIP_FRAMEWORK": "CUSTOM_CONTAINER", "AIP_PROJECT_NUMBER": PROJECT_NUMBER,
+                    "AIP_MODEL_NAME": ep_id, "AIP_VERSION_NAME": dm_id,  # as Vertex sets them: the endpoint's and deployed model's ids
+                    "AIP_MACHINE_TYPE": get_path(deployed, "dedicatedResources.machineSpec.machineType") or "n1-standard-2"}
+        self.env |= {e["name"]: e.get("value", "") for e in c.get("env", [])}
+        self.url, self.log_path, self.health = f"http://127.0.0.1:{self.port}", folder / f"container-{dm_id}.log", None
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> "ServingContainer":
+        "Start the entry point and wait until the health route answers 200 (Vertex waits so before a deploy is done)."
+        import httpx
+        import fmnist_gcp
+        script = Path(sys.executable).parent / "fmnist"
+        pkg_root = str(Path(fmnist_gcp.__file__).resolve().parents[1])  # the package under test, wherever it came from
+        path = os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")]))
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([str(script), "serve", "--host", "127.0.0.1"], stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONPATH": path, **self.env})
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None: raise self._failed(f"exited with status {self.proc.returncode}")
+            try: r = httpx.get(self.url + self.health_route, timeout=5)
+            except httpx.TransportError: r = None
+            if r is not None and r.status_code == 200: self.health = r.json(); return self
+            if r is not None and r.headers.get("content-type", "").startswith("application/json") and r.json().get("status") == "failed":
+                raise self._failed(f"reported {r.json()}")
+            time.sleep(0.1)
+        raise self._failed(f"did not answer 200 on {self.health_route} within {timeout:.0f} s")
+
+    def _failed(self, what: str) -> ApiError:
+        self.stop()
+        tail = self.log_path.read_text(errors="replace")[-1500:] if self.log_path.exists() else ""
+        return precondition(f"The model's serving container {what}; its log ends:\n{tail}")
+
+    def predict(self, body: dict) -> dict:
+        import httpx
+        r = httpx.post(self.url + self.predict_route, json=body, timeout=120)
+        if r.status_code != 200: raise invalid(f"The model's container answered {r.status_code}: {r.text[:300]}")
+        return r.json()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try: self.proc.wait(10)
+            except subprocess.TimeoutExpired: self.proc.kill(); self.proc.wait()
+        if getattr(self, "log", None): self.log.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# AutoML: schemas, and an image classification evaluation in the shape Vertex returns
+# ----------------------------------------------------------------------------------------------------------------
+SCHEMA = "gs://google-cloud-aiplatform/schema/"
+IMAGE_DATASET = SCHEMA + "dataset/metadata/image_1.0.0.yaml"
+IMPORT_SCHEMAS = {IMAGE_DATASET: {SCHEMA + f"dataset/ioformat/image_{k}_io_format_1.0.0.yaml" for k in (
+    "classification_single_label", "classification_multi_label", "bounding_box", "segmentation")}}
+AUTOML_IMAGE_CLASSIFICATION = SCHEMA + "trainingjob/definition/automl_image_classification_1.0.0.yaml"
+IMAGE_MODEL_TYPES = {"CLOUD", "CLOUD_1", "MOBILE_TF_LOW_LATENCY_1", "MOBILE_TF_VERSATILE_1", "MOBILE_TF_HIGH_ACCURACY_1",
+                     "EFFICIENTNET", "MAXVIT", "VIT", "COCA"}
+CLASSIFICATION_METRICS = SCHEMA + "modelevaluation/classification_metrics_1.0.0.yaml"
+PIPELINE_STATES = ["PIPELINE_STATE_QUEUED", "PIPELINE_STATE_PENDING", "PIPELINE_STATE_RUNNING"]
+THRESHOLDS = [round(0.05 * i, 2) for i in range(19)] + [0.95, 0.96, 0.97, 0.98, 0.99]  # Vertex's confidence thresholds
+
+
+def _f32(x) -> float: return float(np.float32(x))  # Vertex reports floats (0.9946683), not doubles
+
+
+def automl_image_evaluation(y, proba, labels, seed: int = 0) -> dict:
+    """The `metrics` of a Vertex AutoML image classification ModelEvaluation for true classes `y` and confidences `proba`,
+    in the shape Vertex returns (its documented ListModelEvaluations answer for an image classification model): auPrc
+    and logLoss, no auRoc; confidenceMetrics with recall and precision (micro-averaged over image x class) at each
+    threshold, fields that are zero left out (confidenceThreshold 0 included); confusionMatrix with annotationSpecs
+    (long numeric ids) in Vertex's own order, not the labels', and rows of counts."""
+    from sklearn.metrics import average_precision_score
+    y, proba = np.asarray(y), np.asarray(proba, float)
+    truth = np.eye(proba.shape[1], dtype=bool)[y]
+    entries = []
+    for th in THRESHOLDS:
+        pos = proba >= th
+        tp, fp, fn = int((pos & truth).sum()), int((pos & ~truth).sum()), int((~pos & truth).sum())
+        e = {"confidenceThreshold": _f32(th), "recall": _f32(tp / max(tp + fn, 1)), "precision": _f32(tp / (tp + fp) if tp + fp else 0)}
+        entries.append({k: v for k, v in e.items() if v})
+    order = np.random.default_rng(seed).permutation(len(labels))
+    pred, k = proba.argmax(1), len(labels)
+    counts = np.zeros((k, k), int)
+    np.add.at(counts, (y, pred), 1)
+    ids = np.random.default_rng(seed + 1).integers(10**17, 9 * 10**18, k)
+    return {"auPrc": _f32(average_precision_score(truth.ravel(), proba.ravel())),
+            "logLoss": _f32(-np.mean(np.log(np.clip(proba[np.arange(len(y)), y], 1e-15, 1)))),
+            "confidenceMetrics": entries,
+            "confusionMatrix": {"annotationSpecs": [{"id": str(ids[i]), "displayName": labels[i]} for i in order],
+                                "rows": [[int(counts[i, j]) for j in order] for i in order]}}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # credentials: a TLS certificate for 127.0.0.1 and a service-account key whose token_uri is the fake's
 # ----------------------------------------------------------------------------------------------------------------
@@ -209,9 +329,22 @@ class VertexFake:
         self.operations: dict[str, Operation] = {}
         self.metadata: dict[str, dict] = {}  # metadataStores, contexts, executions, artifacts by name
         self.children: dict[str, list[str]] = {}
-        self.servers: dict[str, tuple] = {}  # deployed model id -> (BackgroundServer, predict route)
+        self.containers: dict[str, ServingContainer] = {}  # deployed model id -> its running serving container
         self.job_end, self.on_job_end = "JOB_STATE_SUCCEEDED", lambda job: None
         self.still: set[str] = set()  # jobs that stay in their state
+        # AutoML and tuning (the section at the end of the class)
+        self.datasets: dict[str, dict] = {}
+        self.pipelines: dict[str, dict] = {}  # trainingPipelines by name
+        self.evaluations: dict[str, list[dict]] = {}  # model name -> its ModelEvaluations
+        self.pipeline_end = "PIPELINE_STATE_SUCCEEDED"
+        self.automl_metrics: dict | None = None  # the `metrics` of the evaluation an AutoML pipeline's model gets
+        # Feature Store V2 (the same section)
+        self.online_stores: dict[str, dict] = {}
+        self.feature_views: dict[str, dict] = {}
+        self.syncs: dict[str, dict] = {}  # featureViewSync name -> {"gets": n, ...}
+        self.sync_gets: list[str] = []  # every get of a sync, in order
+        self.sync_polls, self.sync_code = 3, 0  # a sync ends on its third get, with this status code
+        self.feature_rows: dict[str, dict[str, dict]] = {}  # view id -> entity id -> row: what its BigQuery table holds
         self._ids = itertools.count(1001)
         self._lock = threading.RLock()
         self._routes = [(m, re.compile(p), h) for m, p, h in self.ROUTES]
@@ -237,7 +370,7 @@ class VertexFake:
 
     def stop(self) -> None:
         self.httpd.shutdown(); self.httpd.server_close()
-        for srv, _ in self.servers.values(): srv.stop()
+        for c in self.containers.values(): c.stop()
 
     # -- what tests use -------------------------------------------------------------------------------------------
     def inject(self, method: str, path_glob: str, status: int, times: int = 1, retry_delay_s: float | None = None,
@@ -542,7 +675,7 @@ class VertexFake:
                                "move its traffic to other deployed models first (traffic_split).")
         ep["deployedModels"] = [d for d in ep["deployedModels"] if d["id"] != dm_id]
         ep["trafficSplit"] = {k: v for k, v in split.items() if k != dm_id and v}
-        if dm_id in self.servers: self.servers.pop(dm_id)[0].stop()
+        if dm_id in self.containers: self.containers.pop(dm_id).stop()
         return self._operation(endpoint, "UndeployModelOperationMetadata", {"@type": T + "UndeployModelResponse"})
 
     def delete_endpoint(self, name, **_):
@@ -553,8 +686,7 @@ class VertexFake:
         return self._operation(name, "DeleteOperationMetadata", None)
 
     def predict(self, endpoint, body, **_):
-        "The deployed model with the most traffic answers, through its own serving app on loopback."
-        import httpx
+        "The deployed model with the most traffic answers, through its serving container (started on the first predict)."
         ep = self._endpoint(endpoint)
         require(body, "predict_request", "instances")
         if not ep.get("trafficSplit"):
@@ -562,24 +694,10 @@ class VertexFake:
         dm_id = max(ep["trafficSplit"], key=ep["trafficSplit"].get)
         dm = next(d for d in ep["deployedModels"] if d["id"] == dm_id)
         m = self._resolve(f"{dm['model']}@{dm['modelVersionId']}")
-        srv, route = self._server(dm, m)
-        r = httpx.post(srv.url + route, json={"instances": body["instances"], "parameters": body.get("parameters", {})},
-                       timeout=60)
-        if r.status_code != 200: raise invalid(f"The model's container answered {r.status_code}: {r.text[:300]}")
-        return {"predictions": r.json()["predictions"], "deployedModelId": dm_id, "model": m["name"],
+        if dm_id not in self.containers: self.containers[dm_id] = ServingContainer(endpoint, dm, m, self.folder).start()
+        out = self.containers[dm_id].predict({"instances": body["instances"], "parameters": body.get("parameters", {})})
+        return {"predictions": out["predictions"], "deployedModelId": dm_id, "model": m["name"],
                 "modelDisplayName": m["displayName"], "modelVersionId": m["versionId"]}
-
-    def _server(self, dm, model):
-        from fmnist_gcp.serving import BackgroundServer, Predictor, create_app
-        if dm["id"] not in self.servers:
-            c = model["containerSpec"]
-            uri = model["artifactUri"].rstrip("/") + "/model.keras"
-            app = create_app(lambda: Predictor(uri, model["displayName"], model["versionId"]),
-                             health_route=c.get("healthRoute"), predict_route=c.get("predictRoute"),
-                             deployed_model_id=dm["id"])
-            srv = BackgroundServer(app).start(); srv.wait_ready(c.get("healthRoute"))
-            self.servers[dm["id"]] = (srv, c.get("predictRoute"))
-        return self.servers[dm["id"]]
 
     # -- metadata (Vertex AI Experiments) ------------------------------------------------------------------------
     def _meta(self, name):
@@ -646,6 +764,250 @@ class VertexFake:
         ("POST", r"/v1/(projects/[^/]+/locations/[^/]+/metadataStores/[^/:]+)/contexts", create_context),
         ("PATCH", r"/v1/(projects/[^/]+/locations/[^/]+/metadataStores/[^/]+/contexts/[^/:]+)", update_context),
         ("POST", r"/v1/(projects/[^/]+/locations/[^/]+/metadataStores/[^/]+/contexts/[^/:]+):addContextChildren", add_context_children),
+    ]
+
+    # ================================================================================================================
+    # AutoML (datasets, training pipelines, model evaluations) and hyperparameter tuning jobs: their own section at the
+    # end of the class and of ROUTES, apart from the jobs/models/endpoints part above
+    # ================================================================================================================
+    def create_dataset(self, parent, body, **_):
+        require(body, "dataset", "displayName", "metadataSchemaUri")
+        if body["metadataSchemaUri"] not in IMPORT_SCHEMAS:
+            raise invalid(f"dataset.metadata_schema_uri {body['metadataSchemaUri']!r} is not a dataset metadata schema "
+                          f"the fake models (it models {IMAGE_DATASET}).")
+        name = f"{parent}/datasets/{next(self._ids)}"
+        self.datasets[name] = ds = {**body, "name": name, "createTime": now(), "updateTime": now(), "etag": "d1"}
+        return self._operation(name, "CreateDatasetOperationMetadata", {"@type": T + "Dataset", **ds})
+
+    def get_dataset(self, name, **_):
+        if name not in self.datasets: raise not_found(name)
+        return self.datasets[name]
+
+    def import_data(self, name, body, **_):
+        "ImportDataRequest: import_configs required; each with a gcs_source of gs:// uris and an import schema of the dataset's type."
+        ds = self.get_dataset(name)
+        require(body, "import_data_request", "importConfigs")
+        for i, cfg in enumerate(body["importConfigs"]):
+            what = f"import_data_request.import_configs[{i}]"
+            require(cfg, what, "importSchemaUri")
+            if "gcsSource" not in cfg: raise invalid(f"{what}: a source is required (gcs_source).")
+            require(cfg, what, "gcsSource.uris")
+            bad = [u for u in cfg["gcsSource"]["uris"] if not u.startswith("gs://")]
+            if bad: raise invalid(f"{what}.gcs_source.uris must be gs:// URIs, not {bad}.")
+            if cfg["importSchemaUri"] not in IMPORT_SCHEMAS[ds["metadataSchemaUri"]]:
+                raise invalid(f"{what}.import_schema_uri {cfg['importSchemaUri']!r} does not fit a dataset of "
+                              f"{ds['metadataSchemaUri']}.")
+        ds.setdefault("imports", []).extend(body["importConfigs"])
+        return self._operation(name, "ImportDataOperationMetadata", {"@type": T + "ImportDataResponse"})
+
+    def create_training_pipeline(self, parent, body, **_):
+        require(body, "training_pipeline", "displayName", "trainingTaskDefinition", "trainingTaskInputs")
+        if body["trainingTaskDefinition"] != AUTOML_IMAGE_CLASSIFICATION:
+            raise ApiError(501, f"trainingTaskDefinition {body['trainingTaskDefinition']} is not modelled by the Vertex fake.",
+                           "UNIMPLEMENTED")
+        require(body, "training_pipeline", "inputDataConfig.datasetId", "modelToUpload.displayName")
+        self.get_dataset(f"{parent}/datasets/{body['inputDataConfig']['datasetId']}")
+        inputs = body["trainingTaskInputs"]
+        budget = inputs.get("budgetMilliNodeHours")
+        if budget is None or not 8_000 <= float(budget) <= 800_000:
+            raise invalid(f"training_task_inputs.budget_milli_node_hours must be between 8000 and 800000 for image "
+                          f"classification, not {budget}.")
+        if inputs.get("modelType", "CLOUD") not in IMAGE_MODEL_TYPES:
+            raise invalid(f"training_task_inputs.model_type {inputs['modelType']!r} is not an image classification model type.")
+        name = f"{parent}/trainingPipelines/{next(self._ids)}"
+        self.pipelines[name] = {**body, "name": name, "state": PIPELINE_STATES[0], "createTime": now(), "updateTime": now()}
+        return dict(self.pipelines[name])
+
+    def get_training_pipeline(self, name, **_):
+        "Each get moves the pipeline one state on: QUEUED, PENDING, RUNNING, then `pipeline_end` (success: its model, evaluated)."
+        if name not in self.pipelines: raise not_found(name)
+        tp = self.pipelines[name]
+        if tp["state"] in PIPELINE_STATES:
+            i = PIPELINE_STATES.index(tp["state"])
+            if i + 1 < len(PIPELINE_STATES): tp["state"] = PIPELINE_STATES[i + 1]
+            else:
+                tp["state"], tp["endTime"] = self.pipeline_end, now()
+                if self.pipeline_end == "PIPELINE_STATE_SUCCEEDED": self._automl_model(tp)
+                else: tp["error"] = {"code": 13, "message": "Internal error occurred. Please retry in a few minutes."}
+            tp["updateTime"] = now()
+        return dict(tp)
+
+    def _automl_model(self, tp: dict) -> None:
+        "The model a succeeded AutoML pipeline uploads (no container: Google serves it), and its evaluation."
+        parent = tp["name"].split("/trainingPipelines/")[0]
+        name = f"{parent}/models/{next(self._ids)}"
+        v = self._version(name, {**tp["modelToUpload"], "trainingPipeline": tp["name"]}, "1", ["default"])
+        v["supportedDeploymentResourcesTypes"] = ["AUTOMATIC_RESOURCES"]
+        self.models[name] = [v]
+        tp["modelToUpload"] = {**tp["modelToUpload"], "name": name, "versionId": "1"}
+        tp["modelId"] = name.rsplit("/", 1)[-1]
+        if self.automl_metrics is not None:
+            self.evaluations[name] = [{"name": f"{name}/evaluations/{next(self._ids)}", "metricsSchemaUri": CLASSIFICATION_METRICS,
+                                       "metrics": self.automl_metrics, "createTime": now(), "sliceDimensions": ["annotationSpec"]}]
+
+    def list_model_evaluations(self, model, **_):
+        base = model.partition("@")[0]
+        if base not in self.models: raise not_found(model)
+        return {"modelEvaluations": self.evaluations.get(base, [])}
+
+    def get_model_evaluation(self, name, **_):
+        found = [e for evs in self.evaluations.values() for e in evs if e["name"] == name]
+        if not found: raise not_found(name)
+        return found[0]
+
+    def create_hyperparameter_tuning_job(self, parent, body, **_):
+        "HyperparameterTuningJob: the required fields of the v1 proto, each metric and parameter complete; trials as custom job pools."
+        what = "hyperparameter_tuning_job"
+        require(body, what, "displayName", "studySpec.metrics", "studySpec.parameters", "maxTrialCount",
+                "parallelTrialCount", "trialJobSpec")
+        require(body, what, "trialJobSpec.workerPoolSpecs")
+        for i, m in enumerate(body["studySpec"]["metrics"]): require(m, f"{what}.study_spec.metrics[{i}]", "metricId", "goal")
+        kinds = ("doubleValueSpec", "integerValueSpec", "categoricalValueSpec", "discreteValueSpec")
+        for i, p in enumerate(body["studySpec"]["parameters"]):
+            require(p, f"{what}.study_spec.parameters[{i}]", "parameterId")
+            if sum(k in p for k in kinds) != 1:
+                raise invalid(f"{what}.study_spec.parameters[{i}] ({p['parameterId']}): exactly one parameter value spec is required.")
+            spec = next(p[k] for k in kinds if k in p)
+            if "minValue" in spec and float(spec["minValue"]) >= float(spec.get("maxValue", spec["minValue"])):
+                raise invalid(f"{what}.study_spec.parameters[{i}] ({p['parameterId']}): min_value must be less than max_value.")
+        if int(body["parallelTrialCount"]) > int(body["maxTrialCount"]):
+            raise invalid(f"{what}.parallel_trial_count ({body['parallelTrialCount']}) must not exceed max_trial_count "
+                          f"({body['maxTrialCount']}).")
+        for i, pool in enumerate(body["trialJobSpec"]["workerPoolSpecs"]):
+            require(pool, f"{what}.trial_job_spec.worker_pool_specs[{i}]", "machineSpec.machineType", "replicaCount",
+                    "containerSpec.imageUri")
+        return self._new_job(f"{parent}/hyperparameterTuningJobs", body)
+
+
+    # -- Feature Store V2: online stores, feature views, syncs (admin, on the region's endpoint); fetch and search (on
+    # -- the store's own serving endpoint, which the fake reports as itself) ----------------------------------------
+    def create_online_store(self, parent, body, query, **_):
+        sid = query.get("featureOnlineStoreId", "")
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,59}", sid):
+            raise invalid(f"feature_online_store_id {sid!r} must match [a-z_][a-z0-9_]{{0,59}}.")
+        if sum(k in body for k in ("bigtable", "optimized")) != 1:
+            raise invalid("feature_online_store: exactly one storage type (bigtable or optimized) is required.")
+        name = f"{parent}/featureOnlineStores/{sid}"
+        if name in self.online_stores: raise ApiError(409, f"FeatureOnlineStore {name} already exists.")
+        store = {**body, "name": name, "createTime": now(), "updateTime": now(), "etag": "s1", "state": "STABLE"}
+        if "optimized" in body:  # its own serving domain: here, the fake itself
+            store["dedicatedServingEndpoint"] = {"publicEndpointDomainName": self.host}
+        self.online_stores[name] = store
+        return self._operation(name, "CreateFeatureOnlineStoreOperationMetadata", {"@type": T + "FeatureOnlineStore", **store})
+
+    def get_online_store(self, name, **_):
+        if name not in self.online_stores: raise not_found(name)
+        return self.online_stores[name]
+
+    def delete_online_store(self, name, query, **_):
+        "Refused while it holds feature views, unless force."
+        self.get_online_store(name)
+        views = [v for v in self.feature_views if v.startswith(name + "/featureViews/")]
+        if views and query.get("force") != "true":
+            raise precondition(f"FeatureOnlineStore {name} has feature views {views}: delete them first or set force.")
+        for v in views: del self.feature_views[v]
+        del self.online_stores[name]
+        return self._operation(name, "DeleteOperationMetadata", None)
+
+    def create_feature_view(self, store, body, query, **_):
+        self.get_online_store(store)
+        vid = query.get("featureViewId", "")
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,59}", vid): raise invalid(f"feature_view_id {vid!r} must match [a-z_][a-z0-9_]{{0,59}}.")
+        if "bigQuerySource" in body:
+            require(body, "feature_view.big_query_source", "bigQuerySource.uri", "bigQuerySource.entityIdColumns")
+        elif "featureRegistrySource" not in body:
+            raise invalid("feature_view: a source is required (big_query_source or feature_registry_source).")
+        if "indexConfig" in body:
+            require(body, "feature_view.index_config", "indexConfig.embeddingColumn", "indexConfig.embeddingDimension")
+        name = f"{store}/featureViews/{vid}"
+        if name in self.feature_views: raise ApiError(409, f"FeatureView {name} already exists.")
+        self.feature_views[name] = view = {**body, "name": name, "createTime": now(), "updateTime": now(), "etag": "v1"}
+        return self._operation(name, "CreateFeatureViewOperationMetadata", {"@type": T + "FeatureView", **view})
+
+    def _feature_view(self, name):
+        if name not in self.feature_views: raise not_found(name)
+        return self.feature_views[name]
+
+    def get_feature_view(self, name, **_): return self._feature_view(name)
+
+    def sync_feature_view(self, view, **_):
+        self._feature_view(view)
+        name = f"{view}/featureViewSyncs/{next(self._ids)}"
+        self.syncs[name] = {"gets": 0, "createTime": now()}
+        return {"featureViewSync": name}
+
+    def get_feature_view_sync(self, name, **_):
+        "Running (run_time without end_time, no final_status) until its `sync_polls`-th get, then ended with `sync_code`."
+        if name not in self.syncs: raise not_found(name)
+        sync = self.syncs[name]; sync["gets"] += 1; self.sync_gets.append(name)
+        out = {"name": name, "createTime": sync["createTime"], "runTime": {"startTime": sync["createTime"]}}
+        if sync["gets"] >= self.sync_polls:
+            out["runTime"]["endTime"] = now()
+            out["finalStatus"] = {"code": self.sync_code, "message": "BigQuery table has duplicate entity ids"} if self.sync_code else {}
+        return out
+
+    @staticmethod
+    def _feature_value(v) -> dict:
+        if isinstance(v, list): return {"doubleArrayValue": {"values": [float(x) for x in v]}}
+        if isinstance(v, str): return {"stringValue": v}
+        if isinstance(v, (bool, np.bool_)): return {"boolValue": bool(v)}
+        return {"int64Value": str(int(v))} if isinstance(v, (int, np.integer)) else {"doubleValue": float(v)}
+
+    def _key_values(self, view_id, key):
+        return {"features": [{"name": k, "value": self._feature_value(v)} for k, v in self.feature_rows[view_id][key].items()]}
+
+    def _synced_rows(self, view):
+        self._feature_view(view)
+        view_id = view.rsplit("/", 1)[1]
+        if not any(n.startswith(view + "/") and s["gets"] >= self.sync_polls for n, s in self.syncs.items()):
+            raise precondition(f"FeatureView {view} has no completed sync: its online data is empty.")
+        return view_id, self.feature_rows.get(view_id, {})
+
+    def fetch_feature_values(self, view, body, **_):
+        key = get_path(body, "dataKey.key")
+        if not key: raise invalid("fetch_feature_values: data_key.key is required.")
+        if body.get("dataFormat") not in ("KEY_VALUE", 1): raise invalid("data_format must be KEY_VALUE or PROTO_STRUCT; the fake models KEY_VALUE.")
+        view_id, rows = self._synced_rows(view)
+        if key not in rows: raise ApiError(404, f"Entity {key} is not found in feature view {view}.", "NOT_FOUND")
+        return {"keyValues": self._key_values(view_id, key)}
+
+    def search_nearest_entities(self, view, body, **_):
+        "Exact cosine-distance neighbours of `query.entityId` among the view's synced rows (the view needs an index config)."
+        fv = self._feature_view(view)
+        if "indexConfig" not in fv: raise precondition(f"FeatureView {view} has no index_config: it cannot be searched.")
+        q = body.get("query") or {}
+        if not q.get("entityId") and not q.get("embedding"): raise invalid("query: an entity_id or an embedding is required.")
+        view_id, rows = self._synced_rows(view)
+        col = fv["indexConfig"]["embeddingColumn"]
+        if q.get("entityId") and q["entityId"] not in rows: raise ApiError(404, f"Entity {q['entityId']} is not found.", "NOT_FOUND")
+        vec = np.array(rows[q["entityId"]][col] if q.get("entityId") else q["embedding"]["value"], float)
+        dist = {i: 1 - float(vec @ np.array(r[col]) / np.linalg.norm(vec) / np.linalg.norm(r[col])) for i, r in rows.items()}
+        near = sorted(dist, key=dist.get)[:int(q.get("neighborCount") or 10)]
+        return {"nearestNeighbors": {"neighbors": [
+            {"entityId": i, "distance": dist[i], **({"entityKeyValues": {"keyValues": self._key_values(view_id, i)}} if body.get("returnFullEntity") else {})}
+            for i in near]}}
+
+    ROUTES = ROUTES + [
+        ("POST", rf"/v1/{P}/datasets", create_dataset),
+        ("GET", rf"/v1/{N.format('datasets')}", get_dataset),
+        ("POST", rf"/v1/{N.format('datasets')}:import", import_data),
+        ("POST", rf"/v1/{P}/trainingPipelines", create_training_pipeline),
+        ("GET", rf"/v1/{N.format('trainingPipelines')}", get_training_pipeline),
+        ("GET", r"/v1/(projects/[^/]+/locations/[^/]+/models/[^/:]+)/evaluations", list_model_evaluations),
+        ("GET", r"/v1/(projects/[^/]+/locations/[^/]+/models/[^/:]+/evaluations/[^/:]+)", get_model_evaluation),
+        ("POST", rf"/v1/{P}/hyperparameterTuningJobs", create_hyperparameter_tuning_job),
+        ("GET", rf"/v1/{N.format('hyperparameterTuningJobs')}", get_job),
+        ("POST", rf"/v1/{N.format('hyperparameterTuningJobs')}:cancel", cancel_job),
+        ("GET", r"/(?:v1|ui)/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+/featureViews/[^/:]+/operations/[^/:]+)", get_operation),  # a view's own operations
+        ("POST", rf"/v1/{P}/featureOnlineStores", create_online_store),
+        ("GET", r"/v1/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+)", get_online_store),
+        ("DELETE", r"/v1/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+)", delete_online_store),
+        ("POST", r"/v1/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+)/featureViews", create_feature_view),
+        ("GET", r"/v1/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+/featureViews/[^/:]+)", get_feature_view),
+        ("POST", r"/v1/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+/featureViews/[^/:]+):sync", sync_feature_view),
+        ("GET", r"/v1/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+/featureViews/[^/:]+/featureViewSyncs/[^/:]+)", get_feature_view_sync),
+        ("POST", r"/v1/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+/featureViews/[^/:]+):fetchFeatureValues", fetch_feature_values),
+        ("POST", r"/v1/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+/featureViews/[^/:]+):searchNearestEntities", search_nearest_entities),
     ]
 
 

@@ -1,7 +1,8 @@
-"""BigQuery load and Vertex AI Feature Store V2 (online store, feature views, sync, read, search) on fakes.
+"""BigQuery load and Vertex AI Feature Store V2 (online store, feature views, sync, read, search).
 
-The gapic clients' methods are patched with stateful fakes that check each request proto; BigQuery's HTTP
-connection is answered in process. Credentials are anonymous; nothing reaches Google."""
+Feature Store V2 is the fake Vertex REST service (tests/vertex_fake.py), reached by the real clients over REST: the
+admin calls on the region's endpoint, reads and searches on the serving endpoint the online store reports (the fake
+itself). BigQuery's HTTP connection is answered in process. Nothing reaches Google."""
 
 import io
 
@@ -9,22 +10,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import VERTEX_ENV
-from fakes import lro
 from fmnist_gcp import features as F
 from fmnist_gcp.cloud import features as V
 from fmnist_gcp.config import Settings
 from fmnist_gcp.data import CLASS_NAMES
+from vertex_fake import LOC
 
-LOC = "projects/acme-ml/locations/europe-west4"
 STORE = f"{LOC}/featureOnlineStores/fmnist_features"
-DOMAIN = "12345.europe-west4-67890.featurestore.vertexai.goog"
 
 
 @pytest.fixture
-def settings(monkeypatch, anonymous):
-    monkeypatch.setenv("NO_GCE_CHECK", "True"); monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:1")
-    for k, v in VERTEX_ENV.items(): monkeypatch.setenv(k, v)
+def settings(monkeypatch, vertex_rest):
+    for k, v in vertex_rest.env.items(): monkeypatch.setenv(k, v)
     monkeypatch.setattr(V, "_ENDPOINTS", {})
     return Settings.from_env()
 
@@ -58,131 +55,16 @@ def table_rows():
                           "confidence": 0.9, "label": int(labels[i])} for i in range(12)}
 
 
-class FakeFeatureStore:
-    "The admin and serving services of Feature Store V2: stores, views, syncs, fetch and search."
-    SYNC_POLLS = 3  # a sync's end_time is set on its third get, as a real sync takes minutes
+def sent(fs, start=0):
+    "The requests that change something (not GETs) from `start` on: (method, path after the location)."
+    return [(r.method, r.path.split(LOC, 1)[-1]) for r in fs.requests[start:] if r.method != "GET"]
 
-    def __init__(self, rows, sync_code=0):
-        self.stores, self.views, self.requests, self.rows = {}, {}, [], rows
-        self.syncs, self.sync_gets, self.sync_code = {}, [], sync_code  # sync name -> gets so far; every get; its final code
-        self.sync_times = {}  # sync name -> its create time (RFC 3339 UTC)
-        self.sync_faults, self.sync_sent = [], 0  # (error, made): what the next sync requests raise, before or after starting it
 
-    def patch(self, monkeypatch):
-        from google.cloud.aiplatform_v1 import FeatureOnlineStoreAdminServiceClient as Admin, FeatureOnlineStoreServiceClient as Serving
-        for n in ("get_feature_online_store", "create_feature_online_store", "get_feature_view", "create_feature_view",
-                  "sync_feature_view", "get_feature_view_sync", "list_feature_view_syncs", "delete_feature_online_store"):
-            monkeypatch.setattr(Admin, n, lambda client, request=None, _n=n, **kw: getattr(self, _n)(request, **kw))
-        for n in ("fetch_feature_values", "search_nearest_entities"):
-            monkeypatch.setattr(Serving, n, lambda client, request=None, _n=n, **kw: getattr(self, _n)(client, request, **kw))
-        return self
-
-    def _get(self, table, name):
-        from google.api_core import exceptions
-        if name not in table: raise exceptions.NotFound(f"{name} not found")
-        return table[name]
-
-    def get_feature_online_store(self, request=None, *, name=None, **kw): return self._get(self.stores, name)
-    def get_feature_view(self, request=None, *, name=None, **kw): return self._get(self.views, name)
-
-    def create_feature_online_store(self, request, **kw):
-        from google.cloud.aiplatform_v1.types import FeatureOnlineStore
-        self.requests.append(request)
-        name = f"{request.parent}/featureOnlineStores/{request.feature_online_store_id}"
-        store = FeatureOnlineStore(request.feature_online_store, name=name, dedicated_serving_endpoint={"public_endpoint_domain_name": DOMAIN})
-        self.stores[name] = store
-        return lro(store)
-
-    def create_feature_view(self, request, **kw):
-        from google.cloud.aiplatform_v1.types import FeatureView
-        self.requests.append(request)
-        self._get(self.stores, request.parent)
-        name = f"{request.parent}/featureViews/{request.feature_view_id}"
-        self.views[name] = FeatureView(request.feature_view, name=name)
-        return lro(self.views[name])
-
-    def sync_feature_view(self, request=None, *, feature_view=None, **kw):
-        "A new sync of the view; a queued fault raises before the sync starts, or (made) after, its answer lost."
-        import datetime as dt
-        from google.cloud.aiplatform_v1.types import feature_online_store_admin_service as admin
-        self.sync_sent += 1
-        fault = self.sync_faults.pop(0) if self.sync_faults else None
-        if fault and not fault[1]: raise fault[0]
-        self._get(self.views, feature_view)
-        self.requests.append(admin.SyncFeatureViewRequest(feature_view=feature_view))
-        name = f"{feature_view}/featureViewSyncs/{1000 + len(self.syncs)}"
-        self.syncs[name] = 0
-        self.sync_times[name] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        if fault: raise fault[0]
-        return admin.SyncFeatureViewResponse(feature_view_sync=name)
-
-    def list_feature_view_syncs(self, request=None, *, parent=None, filter="", order_by="", **kw):
-        "The view's syncs; filter: `create_time OP \"RFC 3339\"` only, order_by: create_time [desc] only (as Vertex documents)."
-        import re
-        from google.api_core import exceptions
-        from google.cloud.aiplatform_v1.types import FeatureViewSync
-        self._get(self.views, parent)
-        m = re.fullmatch(r'\s*create_time\s*(=|!=|<=|>=|<|>)\s*"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z)"\s*', filter) if filter else None
-        if filter and not m: raise exceptions.InvalidArgument(f"Unsupported filter: {filter!r}")
-        if order_by and not re.fullmatch(r"create_time( desc| asc)?", order_by.strip()):
-            raise exceptions.InvalidArgument(f"Unsupported order_by: {order_by!r}")
-        ops = {"=": "__eq__", "!=": "__ne__", "<": "__lt__", ">": "__gt__", "<=": "__le__", ">=": "__ge__"}
-        t = lambda v: v.replace("Z", "").ljust(26, "0")[:26]  # comparable: seconds and microseconds
-        found = [n for n in self.syncs if n.startswith(parent + "/") and (not m or getattr(t(self.sync_times[n]), ops[m[1]])(t(m[2])))]
-        found.sort(key=self.sync_times.get, reverse=order_by.strip().endswith("desc"))
-        return [FeatureViewSync(name=n) for n in found]
-
-    def get_feature_view_sync(self, request=None, *, name=None, **kw):
-        "Running (no end_time, no final_status) until its SYNC_POLLS-th get, then ended with `sync_code`."
-        from google.cloud.aiplatform_v1.types import FeatureViewSync
-        self._get(self.syncs, name)
-        self.syncs[name] += 1; self.sync_gets.append(name)
-        if self.syncs[name] < self.SYNC_POLLS: return FeatureViewSync(name=name, run_time={"start_time": {"seconds": 1}})
-        status = {"code": self.sync_code, "message": "BigQuery table has duplicate entity ids" if self.sync_code else ""}
-        return FeatureViewSync(name=name, run_time={"start_time": {"seconds": 1}, "end_time": {"seconds": 2}}, final_status=status)
-
-    def delete_feature_online_store(self, request=None, *, name=None, force=False, **kw):
-        "NotFound for an unknown store; FailedPrecondition while it holds feature views and `force` is off (as Vertex)."
-        from google.api_core import exceptions
-        from google.cloud.aiplatform_v1.types import feature_online_store_admin_service as admin
-        self.requests.append(admin.DeleteFeatureOnlineStoreRequest(name=name, force=force))
-        self._get(self.stores, name)
-        views = [v for v in self.views if v.startswith(name + "/featureViews/")]
-        if views and not force: raise exceptions.FailedPrecondition(f"{name} has feature views: {views}; set force to delete them")
-        for v in views: del self.views[v]
-        del self.stores[name]
-        return lro(None)
-
-    def _response(self, image_id, view):
-        from google.cloud.aiplatform_v1.types import feature_online_store_service as sv, featurestore_online_service as fo, types
-        Pair = sv.FetchFeatureValuesResponse.FeatureNameValuePairList.FeatureNameValuePair
-        def value(v):
-            if isinstance(v, list): return fo.FeatureValue(double_array_value=types.DoubleArray(values=v))
-            if isinstance(v, str): return fo.FeatureValue(string_value=v)
-            return fo.FeatureValue(int64_value=v) if isinstance(v, int) else fo.FeatureValue(double_value=v)
-        row = self.rows[view][image_id]
-        return sv.FetchFeatureValuesResponse(key_values={"features": [Pair(name=k, value=value(v)) for k, v in row.items()]})
-
-    def fetch_feature_values(self, client, request, **kw):
-        from google.api_core import exceptions
-        assert client.api_endpoint == DOMAIN  # the store's dedicated endpoint, not the regional one
-        self.requests.append(request)
-        view = request.feature_view.rsplit("/", 1)[1]
-        self._get(self.views, request.feature_view)
-        if request.data_key.key not in self.rows[view]: raise exceptions.NotFound(f"{request.data_key.key} not found")
-        return self._response(request.data_key.key, view)
-
-    def search_nearest_entities(self, client, request, **kw):
-        from google.cloud.aiplatform_v1.types import feature_online_store_service as sv
-        assert client.api_endpoint == DOMAIN
-        self.requests.append(request)
-        rows = self.rows["image_embedding"]
-        q = np.array(rows[request.query.entity_id]["embedding"])
-        dist = {i: 1 - float(np.dot(q, r["embedding"]) / np.linalg.norm(q) / np.linalg.norm(r["embedding"])) for i, r in rows.items()}
-        near = sorted(dist, key=dist.get)[:request.query.neighbor_count]
-        self.last_search = sv.SearchNearestEntitiesResponse(nearest_neighbors={"neighbors": [
-            {"entity_id": i, "distance": dist[i], "entity_key_values": self._response(i, "image_embedding")} for i in near]})
-        return self.last_search
+def nearest(rows, image_id, k):
+    "The k ids nearest to `image_id` by cosine distance, and each distance."
+    q = np.array(rows[image_id]["embedding"])
+    dist = {i: 1 - float(q @ np.array(r["embedding"]) / np.linalg.norm(q) / np.linalg.norm(r["embedding"])) for i, r in rows.items()}
+    return [(i, dist[i]) for i in sorted(dist, key=dist.get)[:k]]
 
 
 @pytest.fixture(autouse=True)
@@ -196,11 +78,13 @@ def bq(monkeypatch, settings):
 
 
 @pytest.fixture
-def fs(monkeypatch, settings):
+def fs(vertex_rest, settings):
+    "The fake Vertex service, its feature views' BigQuery tables holding these rows (what a sync serves)."
     emb = table_rows()
     stats = {i: {"split": "test", "label": r["label"], "class_name": "x", "mean_intensity": 0.25, "std_intensity": 0.1, "ink_fraction": 0.5,
                  "bbox_top": 1, "bbox_bottom": 26, "bbox_left": 3, "bbox_right": 24, "lr_symmetry": 0.9} for i, r in emb.items()}
-    return FakeFeatureStore({"image_embedding": emb, "image_stats": stats}).patch(monkeypatch)
+    vertex_rest.feature_rows = {"image_embedding": emb, "image_stats": stats}
+    return vertex_rest
 
 
 def test_bigquery_load_request(settings, bq):
@@ -218,21 +102,23 @@ def test_bigquery_load_request(settings, bq):
 def test_publish_makes_the_store_and_views_once_and_syncs(settings, bq, fs):
     out = V.publish_view(settings, "image_stats", wait=True)
     assert out["sync"].startswith(f"{STORE}/featureViews/image_stats/featureViewSyncs/")
-    assert fs.sync_gets == [out["sync"]] * fs.SYNC_POLLS  # polled until the sync had an end_time, then no more
+    assert fs.sync_gets == [out["sync"]] * fs.sync_polls  # polled until the sync had an end_time, then no more
     V.publish_view(settings, "image_embedding", dims=8)
     V.publish_view(settings, "image_embedding", dims=8)  # again: nothing new is created, the view is synced again
-    kinds = [type(r).__name__ for r in fs.requests]
-    assert kinds == ["CreateFeatureOnlineStoreRequest", "CreateFeatureViewRequest", "SyncFeatureViewRequest",
-                     "CreateFeatureViewRequest", "SyncFeatureViewRequest", "SyncFeatureViewRequest"]
-    store_req, stats_req, emb_req = fs.requests[0], fs.requests[1], fs.requests[3]
-    assert store_req.parent == LOC and store_req.feature_online_store_id == "fmnist_features"
-    assert "optimized" in store_req.feature_online_store and store_req.feature_online_store.labels["app"] == "fmnist-gcp"
-    assert stats_req.feature_view.big_query_source.uri == "bq://acme-ml.fmnist_features.image_stats"
-    assert "index_config" not in stats_req.feature_view
-    ic = emb_req.feature_view.index_config
-    assert (emb_req.parent, emb_req.feature_view_id, list(emb_req.feature_view.big_query_source.entity_id_columns)) == (STORE, "image_embedding", ["image_id"])
-    assert (ic.embedding_column, ic.embedding_dimension, ic.distance_measure_type.name) == ("embedding", 8, "COSINE_DISTANCE")
-    assert fs.requests[-1].feature_view == f"{STORE}/featureViews/image_embedding"
+    views = f"/featureOnlineStores/fmnist_features/featureViews"
+    assert sent(fs) == [("POST", "/featureOnlineStores"), ("POST", views), ("POST", f"{views}/image_stats:sync"),
+                        ("POST", views), ("POST", f"{views}/image_embedding:sync"), ("POST", f"{views}/image_embedding:sync")]
+    store_req, stats_req, emb_req = [r for r in fs.requests if r.method == "POST" and not r.path.endswith(":sync")]
+    assert store_req.path == f"/v1/{LOC}/featureOnlineStores" and store_req.query["featureOnlineStoreId"] == "fmnist_features"
+    assert "optimized" in store_req.body and store_req.body["labels"]["app"] == "fmnist-gcp"
+    assert stats_req.body["bigQuerySource"]["uri"] == "bq://acme-ml.fmnist_features.image_stats"
+    assert "indexConfig" not in stats_req.body
+    ic = emb_req.body["indexConfig"]
+    assert (emb_req.path, emb_req.query["featureViewId"], emb_req.body["bigQuerySource"]["entityIdColumns"]) == (
+        f"/v1/{STORE}/featureViews", "image_embedding", ["image_id"])
+    from google.cloud.aiplatform_v1.types import FeatureView
+    cosine = FeatureView.IndexConfig.DistanceMeasureType.COSINE_DISTANCE.value  # enums travel as numbers over REST
+    assert (ic["embeddingColumn"], ic["embeddingDimension"], ic["distanceMeasureType"]) == ("embedding", 8, cosine)
     assert sum(1 for m, p, _ in bq.calls if m == "POST" and p.endswith("/jobs")) == 3  # one load per publish
 
 
@@ -241,25 +127,27 @@ def test_lookup_and_similar_on_the_vertex_backend(settings, bq, fs):
     got = V.lookup(settings, ["test-4", "test-1"])
     assert [g["image_id"] for g in got] == ["test-4", "test-1"]
     assert got[0]["image_stats"]["label"] == 1 and got[0]["image_embedding"]["model_version"] == 2
-    np.testing.assert_allclose(got[1]["image_embedding"]["embedding"], fs.rows["image_embedding"]["test-1"]["embedding"])
-    fetch = [r for r in fs.requests if type(r).__name__ == "FetchFeatureValuesRequest"]
-    assert fetch[0].feature_view == f"{STORE}/featureViews/image_stats" and fetch[0].data_key.key == "test-4"
-    assert fetch[0].data_format.name == "KEY_VALUE"
+    np.testing.assert_allclose(got[1]["image_embedding"]["embedding"], fs.feature_rows["image_embedding"]["test-1"]["embedding"])
+    fetch = fs.calls("POST", "*:fetchFeatureValues")
+    assert fetch[0].path == f"/v1/{STORE}/featureViews/image_stats:fetchFeatureValues" and fetch[0].body["dataKey"] == {"key": "test-4"}
+    from google.cloud.aiplatform_v1.types import FeatureViewDataFormat
+    assert fetch[0].body["dataFormat"] == FeatureViewDataFormat.KEY_VALUE.value
+    assert V._ENDPOINTS == {STORE: fs.host}  # read on the serving domain the online store reported, not the regional one
     with pytest.raises(F.FeatureError, match="image_stats view: test-40"):
         V.lookup(settings, ["test-1", "test-40"])
     ans = V.similar(settings, "test-4", k=3)
-    search = fs.requests[-1]
-    assert type(search).__name__ == "SearchNearestEntitiesRequest" and search.return_full_entity
-    assert (search.query.entity_id, search.query.neighbor_count) == ("test-4", 4)
+    search = fs.calls("POST", "*:searchNearestEntities")[-1]
+    assert search.path == f"/v1/{STORE}/featureViews/image_embedding:searchNearestEntities" and search.body["returnFullEntity"]
+    assert search.body["query"] == {"entityId": "test-4", "neighborCount": 4}
     assert ans["image_id"] == "test-4" and (ans["model"], ans["version"]) == ("fmnist-cnn", 2)
     # what our code made of the answer: the query dropped, k kept, cosine distance turned into similarity, the label
     # and class name read from each neighbour's features
-    answer = fs.last_search.nearest_neighbors.neighbors
-    assert "test-4" in [n.entity_id for n in answer] and len(answer) == 4
-    expect = [(n.entity_id, round(1 - n.distance, 6)) for n in answer if n.entity_id != "test-4"][:3]
+    answer = nearest(fs.feature_rows["image_embedding"], "test-4", 4)
+    assert answer[0][0] == "test-4"
+    expect = [(i, round(1 - d, 6)) for i, d in answer if i != "test-4"][:3]
     assert [(n["image_id"], n["similarity"]) for n in ans["neighbours"]] == expect
     assert [(n["label"], n["class_name"]) for n in ans["neighbours"]] == [
-        (r, CLASS_NAMES[r]) for r in (fs.rows["image_embedding"][i]["label"] for i, _ in expect)]
+        (r, CLASS_NAMES[r]) for r in (fs.feature_rows["image_embedding"][i]["label"] for i, _ in expect)]
     with pytest.raises(F.FeatureError, match="test-50 is not in the Vertex AI Feature Store.s image_embedding view.*embeds other images on the fly"):
         V.similar(settings, "test-50")
 
@@ -272,13 +160,13 @@ def test_the_stage_functions_on_the_vertex_backend(settings, bq, fs, gcs_emulato
     monkeypatch.setenv("FMNIST_DATASETS_BUCKET", "gs://fmnist-test/vertex-features")
     monkeypatch.setenv("FMNIST_HOME", str(tmp_path))
     s = Settings.from_env()
-    rows = fs.rows["image_embedding"]
+    rows = fs.feature_rows["image_embedding"]
     ids = list(rows)
     table = embedding_table(ids, np.array([rows[i]["label"] for i in ids]), np.array([rows[i]["embedding"] for i in ids]),
                             np.eye(10)[[rows[i]["label"] for i in ids]], "fmnist-cnn", 2, F.STATS_EVENT_TIME)
     out = V.publish(s, "image_embedding", table)
     assert (out["rows"], out["model_version"]) == (12, 2)
-    assert fs.sync_gets == [out["sync"]] * fs.SYNC_POLLS and F.read_state(s)["image_embedding"]["sync"] == out["sync"]
+    assert fs.sync_gets == [out["sync"]] * fs.sync_polls and F.read_state(s)["image_embedding"]["sync"] == out["sync"]
     # a second model version: the offline table keeps both (24 rows), the feature view's BigQuery source gets only
     # the latest version's rows, one per image id (a view over BigQuery does not take repeated entity ids)
     table3 = table.assign(model_version=3, event_timestamp=table.event_timestamp + pd.Timedelta(days=1))
@@ -302,11 +190,11 @@ def test_wait_sync_polls_until_the_sync_has_an_end_time(settings, bq, fs):
     "A sync that is still running (run_time without end_time) is not done: wait_sync polls it again."
     admin = V.admin_client(settings)
     V.publish_view(settings, "image_stats", wait=False)
-    sync = next(iter(fs.syncs))
+    (sync,) = fs.syncs
     assert V.wait_sync(admin, sync, timeout=5, poll=0.001) == "ok"
-    assert fs.sync_gets == [sync] * fs.SYNC_POLLS
+    assert fs.sync_gets == [sync] * fs.sync_polls
     with pytest.raises(F.FeatureError, match="did not end in"):  # a sync that never ends within the timeout
-        fs.syncs[sync] = -10**9; V.wait_sync(admin, sync, timeout=0.05, poll=0.001)
+        fs.syncs[sync]["gets"] = -10**9; V.wait_sync(admin, sync, timeout=0.05, poll=0.001)
     from google.api_core import exceptions
     with pytest.raises(exceptions.NotFound):  # the fake refuses a sync it never started, as Vertex does
         admin.get_feature_view_sync(name=f"{STORE}/featureViews/image_stats/featureViewSyncs/9")
@@ -316,7 +204,7 @@ def test_a_failed_sync_is_an_error_naming_its_status(settings, bq, fs):
     fs.sync_code = 9  # FAILED_PRECONDITION, set only once the sync has ended
     with pytest.raises(F.FeatureError, match="failed: BigQuery table has duplicate entity ids .code 9."):
         V.publish_view(settings, "image_stats")
-    assert len(fs.sync_gets) == fs.SYNC_POLLS
+    assert len(fs.sync_gets) == fs.sync_polls
 
 
 def test_publish_says_the_online_store_bills_before_creating_it(settings, bq, fs, capsys):
@@ -325,8 +213,7 @@ def test_publish_says_the_online_store_bills_before_creating_it(settings, bq, fs
     assert "node-hour" in said and "fmnist gcp destroy" in said and STORE in said
     V.publish_view(settings, "image_embedding", dims=8)  # the store exists: said once, when it was made
     assert "node-hour" not in capsys.readouterr().out
-    kinds = [type(r).__name__ for r in fs.requests]
-    assert kinds.index("CreateFeatureOnlineStoreRequest") == 0
+    assert sent(fs)[0] == ("POST", "/featureOnlineStores")  # said, then made: the first change sent
 
 
 def test_delete_online_store_deletes_it_with_its_views(settings, bq, fs):
@@ -335,38 +222,40 @@ def test_delete_online_store_deletes_it_with_its_views(settings, bq, fs):
     admin = V.admin_client(settings)
     with pytest.raises(exceptions.NotFound):  # a bad name: the real NotFound
         admin.delete_feature_online_store(name=f"{LOC}/featureOnlineStores/no_such_store", force=True)
-    with pytest.raises(exceptions.FailedPrecondition):  # views left and no force: refused, as Vertex refuses it
+    # views left and no force: refused, as Vertex refuses it (FAILED_PRECONDITION in a 400, BadRequest over REST)
+    with pytest.raises(exceptions.BadRequest, match="has feature views"):
         admin.delete_feature_online_store(name=STORE)
     V.delete_online_store(settings)
-    delete = [r for r in fs.requests if type(r).__name__ == "DeleteFeatureOnlineStoreRequest"][-1]
-    assert (delete.name, delete.force) == (STORE, True)  # what our code sent: the store, with its views
-    assert not fs.stores and not fs.views
+    delete = fs.calls("DELETE", f"/v1/{STORE}")[-1]
+    assert delete.query["force"] == "true" and delete.status == 200  # what our code sent: the store, with its views
+    assert not fs.online_stores and not fs.feature_views
     V.delete_online_store(settings)  # gone already: nothing to do, no error
 
 
-@pytest.mark.parametrize("made", [False, True], ids=["not-made", "made"])
-def test_a_sync_meeting_a_503_starts_one_sync(settings, bq, fs, capsys, monkeypatch, made):
-    "A 503 on the sync request, before the sync started or after (its answer lost): the view is synced once, the retry in the log."
-    from google.api_core.exceptions import ServiceUnavailable
-    monkeypatch.setenv("FMNIST_RETRY_INITIAL_S", "0.01"); monkeypatch.setenv("FMNIST_RETRY_MAX_S", "0.02")
-    fs.sync_faults = [(ServiceUnavailable("The service is currently unavailable."), made)]
-    out = V.publish_view(settings, "image_stats")
-    (sync,) = fs.syncs  # exactly one sync of the view
-    assert out["sync"] == sync and out["sync_status"] == "ok" and fs.sync_gets == [sync] * fs.SYNC_POLLS
-    assert fs.sync_sent == (1 if made else 2)  # made: found by its create time, not sent again
-    err = capsys.readouterr().err
-    assert "sync: attempt 2 of 12 after 503 UNAVAILABLE" in err
-    assert ("sync: adopted what attempt 1 made" in err) == made and ("sync: done on attempt 2" in err) != made
-
-
-def test_the_sync_list_refuses_a_filter_vertex_does_not_support(settings, bq, fs):
+def test_feature_store_requests_vertex_refuses_are_refused(settings, fs):
+    "Known-bad requests: a store without a storage type, a view without a source, reads before a sync ended, a search with no index."
     from google.api_core import exceptions
-    V.publish_view(settings, "image_stats")
-    admin, view = V.admin_client(settings), f"{STORE}/featureViews/image_stats"
-    assert len(admin.list_feature_view_syncs(parent=view, filter='create_time > "2020-01-01T00:00:00Z"')) == 1
-    assert admin.list_feature_view_syncs(parent=view, filter='create_time > "2999-01-01T00:00:00Z"') == []
-    for bad in ('name = "x"', "create_time > yesterday"):
-        with pytest.raises(exceptions.InvalidArgument, match="Unsupported filter"):
-            admin.list_feature_view_syncs(parent=view, filter=bad)
-    with pytest.raises(exceptions.InvalidArgument, match="Unsupported order_by"):
-        admin.list_feature_view_syncs(parent=view, order_by="update_time")
+    from google.cloud.aiplatform_v1 import FeatureOnlineStoreServiceClient
+    admin = V.admin_client(settings)
+    with pytest.raises(exceptions.BadRequest, match="exactly one storage type"):
+        admin.create_feature_online_store(parent=LOC, feature_online_store={"labels": {"app": "fmnist-gcp"}}, feature_online_store_id="s")
+    with pytest.raises(exceptions.BadRequest, match="feature_online_store_id 'Bad-Name' must match"):
+        admin.create_feature_online_store(parent=LOC, feature_online_store={"optimized": {}}, feature_online_store_id="Bad-Name")
+    with pytest.raises(exceptions.NotFound):  # a view in a store that does not exist
+        admin.create_feature_view(request=V.feature_view_request(settings, "image_stats"))
+    admin.create_feature_online_store(request=V.online_store_request(settings)).result()
+    with pytest.raises(exceptions.BadRequest, match="a source is required"):
+        admin.create_feature_view(parent=STORE, feature_view={"labels": {"app": "x"}}, feature_view_id="image_stats")
+    with pytest.raises(exceptions.BadRequest, match="big_query_source.entity_id_columns; Message: Required field is not set"):
+        admin.create_feature_view(parent=STORE, feature_view={"big_query_source": {"uri": "bq://p.d.t"}}, feature_view_id="image_stats")
+    admin.create_feature_view(request=V.feature_view_request(settings, "image_stats")).result()
+    serving = FeatureOnlineStoreServiceClient(client_options={"api_endpoint": fs.host}, transport="rest")
+    with pytest.raises(exceptions.BadRequest, match="no completed sync"):  # nothing served before a sync has ended
+        serving.fetch_feature_values(request=V.fetch_request(settings, "image_stats", "test-1"))
+    sync = admin.sync_feature_view(feature_view=f"{STORE}/featureViews/image_stats").feature_view_sync
+    assert not admin.get_feature_view_sync(name=sync).run_time.HasField("end_time")  # not done on the first get
+    V.wait_sync(admin, sync, poll=0.001)
+    assert V.feature_values(serving.fetch_feature_values(request=V.fetch_request(settings, "image_stats", "test-1")))["label"] == 1
+    with pytest.raises(exceptions.BadRequest, match="no index_config"):
+        serving.search_nearest_entities(request=V.search_request(settings, "test-1", 3).__class__(
+            feature_view=f"{STORE}/featureViews/image_stats", query={"entity_id": "test-1", "neighbor_count": 3}))

@@ -1,7 +1,7 @@
 """Whole Vertex AI sequences: the real SDK on its REST transport against the fake Vertex REST service (tests/vertex_fake.py):
 a training job's model imported into the registry, evaluated and registered by the stages, uploaded as versions of
-one Vertex model, deployed, asked for predictions through the endpoint's deployed model (our own serving app, as
-Vertex runs the container), undeployed and deleted, with the HTTP requests checked in order; and the endpoint and
+one Vertex model, deployed, asked for predictions through the endpoint's deployed model (`fmnist serve` in a
+subprocess with the AIP_* variables, as Vertex starts the container), undeployed and deleted, with the HTTP requests checked in order; and the endpoint and
 transport overrides on every client.
 """
 import os
@@ -138,10 +138,18 @@ def test_from_a_finished_job_to_predictions_through_an_endpoint_and_back(vertex,
     assert [int(p["ids"][0]) for p in got["predictions"]] == list(want.argmax(1))
     np.testing.assert_allclose([p["confidences"][0] for p in got["predictions"]], want.max(1), rtol=1e-5)
     assert got["model_version_id"] == "1" and got["deployed_model_id"] == aiplatform.Endpoint(ep.resource_name).list_models()[0].id
+    # answered by `fmnist serve` started as Vertex starts the container: AIP_* variables, the model folder in AIP_STORAGE_URI
+    (container,) = fake.containers.values()
+    dm_id, ep_id = got["deployed_model_id"], ep.resource_name.rsplit("/", 1)[-1]
+    assert (container.env["AIP_STORAGE_URI"], container.env["AIP_ENDPOINT_ID"]) == (s.models.uri(DEFAULT_MODEL, "1"), ep_id)
+    assert container.env["AIP_MODEL_NAME"] == ep_id  # what Vertex puts there: the server names the model by its metadata
+    assert container.health == {"status": "ok", "model": DEFAULT_MODEL, "version": "1"}
+    assert container.proc.args[1:] == ["serve", "--host", "127.0.0.1"] and container.proc.poll() is None
     (sent,) = fake.calls("POST", "*:predict")
     params = sent.body["parameters"]  # what reached Vertex: protobuf numbers, so whole numbers as floats
     assert params == {"confidenceThreshold": 0.0, "maxPredictions": 10.0} and isinstance(params["maxPredictions"], float)
     undeploy_and_delete(s, ep.resource_name)
+    assert container.proc.poll() is not None and not fake.containers  # undeploying stopped the container
     with pytest.raises(NotFound):
         aiplatform.Endpoint(ep.resource_name).list_models()
     # the whole conversation, in order: every long-running operation polled until done, nothing else sent
