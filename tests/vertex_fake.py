@@ -8,8 +8,8 @@ deployed model's serving container, started as Vertex starts it: `fmnist serve` 
 the metadata calls Vertex Experiments makes, and (a section of their own at the end of the class) AutoML datasets
 (create, import), AutoML image classification trainingPipelines, model evaluations in the shape Vertex returns
 (`automl_image_evaluation`), hyperparameterTuningJobs, and Feature Store V2 (online stores, feature views, syncs
-not done on their first get, fetchFeatureValues and searchNearestEntities on the store's serving endpoint, which is
-the fake itself). It refuses what Vertex refuses (required fields of the v1 protos, aliases, deploy resources,
+not done on their first get and listed by create_time, fetchFeatureValues and searchNearestEntities on the store's
+serving endpoint, which is the fake itself). It refuses what Vertex refuses (required fields of the v1 protos, aliases, deploy resources,
 traffic), answers in Google's JSON error shape so the SDK raises the real api-core exception, keeps jobs and
 long-running operations unfinished for several polls, records every request, answers 501 UNIMPLEMENTED for a method
 it does not model, and can inject faults (`inject`).
@@ -88,6 +88,17 @@ def filtered(items: list[dict], flt: str) -> list[dict]:
     if not all(parsed): raise invalid(f"Unsupported filter: {flt!r}.")
     def value(m, k): return m.get("displayName") if k == "display_name" else m.get("labels", {}).get(k[7:])
     return [m for m in items if all(value(m, p[1]) == p[2] for p in parsed)]
+
+
+SYNC_FILTER = re.compile(r'create_time\s*(=|!=|<=|>=|<|>)\s*"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:\d\d))"')
+SYNC_OPS = {"=": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b, ">": lambda a, b: a > b,
+            "<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
+
+
+def rfc3339(t: str) -> datetime.datetime:
+    "An RFC 3339 time (Z or an offset, up to nanoseconds: those past the microsecond dropped) as an aware datetime."
+    t = re.sub(r"(\.\d{6})\d+", r"\1", t).replace("Z", "+00:00")
+    return datetime.datetime.fromisoformat(t)
 
 
 def require(obj: dict, what: str, *fields: str) -> None:
@@ -936,14 +947,42 @@ class VertexFake:
         self.syncs[name] = {"gets": 0, "createTime": now()}
         return {"featureViewSync": name}
 
-    def get_feature_view_sync(self, name, **_):
-        "Running (run_time without end_time, no final_status) until its `sync_polls`-th get, then ended with `sync_code`."
-        if name not in self.syncs: raise not_found(name)
-        sync = self.syncs[name]; sync["gets"] += 1; self.sync_gets.append(name)
+    def _sync(self, name) -> dict:
+        "A FeatureViewSync as Vertex shows it: running (run_time without end_time, no final_status) until its `sync_polls`-th get."
+        sync = self.syncs[name]
         out = {"name": name, "createTime": sync["createTime"], "runTime": {"startTime": sync["createTime"]}}
         if sync["gets"] >= self.sync_polls:
-            out["runTime"]["endTime"] = now()
+            out["runTime"]["endTime"] = sync.setdefault("endTime", now())
             out["finalStatus"] = {"code": self.sync_code, "message": "BigQuery table has duplicate entity ids"} if self.sync_code else {}
+        return out
+
+    def get_feature_view_sync(self, name, **_):
+        "Running until its `sync_polls`-th get, then ended with `sync_code`."
+        if name not in self.syncs: raise not_found(name)
+        self.syncs[name]["gets"] += 1; self.sync_gets.append(name)
+        return self._sync(name)
+
+    def list_feature_view_syncs(self, view, query, **_):
+        """The view's syncs (ListFeatureViewSyncsRequest): `filter` only `create_time OP "RFC 3339"` (OP one of = != < > <= >=),
+        `orderBy` only `create_time` [desc|asc] (the fields the v1 proto documents), anything else INVALID_ARGUMENT;
+        `pageSize` (at most 1000) and the `pageToken` of an earlier answer. Listing does not move a sync on."""
+        self._feature_view(view)
+        flt, order = query.get("filter", "").strip(), query.get("orderBy", "").strip()
+        m = SYNC_FILTER.fullmatch(flt) if flt else None
+        if flt and not m: raise invalid(f"Unsupported filter: {flt!r}. FeatureViewSyncs filter on create_time only, "
+                                        'e.g. create_time > "2020-01-31T15:30:00.000000Z".')
+        if order and not re.fullmatch(r"create_time(\s+(desc|asc))?", order):
+            raise invalid(f"Unsupported order_by: {order!r}. FeatureViewSyncs order by create_time [desc] only.")
+        found = [n for n in self.syncs if n.startswith(view + "/featureViewSyncs/")]
+        if m: found = [n for n in found if SYNC_OPS[m[1]](rfc3339(self.syncs[n]["createTime"]), rfc3339(m[2]))]
+        found.sort(key=lambda n: rfc3339(self.syncs[n]["createTime"]), reverse=order.endswith("desc"))
+        size = min(int(query.get("pageSize") or 1000), 1000)
+        if size < 0: raise invalid(f"page_size must not be negative, not {size}.")
+        token = query.get("pageToken", "")
+        if token and not (token.isdigit() and int(token) <= len(found)): raise invalid(f"Invalid page token {token!r}.")
+        start = int(token or 0)
+        out = {"featureViewSyncs": [self._sync(n) for n in found[start:start + size]]}
+        if start + size < len(found): out["nextPageToken"] = str(start + size)
         return out
 
     @staticmethod
@@ -1006,6 +1045,7 @@ class VertexFake:
         ("GET", r"/v1/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+/featureViews/[^/:]+)", get_feature_view),
         ("POST", r"/v1/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+/featureViews/[^/:]+):sync", sync_feature_view),
         ("GET", r"/v1/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+/featureViews/[^/:]+/featureViewSyncs/[^/:]+)", get_feature_view_sync),
+        ("GET", r"/v1/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+/featureViews/[^/:]+)/featureViewSyncs", list_feature_view_syncs),
         ("POST", r"/v1/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+/featureViews/[^/:]+):fetchFeatureValues", fetch_feature_values),
         ("POST", r"/v1/(projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/:]+/featureViews/[^/:]+):searchNearestEntities", search_nearest_entities),
     ]

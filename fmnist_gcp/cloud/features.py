@@ -161,7 +161,9 @@ def sync_since(admin, view: str,  # feature view resource name
                since: str) -> object | None:  # RFC 3339 UTC time, a minute before the request (clock skew)
     "A SyncFeatureViewResponse for the newest sync of `view` created after `since` (one a lost answer had started), or None."
     from google.cloud.aiplatform_v1.types import SyncFeatureViewResponse
-    found = next(iter(admin.list_feature_view_syncs(parent=view, filter=f'create_time > "{since}"', order_by="create_time desc")), None)
+    # the client flattens only `parent`: filter and order_by travel in the request
+    req = {"parent": view, "filter": f'create_time > "{since}"', "order_by": "create_time desc"}
+    found = next(iter(admin.list_feature_view_syncs(request=req)), None)
     return SyncFeatureViewResponse(feature_view_sync=found.name) if found else None
 
 # %% ../../nbs/cloud_features.ipynb #a7fe0016

@@ -5,6 +5,7 @@ admin calls on the region's endpoint, reads and searches on the serving endpoint
 itself). BigQuery's HTTP connection is answered in process. Nothing reaches Google."""
 
 import io
+import re
 
 import numpy as np
 import pandas as pd
@@ -259,3 +260,52 @@ def test_feature_store_requests_vertex_refuses_are_refused(settings, fs):
     with pytest.raises(exceptions.BadRequest, match="no index_config"):
         serving.search_nearest_entities(request=V.search_request(settings, "test-1", 3).__class__(
             feature_view=f"{STORE}/featureViews/image_stats", query={"entity_id": "test-1", "neighbor_count": 3}))
+
+
+@pytest.mark.parametrize("made", [False, True], ids=["not-made", "made"])
+def test_a_sync_meeting_a_503_starts_one_sync(settings, bq, fs, capsys, monkeypatch, made):
+    "A 503 on the sync request, before the sync started or after (its answer lost): the view is synced once, the retry in the log."
+    monkeypatch.setenv("FMNIST_RETRY_INITIAL_S", "0.01"); monkeypatch.setenv("FMNIST_RETRY_MAX_S", "0.02")
+    fs.inject(method="POST", path_glob="*:sync", status=503, times=1, after_apply=made)
+    out = V.publish_view(settings, "image_stats")
+    (sync,) = fs.syncs  # exactly one sync of the view on the service
+    assert out["sync"] == sync and out["sync_status"] == "ok" and fs.sync_gets == [sync] * fs.sync_polls
+    sent_syncs = fs.calls("POST", "*:sync")  # made: found by its create time, not sent again
+    assert [(r.path, r.status, r.injected) for r in sent_syncs] == [(f"/v1/{STORE}/featureViews/image_stats:sync", 503, True)] + (
+        [] if made else [(f"/v1/{STORE}/featureViews/image_stats:sync", 200, False)])
+    (listed,) = fs.calls("GET", "*/featureViewSyncs")  # the lookup before the retry: syncs made since the request
+    assert listed.path == f"/v1/{STORE}/featureViews/image_stats/featureViewSyncs" and listed.status == 200
+    assert re.fullmatch(r'create_time > "\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"', listed.query["filter"])
+    assert listed.query["orderBy"] == "create_time desc"
+    assert listed.at > sent_syncs[0].at and (made or listed.at < sent_syncs[1].at)  # looked up between the two attempts
+    err = capsys.readouterr().err
+    assert "sync: attempt 2 of 12 after 503 UNAVAILABLE" in err, err
+    assert ("sync: adopted what attempt 1 made" in err) == made and ("sync: done on attempt 2" in err) != made, err
+
+
+def test_the_sync_list_refuses_a_filter_vertex_does_not_support(settings, bq, fs):
+    "ListFeatureViewSyncs through the real admin client on REST: create_time filters and order work, other filters are a 400."
+    from google.api_core import exceptions
+    admin, view = V.admin_client(settings), f"{STORE}/featureViews/image_stats"
+    first = V.publish_view(settings, "image_stats")["sync"]
+    second = V.publish_view(settings, "image_stats")["sync"]
+    between = fs.syncs[second]["createTime"]
+    names = lambda **kw: [s.name for s in admin.list_feature_view_syncs(request={"parent": view, **kw})]
+    assert names(filter='create_time > "2020-01-01T00:00:00Z"', order_by="create_time desc") == [second, first]
+    assert names(order_by="create_time") == [first, second]
+    assert names(filter=f'create_time >= "{between}"') == [second]
+    assert names(filter=f'create_time < "{between}"') == [first]
+    assert names(filter='create_time > "2999-01-01T00:00:00+00:00"') == []
+    before = len(fs.calls("GET", "*/featureViewSyncs"))
+    assert names(filter='create_time > "2020-01-01T00:00:00Z"', order_by="create_time desc", page_size=1) == [second, first]
+    pages = fs.calls("GET", "*/featureViewSyncs")[before:]  # one sync a page: the pager followed the next page token
+    assert [(r.query["pageSize"], r.query.get("pageToken")) for r in pages] == [("1", None), ("1", "1")]
+    assert V.sync_since(admin, view, "2020-01-01T00:00:00Z").feature_view_sync == second  # the newest, as the retry adopts
+    for bad in ('name = "x"', "create_time > yesterday", 'create_time > "2020-01-01"', 'update_time > "2020-01-01T00:00:00Z"'):
+        with pytest.raises(exceptions.BadRequest, match="Unsupported filter"):  # INVALID_ARGUMENT: a 400, BadRequest over REST
+            names(filter=bad)
+    for bad in ("update_time", "create_time descending", "name desc"):
+        with pytest.raises(exceptions.BadRequest, match="Unsupported order_by"):
+            names(order_by=bad)
+    with pytest.raises(exceptions.NotFound):  # a view that does not exist
+        list(admin.list_feature_view_syncs(parent=f"{STORE}/featureViews/no_such_view"))
