@@ -14,8 +14,9 @@ unchanged), imported into buildah as localhost/fmnist-base:bookworm (made once, 
      AIP_CHECKPOINT_DIR and AIP_TENSORBOARD_LOG_DIR; checks the run's manifest says ok and the task wrote a model;
   4. serve: the serve image's ENTRYPOINT (`fmnist serve --host 0.0.0.0`) with Vertex's AIP_HTTP_PORT,
      AIP_HEALTH_ROUTE, AIP_PREDICT_ROUTE (the path the SDK's REST client posts to) and AIP_STORAGE_URI at the model
-     the smoke run registered; seconds to healthy; a prediction of real test images through
-     google.cloud.aiplatform_v1.PredictionServiceClient over REST, checked for shape and accuracy.
+     the task wrote (the folder a Vertex model upload names); seconds to healthy; a prediction of real test images
+     through google.cloud.aiplatform_v1.PredictionServiceClient over REST, checked for shape, accuracy and against
+     the same model run outside the container.
 
     sudo .venv/bin/python bench/images.py           # what `make images` runs (root: buildah and mmdebstrap need it)
     .venv/bin/python bench/images.py --rebuild-base # make the Debian base again
@@ -58,9 +59,12 @@ SYSTEM_CAS = "/etc/ssl/certs/ca-certificates.crt"
 PATH = f"{VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DATA_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 PREDICT_ROUTE = "/v1/projects/{p}/locations/{l}/endpoints/{e}:predict"  # what the SDK's REST client posts to
-MIN_ACCURACY = 0.3  # top-1 on the first 64 test images: the smoke model is small (chance is 0.10)
+MIN_ACCURACY = 0.4  # top-1 on the first 64 test images: the task's model is small (chance is 0.10)
 ENDPOINT = dict(p="fmnist-local", l="europe-west4", e="1234")
-TASK_ARGS = ["--epochs", "1", "--widths", "8,16", "--convs", "1", "--max-train-images", "2000", "--max-val-images", "500"]
+# the task on the smoke run's TFRecords (600 training images): about 15 s, about 0.6 top-1 (the smoke run's own
+# registered model, a few steps on a tiny slice, is near chance, so the server gets this one)
+TASK_ARGS = ["--epochs", "15", "--batch-size", "64", "--widths", "16,32", "--convs", "1", "--lr", "0.01",
+             "--precision", "float32", "--no-tta-flip"]
 
 
 class StepFailed(Exception):
@@ -133,7 +137,7 @@ def build(target: str) -> float:
     "Build one Dockerfile target on BASE as IMAGE; seconds. Tagged only when the build succeeded."
     name, tmp_tag, t0 = IMAGE.format(target), IMAGE.format(target) + f"-tmp-{os.getpid()}", time.perf_counter()
     log = Path(tempfile.gettempdir()) / f"fmnist-images-build-{target}.log"
-    cmd = ["buildah", "bud", "--isolation", "chroot", "--layers", "-f", "docker/Dockerfile", "--target", target,
+    cmd = ["buildah", "bud", "--isolation", "chroot", "--layers", "--force-rm", "-f", "docker/Dockerfile", "--target", target,
            "--build-arg", f"BASE={BASE}", "-t", tmp_tag, "."]
     print(f"  building {target} (log: {log}) ...", flush=True)
     try:
@@ -174,6 +178,9 @@ def resolve_gpu() -> str:
         c.run("train-gpu: resolve", ["mkdir", "-p", "/app"])
         c.copy("train-gpu: copy", ["pyproject.toml", "README.md"], "/app/")
         c.copy("train-gpu: copy", ["fmnist_gcp"], "/app/fmnist_gcp")
+        # a current pip first, in this throwaway container only: Debian's pip 23.0 reads no PEP 714 metadata files,
+        # so it downloads every CUDA wheel (gigabytes, minutes) just to read its dependencies
+        c.run("train-gpu: upgrade pip", ["pip", "install", "--quiet", "--upgrade", "pip"], timeout=600)
         out = c.run("train-gpu: resolve", ["sh", "-c", "cd /app && pip install --dry-run --quiet --report /tmp/r.json '.[gpu,pipeline]' "
                                            "&& python -c \"import json; r = json.load(open('/tmp/r.json'))['install']; "
                                            "print(len(r), *sorted(i['metadata']['name'] + '==' + i['metadata']['version'] for i in r "
@@ -185,11 +192,13 @@ def resolve_gpu() -> str:
 
 
 def run_train(work: Path) -> tuple[str, Path]:
-    "The train image: a smoke run of the pipeline, then its ENTRYPOINT with the AIP_* folders; (summary, registered model dir)."
+    "The train image: a smoke run of the pipeline, then its ENTRYPOINT with the AIP_* folders; (summary, the task's model dir)."
     image = IMAGE.format("train")
     entry = image_config(image)["Entrypoint"]
-    env = {"FMNIST_DATA_DIR": "/data", "FMNIST_HOME": "/work/home", "FMNIST_RUNS_DIR": "/work/runs"}
-    with Container(image, {DATA_DIR: "/data:ro", str(work): "/work"}) as c:
+    # the IDX files at Debian's path inside too: 07_training's notebook test trains on Settings.from_env({"FMNIST_HOME":
+    # ...}), which drops FMNIST_DATA_DIR, and the image cannot download them here
+    env = {"FMNIST_DATA_DIR": DATA_DIR, "FMNIST_HOME": "/work/home", "FMNIST_RUNS_DIR": "/work/runs"}
+    with Container(image, {DATA_DIR: f"{DATA_DIR}:ro", str(work): "/work"}) as c:
         t0 = time.perf_counter()
         c.run("train: fmnist run --profile smoke", ["fmnist", "run", "--profile", "smoke", "--run-id", "images-smoke"], env, timeout=3600)
         smoke_s = time.perf_counter() - t0
@@ -206,16 +215,7 @@ def run_train(work: Path) -> tuple[str, Path]:
     acc = json.loads((work / "task/metrics.json").read_text())["val_accuracy"]
     if not list((work / "task/checkpoints").rglob("*")): raise StepFailed("train: task", entry, "", "no checkpoint written to AIP_CHECKPOINT_DIR")
     return (f"smoke run ok ({len(manifest['stages'])} stages, {smoke_s:.0f} s); task wrote model.keras "
-            f"(val acc {acc:.3f}, {task_s:.0f} s)"), registered_model(work / "home")
-
-
-def registered_model(home: Path) -> Path:
-    "The folder of the custom model's default version in the registry the smoke run wrote."
-    os.environ.update(FMNIST_HOME=str(home), FMNIST_BACKEND="local")
-    from fmnist_gcp.config import DEFAULT_MODEL, Settings
-    from fmnist_gcp.registry import Registry
-    reg = Registry(Settings.from_env(), DEFAULT_MODEL)
-    return Path(reg.version_store(reg.resolve("default")).uri())
+            f"(val acc {acc:.3f}, {task_s:.0f} s)"), model.parent
 
 
 def free_port() -> int:
