@@ -6,11 +6,12 @@ BIN := $(VENV)/bin
 PROFILE ?= quick
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 
-.PHONY: run test lab kernel data install check-sync clean-runs help
+.PHONY: run test images lab kernel data install check-sync clean-runs help
 
 help:
 	@echo "make run    - install, fetch/verify the data, run the pipeline (PROFILE=$(PROFILE)); reports under runs/"
 	@echo "make test   - install and run the test suite"
+	@echo "make images - (root) build the serve and train images with buildah on a Debian base and run each (not in make test)"
 	@echo "make lab    - open the notebooks in JupyterLab"
 	@echo "make kernel - register this venv as the Jupyter kernel 'fmnist-gcp' (with the FMNIST_* variables set now)"
 	@echo "make data   - install Debian's dataset-fashion-mnist (as root) or download, then verify sha256"
@@ -38,6 +39,15 @@ run: data
 test: data
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
+
+# The serve and train images of docker/Dockerfile built with buildah on a Debian base (no registry is needed) and run:
+# the server answers the Vertex SDK's REST client, the train image runs the smoke pipeline and the training task.
+# Root (buildah, mmdebstrap, apt). Not part of `make test`: about half an hour on 2 cores (README, "Images").
+images: data
+	@[ "$$(id -u)" = 0 ] || { echo "make images: run as root (buildah, mmdebstrap and apt-get need it)"; exit 1; }
+	@command -v buildah >/dev/null && command -v mmdebstrap >/dev/null \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mmdebstrap buildah >/dev/null)
+	$(BIN)/python bench/images.py
 
 # As root (a fresh cloud VM or container, where root is the only user) JupyterLab refuses to start without
 # --allow-root; we pass it only then, so a normal user's lab is started exactly as before.

@@ -26,16 +26,19 @@ from conftest import ROOT
 
 
 def parse_dockerfile(text: str) -> dict[str, dict]:
-    "Stages by name: env, workdir, copies [(sources, dest)], runs, expose, entrypoint (a stage inherits its FROM stage)."
-    stages, cur = {}, None
+    "Stages by name: base, env, workdir, copies [(sources, dest)], runs, expose, entrypoint (a stage inherits its FROM stage)."
+    stages, cur, args = {}, None, {}
     for line in text.replace("\\\n", " ").splitlines():
         line = line.strip()
         if not line or line.startswith("#"): continue
         op, _, arg = line.partition(" ")
         op = op.upper()
-        if op == "FROM":
-            image, _, name = arg.partition(" AS ")
-            parent = stages.get(image.strip(), {"env": {}, "workdir": "/", "copies": [], "runs": [], "expose": [], "entrypoint": None})
+        if op == "ARG":  # before the first FROM: a default that FROM lines substitute (`--build-arg` overrides it)
+            assert cur is None, f"ARG {arg} inside a stage: this test only replays ARGs before the first FROM"
+            name, _, default = arg.partition("="); args[name] = default
+        elif op == "FROM":
+            image, _, name = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args[m[1] or m[2]], arg).partition(" AS ")
+            parent = stages.get(image.strip(), {"base": image.strip(), "env": {}, "workdir": "/", "copies": [], "runs": [], "expose": [], "entrypoint": None})
             cur = stages[name.strip()] = json.loads(json.dumps(parent))  # a deep copy
         elif op == "ENV": cur["env"].update(kv.split("=", 1) for kv in shlex.split(arg))
         elif op == "WORKDIR": cur["workdir"] = arg
@@ -204,3 +207,12 @@ def test_serve_image_serves_without_the_notebook_tooling(images):
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
     out = img.entrypoint("--help").stdout
     assert "usage: fmnist serve" in out
+
+
+def test_every_image_builds_on_python_slim_unless_the_build_names_another_base():
+    # Cloud Build and `docker build` pass no --build-arg: the default is the base the images ship on. `make images`
+    # (bench/images.py) overrides BASE with its Debian root; an ARG after a FROM would be invisible to the FROM lines
+    assert {STAGES[t]["base"] for t in TARGETS} == {"python:3.11-slim"}
+    text = (ROOT / "docker/Dockerfile").read_text()
+    assert text.index("ARG BASE=") < text.index("FROM ") and "FROM ${BASE} AS base" in text
+    assert parse_dockerfile(text.replace("ARG BASE=python:3.11-slim", "ARG BASE=localhost/b:1"))["serve"]["base"] == "localhost/b:1"
