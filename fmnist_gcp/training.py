@@ -40,7 +40,7 @@ def _knob(default, help: str, **more):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    "The training recipe. The defaults are the quick recipe; profiles and flags change single fields."
+    "The training recipe: the defaults, of which profiles and flags change single fields (quick: `pipeline.params.QUICK_RECIPE`)."
     widths: tuple[int, ...] = _knob((32, 64, 128), "channels of each stage")
     convs: int = _knob(3, "3x3 conv-BN-ReLU layers per stage after the first (the first stage has one)")
     epochs: int = _knob(6, "training epochs")
