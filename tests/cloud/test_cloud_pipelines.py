@@ -141,3 +141,27 @@ def test_vertex_pipelines_refuses_the_local_backend(tmp_path):
     assert r.returncode == 2 and "needs FMNIST_BACKEND=vertex" in r.stderr
     r = fmnist("run", "--on", "kfp-local", "--profile", "smoke", "--no-wait", env=env, check=False)
     assert r.returncode == 2 and "--no-wait, --experiment and --image are for --on vertex" in r.stderr
+
+
+def test_the_smoke_pipeline_under_kfp_local_has_the_papermill_runs_figures(tmp_path):
+    "The compiled pipeline is the same pipeline: kfp.local's smoke run against a papermill smoke run, as `fmnist rerun` compares."
+    from fmnist_gcp.pipeline.runs import format_reproduction, reproduction
+    env = {**os.environ, "FMNIST_HOME": str(tmp_path / "home"), "FMNIST_RUNS_DIR": str(tmp_path / "runs"),
+           "FMNIST_BACKEND": "local", "NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:1"}
+    for k in ("FMNIST_DEV_BUCKET", "FMNIST_DATASETS_BUCKET", "FMNIST_MODELS_BUCKET"):
+        env.pop(k, None)
+    fmnist("run", "--profile", "smoke", "--run-id", "pm", "--no-cache", env=env, timeout=1500)
+    r = fmnist("run", "--on", "kfp-local", "--profile", "smoke", "--run-id", "kl", env=env, timeout=1500)
+    runs = tmp_path / "runs"
+    old, new = (json.loads((runs / i / "run.json").read_text()) for i in ("pm", "kl"))
+    assert new["runner"] == "kfp.local" and new["status"] == "ok" and "run kl ok" in r.stdout
+    assert [s["stage"] for s in new["stages"]] == [s.notebook for s in STAGES] and all(s["status"] == "ok" for s in new["stages"])
+    rep = reproduction(old, new)
+    results = [row for row in rep["rows"] if row["kind"] == "result"]
+    assert rep["identical"], format_reproduction(rep)
+    assert len(results) > 50 and {row["figure"].split(".")[0] for row in results} >= {"statistics", "training", "evaluation"}
+    for s in new["stages"]:  # each step's notebook and report came back into the run folder
+        assert (runs / "kl" / s["notebook"]).is_file() and (runs / "kl" / s["report"]).is_file()
+    assert "kl" in (runs / "index.html").read_text()
+    dev = tmp_path / "home/dev/runs/kl"
+    assert (dev / "run.json").is_file() and (dev / "steps/07_training.json").is_file()  # the folder is whole in the dev store too
