@@ -79,17 +79,18 @@ def measure(cfg: TrainConfig, settings: Settings, max_train_images: int = 0, tes
     x_tr, y_tr, x_va, y_va = data_split(settings, max_train_images)
     x_te, y_te = load_split("test", settings=settings)
     norm = normalisation(x_tr)
-    probe_s = []
+    probe_s, probe_cpu = [], []
     def probe(model):  # test accuracy of the mirror-averaged model after this epoch; its time is not training time
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         acc = float((predict(serving_model(model, cfg.tta_flip), x_te).argmax(1) == y_te).mean())
-        probe_s.append(time.perf_counter() - t)
+        probe_s.append(time.perf_counter() - t); probe_cpu.append(time.process_time() - c)
         return {"test_accuracy": acc}
     t0, c0, s0 = time.perf_counter(), time.process_time(), steal_seconds()
     model, history = fit(cfg, x_tr, y_tr, x_va, y_va, norm["mean"], norm["std"], probe=probe if test_each_epoch else None)
-    train_seconds, cpu_seconds = time.perf_counter() - t0 - sum(probe_s), time.process_time() - c0
+    train_seconds, cpu_seconds = time.perf_counter() - t0 - sum(probe_s), time.process_time() - c0 - sum(probe_cpu)
     steal = steal_seconds() - s0  # CPU time the host took back meanwhile (all cores): read wall times beside it
     elapsed = np.cumsum([h["seconds"] for h in history])
+    cpu_by_epoch = np.cumsum([h["cpu_seconds"] for h in history]) if all("cpu_seconds" in h for h in history) else None
     reached = next((i for i, h in enumerate(history) if h.get("test_accuracy", 0) >= TARGET), None)
     temperature, p_va = calibration(model, cfg, x_va, y_va)
     p_te = predict(serving_model(model, cfg.tta_flip, temperature), x_te)

@@ -27,9 +27,10 @@ from .training import (TrainConfig, build_model, calibration, export_model, fit,
 
 # %% auto #0
 __all__ = ['AUTOML_MODEL', 'AUGMENT_PARAMS', 'KINDS', 'STUDIES', 'JOURNAL', 'BEST_WEIGHTS', 'BEST_JSON', 'VERTEX_AUTOML_MODEL',
-           'VERTEX_EVALUATION', 'Param', 'search_space', 'suggest', 'trial_config', 'next_trial_fits', 'study_store',
-           'make_pruner', 'open_study', 'push_study', 'search_summary', 'run_search', 'trials_table', 'save_best',
-           'load_best', 'keras_trainer', 'export_automl', 'run_export', 'read_vertex_evaluation']
+           'VERTEX_EVALUATION', 'Param', 'search_space', 'suggest', 'trial_config', 'recipe_start', 'start_from_recipe',
+           'next_trial_fits', 'study_store', 'make_pruner', 'open_study', 'push_study', 'search_summary', 'run_search',
+           'trials_table', 'save_best', 'load_best', 'keras_trainer', 'trial_costs', 'plan_refit', 'winner',
+           'refit_for_trial', 'export_automl', 'run_export', 'read_vertex_evaluation']
 
 # %% ../nbs/06_automl.ipynb #62433d8c
 AUTOML_MODEL = "fmnist-automl"  # the local AutoML model's name in the models store and the registry
@@ -62,11 +63,12 @@ class Param:
 # %% ../nbs/06_automl.ipynb #c3655c63
 def search_space(widths_choices: str = "16,32|16,32,64|32,64,128",  # candidate widths, '|'-separated
                  batch_sizes: str = "64,128,256",  # candidate batch sizes, comma-separated
+                 max_convs: int = 3,  # most conv layers per stage (TrainConfig.convs); fewer keep a short retraining affordable
                  ) -> tuple[Param, ...]:
     "The search space: network shape, optimiser, regularisation and augmentation strength."
     widths = tuple(",".join(map(str, parse_widths(w))) for w in widths_choices.split("|") if w.strip())
     return (Param("widths", "categorical", choices=widths),
-            Param("convs", "int", 1, 3),
+            Param("convs", "int", 1, max(1, max_convs)),
             Param("lr", "float", 1e-3, 1.5e-2, log=True),
             Param("batch_size", "categorical", choices=tuple(int(b) for b in batch_sizes.split(","))),
             Param("weight_decay", "float", 1e-5, 1e-2, log=True),
@@ -89,6 +91,25 @@ def trial_config(params: dict, augment: Augment, epochs: int, seed: int = 0) -> 
     "The recipe of a trial: `params` over the TrainConfig defaults, its augmentation fields over `augment`."
     aug = replace(augment, **{k: params[k] for k in AUGMENT_PARAMS if k in params})
     return TrainConfig.from_params({**params, "epochs": epochs, "seed": seed}, augment=aug)
+
+# %% ../nbs/06_automl.ipynb #r3c1pe02
+def recipe_start(space: Sequence[Param], cfg: TrainConfig) -> dict:
+    "The value of each dimension of `space` in the recipe `cfg`: numbers clipped into range, a categorical value the space lacks left out."
+    have = {**asdict(cfg), **asdict(cfg.augment), "widths": ",".join(map(str, cfg.widths))}
+    out = {}
+    for p in (p for p in space if p.name in have):
+        v = have[p.name]
+        if p.kind == "categorical":
+            if v in p.choices: out[p.name] = v
+        else: out[p.name] = (int if p.kind == "int" else float)(min(max(v, p.low), p.high))
+    return out
+
+def start_from_recipe(study, space: Sequence[Param], cfg: TrainConfig) -> dict | None:
+    "Queue the recipe `cfg` as the first trial of a study that has none; the queued values, or None."
+    if study.trials: return None
+    params = recipe_start(space, cfg)
+    study.enqueue_trial(params, user_attrs={"from": "recipe"})
+    return params
 
 # %% ../nbs/06_automl.ipynb #578b704d
 def next_trial_fits(spent_s: float,  # seconds of the budget already used
@@ -171,21 +192,23 @@ def search_summary(study, budget_s: float, max_trials: int) -> dict:
 def run_search(study, train_trial: Callable,  # train_trial(trial, params, report) -> validation accuracy
                space: Sequence[Param], budget_s: float, max_trials: int,
                sync: Callable[[], object] = lambda: None,  # called after every finished trial (copies the journal)
-               log=print) -> dict:
+               log=print,
+               clock: Callable[[], float] | None = None,  # seconds the budget counts (None: time.monotonic, wall seconds)
+               ) -> dict:
     "Optimise `study` until `max_trials` trials have finished or the budget is used; `search_summary` of it."
-    optuna = _optuna()
-    prior, t0 = float(study.user_attrs.get("search_seconds", 0.0)), time.monotonic()
-    spent = lambda: prior + time.monotonic() - t0
+    optuna, now = _optuna(), clock or time.monotonic
+    prior, t0 = float(study.user_attrs.get("search_seconds", 0.0)), now()
+    spent = lambda: prior + now() - t0
     def objective(trial):
-        params, start = suggest(trial, space), time.monotonic()
+        params, start = suggest(trial, space), now()
         sync()  # the store sees the trial RUNNING with its parameters: a killed run retries it
         def report(value: float, epoch: int):
             trial.report(value, epoch)
-            trial.set_user_attr("epochs_run", epoch); trial.set_user_attr("seconds", round(time.monotonic() - start, 3))
+            trial.set_user_attr("epochs_run", epoch); trial.set_user_attr("seconds", round(now() - start, 3))
             for why, stop in (("budget", spent() >= budget_s), ("pruner", trial.should_prune())):
                 if stop: trial.set_user_attr("stopped_by", why); raise optuna.TrialPruned(f"stopped by the {why} after epoch {epoch}")
         value = train_trial(trial, params, report)
-        trial.set_user_attr("seconds", round(time.monotonic() - start, 3))
+        trial.set_user_attr("seconds", round(now() - start, 3))
         return value
     def fits() -> bool:
         done = _finished(study)
@@ -225,19 +248,82 @@ def load_best(folder: Store, norm: dict):
 # %% ../nbs/06_automl.ipynb #aa8b61c2
 def keras_trainer(x_tr, y_tr, x_va, y_va, norm: dict, augment: Augment, epochs: int, seed: int = 0,
                   folder: Store | None = None,  # where the best trial's weights go (None: not kept)
+                  clock: Callable[[], float] | None = None,  # the search's clock (None: time.monotonic)
                   ) -> Callable:
-    "A `train_trial` for `run_search` that trains with `training.fit` on the given slices."
+    "A `train_trial` for `run_search` that trains with `training.fit` on the given slices and records each epoch's seconds."
     def train_trial(trial, params, report):
         from optuna.trial import TrialState
+        now = clock or time.monotonic
+        marks, walls = [now()], [time.perf_counter()]  # the first epoch's seconds include building the network and tracing its step
         import_keras().backend.clear_session()  # one trial's graphs do not pile up in the next
         cfg = trial_config(params, augment, epochs, seed)
-        model, hist = fit(cfg, x_tr, y_tr, x_va, y_va, norm["mean"], norm["std"], log=lambda *a: None,
-                          on_epoch=lambda h: report(h["val_accuracy"], h["epoch"]))
+        trial.set_user_attr("train_images", len(x_tr)); shares = []
+        def on_epoch(h):
+            marks.append(now()); walls.append(time.perf_counter())
+            trial.set_user_attr("epoch_seconds", [round(b - a, 3) for a, b in zip(marks, marks[1:])])
+            shares.append(round(min(1.0, h["seconds"] / max(walls[-1] - walls[-2], 1e-9)), 3))  # training loop / whole epoch (wall)
+            trial.set_user_attr("train_share", shares)
+            report(h["val_accuracy"], h["epoch"])
+        model, hist = fit(cfg, x_tr, y_tr, x_va, y_va, norm["mean"], norm["std"], log=lambda *a: None, on_epoch=on_epoch)
         value = float(hist[-1]["val_accuracy"])
         best = max((t.value for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))), default=-math.inf)
         if folder is not None and value > best: save_best(folder, trial.number, cfg, model, hist, value)
         return value
     return train_trial
+
+# %% ../nbs/06_automl.ipynb #r3f1t002
+def trial_costs(epoch_seconds: Sequence[float],  # a trial's seconds per epoch, the first including building and tracing
+                images: int,  # the images it trained on per epoch
+                train_share: Sequence[float] = (),  # the training loop's share of each epoch (the rest scores the validation slice)
+                ) -> tuple[float, float]:  # (seconds per image per epoch, seconds a training costs besides its epochs)
+    "What a training costs, from one trial: a steady epoch's training seconds per image, and what the first epoch took beyond a steady one."
+    if not epoch_seconds or images < 1: raise ValueError(f"a trial's costs need its epoch seconds and its images, not {list(epoch_seconds)} and {images}")
+    steady = statistics.median(epoch_seconds[1:]) if len(epoch_seconds) > 1 else epoch_seconds[0]  # one epoch: start cost counted per image
+    share = statistics.median(train_share[1:]) if len(train_share) > 1 and len(epoch_seconds) > 1 else 1.0
+    return steady * share / images, max(0.0, epoch_seconds[0] - steady)
+
+# %% ../nbs/06_automl.ipynb #r3f1t005
+def plan_refit(left_s: float,  # seconds of the budget left
+               image_s: float,  # seconds per training image per epoch
+               fixed_s: float,  # seconds besides the epochs (building, tracing, calibrating, exporting)
+               train_images: int,  # images of the whole training split
+               max_epochs: int,  # most epochs of the retraining
+               trial_image_epochs: int,  # images x epochs the best trial trained
+               ) -> tuple[int, int]:  # (images, epochs); (0, 0): keep the best trial's own model
+    "The retraining that spends `left_s`: the nearest whole number of epochs, on the whole split or the first images that fit."
+    if image_s <= 0: raise ValueError(f"image_s must be a positive number of seconds per image, not {image_s}")
+    usable = max(0.0, left_s - fixed_s)
+    epochs = min(max_epochs, max(1, round(usable / (image_s * train_images))))
+    images = min(train_images, int(usable / (epochs * image_s)))
+    return (images, epochs) if images * epochs > trial_image_epochs else (0, 0)
+
+# %% ../nbs/06_automl.ipynb #w1nner01
+def winner(study):
+    "The best complete trial; while none completed, the finished trial with the best last reported value; None without either."
+    done = _finished(study)
+    complete = [t for t in done if t.state.name == "COMPLETE"]
+    if complete: return max(complete, key=lambda t: t.value)
+    scored = [t for t in done if t.intermediate_values]
+    return max(scored, key=lambda t: t.intermediate_values[max(t.intermediate_values)]) if scored else None
+
+# %% ../nbs/06_automl.ipynb #r3f1t008
+def refit_for_trial(best,  # the best trial (an optuna FrozenTrial) with keras_trainer's user attributes
+                    left_s: float,  # seconds of the budget left
+                    train_images: int, val_images: int,  # sizes of the whole training and validation splits
+                    max_epochs: int) -> dict:
+    "{images, epochs, why, ...}: the retraining of `best`'s recipe that fits in `left_s` (images 0: export the trial's own model)."
+    ep, n = best.user_attrs.get("epoch_seconds"), best.user_attrs.get("train_images", 0)
+    if not ep or not n: return {"images": 0, "epochs": 0, "why": f"trial {best.number} recorded no epoch timings: its own model is exported"}
+    image_s, start_s = trial_costs(ep, n, best.user_attrs.get("train_share", ()))
+    fixed_s = start_s + val_images * image_s  # calibration predicts each validation image and its mirror
+    images, epochs = plan_refit(left_s, image_s, fixed_s, train_images, max_epochs, n * len(ep))
+    plan = {"images": images, "epochs": epochs, "left_s": round(left_s, 1), "image_ms": round(image_s * 1e3, 4),
+            "fixed_s": round(fixed_s, 1), "expected_s": round(fixed_s + images * epochs * image_s, 1) if images else 0.0}
+    if not images:
+        return {**plan, "why": f"{left_s:.0f} s left ({fixed_s:.0f} s of fixed costs): a retraining would see no more than trial "
+                               f"{best.number}'s {n * len(ep):,} image-epochs; its own model is exported"}
+    return {**plan, "why": f"{left_s:.0f} s left: {epochs} epoch(s) on {images:,} training images, about {plan['expected_s']:.0f} s "
+                           f"at trial {best.number}'s {image_s * 1e3:.3f} ms per image and {fixed_s:.0f} s of fixed costs"}
 
 # %% ../nbs/06_automl.ipynb #385e3f5c
 def export_automl(settings: Settings, model, cfg: TrainConfig, history: list, x_va, y_va, norm: dict, *,

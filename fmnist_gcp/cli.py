@@ -147,8 +147,9 @@ def _add_features(sub) -> None:
         "get", help="one JSON object per image id: its online features")
     g.add_argument("ids", nargs="+", metavar="ID", help="image ids <split>-<index>: train-0 ... train-59999, test-0 ... test-9999")
     g.add_argument("--view", choices=("image_stats", "image_embedding"), help="one feature view (default: both)")
-    s = sub.add_parser("similar", help="the K catalogue images nearest to ID by cosine similarity of the champion's embeddings (JSON)")
-    s.add_argument("id", metavar="ID", help="an image id, e.g. test-17")
+    s = sub.add_parser("similar", help="the K catalogue images nearest to ID by cosine similarity of the champion's embeddings (JSON); "
+                       "an image outside the catalogue is embedded on the fly")
+    s.add_argument("id", metavar="ID", help="any image id: train-0 ... train-59999, test-0 ... test-9999")
     s.add_argument("-k", type=int, default=5, help="neighbours (default 5)")
 
 # %% ../nbs/cli.ipynb #b1c2d006
@@ -254,6 +255,9 @@ def _cmd_run_vertex(a) -> int:
         preflight(s, machine_type=a.machine_type, accelerator_type=a.accelerator_type, accelerator_count=a.accelerator_count,
                   command="run --on vertex")
     out = runs.run_on_vertex(s, spec, run_id, wait=a.wait, experiment=a.experiment)
+    if out.get("error"):  # one line: how the job ended, its error message, its logs (and the failed run's report)
+        from fmnist_gcp.cloud.retry import JobEnded
+        raise JobEnded(out["error"] + (f"; report: {out['report']}" if out["report"] else ""))
     if out["report"]: print(f"run {run_id} {out['state'].removeprefix('JOB_STATE_').lower()}\nreport: {out['report']}")
     return 0 if out["state"] in (None, runs.SUCCEEDED) else 1
 
@@ -489,9 +493,12 @@ def _cmd_similar(a) -> int:
     from fmnist_gcp.config import Settings
     if a.k < 1: raise ValueError(f"-k {a.k}: ask for at least one neighbour")
     s = Settings.from_env()
-    if s.backend == "vertex": from fmnist_gcp.cloud.features import similar  # the Feature Store's search
-    else: from fmnist_gcp.features import similar  # the local index
-    print(json.dumps(similar(s, a.id, a.k), indent=2))
+    if s.backend == "vertex":  # the Feature Store's search (catalogue ids only)
+        from fmnist_gcp.cloud.features import similar
+        print(json.dumps(similar(s, a.id, a.k), indent=2)); return 0
+    from fmnist_gcp.embeddings import embed_images  # an id outside the catalogue is embedded on the fly
+    from fmnist_gcp.features import similar  # the local index
+    print(json.dumps(similar(s, a.id, a.k, embed=embed_images), indent=2))
     return 0
 
 # %% ../nbs/cli.ipynb #b1c2d018
@@ -507,4 +514,4 @@ def main(argv: list[str] | None = None) -> int:
         return _COMMANDS[a.verb](a)
     except (ValueError, FileNotFoundError) as e:  # PipelineError, ConfigError, DataIntegrityError, RegistryError, missing inputs
         print(f"fmnist {a.verb}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_status", 2)  # 1: Google unavailable past the deadline, a job that failed

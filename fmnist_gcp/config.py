@@ -10,19 +10,25 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import secrets
+import sys
+import time
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['DEFAULT_HOME', 'DEFAULT_CACHE_DIR', 'DEFAULT_RUNS_DIR', 'ENV_VARS', 'BACKENDS', 'ROLES', 'DEFAULT_MODEL',
-           'APP_LABELS', 'BUCKET_VARS', 'VERTEX_TRANSPORTS', 'BUILD_REGIONS', 'CLOUD_SCOPE', 'LOGIN_FIX',
-           'TF_INSTALL_HINT', 'filesystem', 'is_local', 'write_bytes_atomic', 'Store', 'ConfigError', 'check_vertex',
-           'store_uris', 'vertex_endpoint', 'vertex_transport', 'build_region', 'credentials_summary', 'env_settings',
-           'Settings', 'default_credentials', 'storage_options', 'create_local_stores', 'import_tensorflow',
+           'APP_LABELS', 'BUCKET_VARS', 'VERTEX_TRANSPORTS', 'BUILD_REGIONS', 'CLOUD_SCOPE', 'LOGIN_FIX', 'RETRY_VARS',
+           'RETRY_FIX', 'TF_INSTALL_HINT', 'filesystem', 'is_local', 'write_bytes_atomic', 'Store', 'ConfigError',
+           'check_vertex', 'store_uris', 'vertex_endpoint', 'vertex_transport', 'build_region', 'credentials_summary',
+           'env_settings', 'Settings', 'default_credentials', 'storage_options', 'create_local_stores',
+           'transient_reason', 'retry_delay_hint', 'GoogleUnavailable', 'RetryPolicy', 'import_tensorflow',
            'import_keras', 'record', 'recorded']
 
 # %% ../nbs/00_config.ipynb #1f69a9c7
@@ -47,6 +53,11 @@ ENV_VARS: dict[str, str] = {
     "FMNIST_VERTEX_TRANSPORT": "`grpc` (default) or `rest` for every Vertex client (VPC-SC setups that allow only HTTPS)",
     "FMNIST_BUILD_REGION": "where Cloud Build runs: `global` (default) or a region new projects may build in, e.g. "
                            "us-central1 or europe-west1 (images still go to `<FMNIST_REGION>-docker.pkg.dev`)",
+    "FMNIST_RETRY_DEADLINE_S": "seconds a call to Google that meets 429, 503, 504 or a reset connection keeps being "
+                               "tried (default 600)",
+    "FMNIST_RETRY_INITIAL_S": "the first wait between two tries (default 1; the waits double with jitter)",
+    "FMNIST_RETRY_MAX_S": "the longest wait between two tries (default 60)",
+    "FMNIST_RETRY_ATTEMPTS": "the most tries of one call (default 12)",
 }
 BACKENDS = ("local", "vertex")
 ROLES = ("dev", "datasets", "models")
@@ -76,8 +87,8 @@ def write_bytes_atomic(uri: str,  # a local path or a `gs://` URI
                        data: bytes) -> str:
     "Write `data` to `uri` so that readers see the old file or the whole new one, never a part."
     fs, path = filesystem(uri)
-    if not is_local(uri):
-        fs.pipe_file(path, data)
+    if not is_local(uri):  # one upload: Cloud Storage shows the object only once it is whole; a failed one is sent again whole
+        RetryPolicy.from_env().call(f"write {uri}", lambda: fs.pipe_file(path, data), service="Cloud Storage")
         return uri
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -328,6 +339,111 @@ def create_local_stores(settings: Settings) -> list[str]:
     for uri in local:
         fs, path = filesystem(uri); fs.makedirs(path, exist_ok=True)
     return local
+
+# %% ../nbs/00_config.ipynb #06087744
+_TRANSIENT = {429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+def _connection_lost(e: BaseException) -> bool:
+    if isinstance(e, ConnectionError): return True  # reset, aborted, refused, broken pipe
+    names = {f"{c.__module__}.{c.__name__}" for c in type(e).__mro__}
+    return bool(names & {"requests.exceptions.ConnectionError", "requests.exceptions.ChunkedEncodingError",
+                         "aiohttp.client_exceptions.ClientConnectionError", "google.auth.exceptions.TransportError"})
+
+def transient_reason(e: BaseException) -> str | None:
+    "Why `e` is worth another attempt ('503 UNAVAILABLE', '429 RESOURCE_EXHAUSTED', '504 DEADLINE_EXCEEDED', 'connection reset'), or None."
+    from google.api_core import exceptions as gx
+    if isinstance(e, gx.GoogleAPICallError):
+        code = 429 if isinstance(e, gx.TooManyRequests) else 503 if isinstance(e, gx.ServiceUnavailable) else \
+               504 if isinstance(e, gx.GatewayTimeout) else None
+    else:  # gcsfs's HttpError carries the HTTP status as `code`
+        code = getattr(e, "code", None)
+        code = int(code) if isinstance(code, (int, str)) and str(code).isdigit() else None
+    if code in _TRANSIENT: return f"{code} {_TRANSIENT[code]}"
+    return "connection reset" if _connection_lost(e) else None
+
+# %% ../nbs/00_config.ipynb #6e4a33ac
+def retry_delay_hint(e: BaseException) -> float | None:
+    "Seconds the service asked the caller to wait: a google.rpc.RetryInfo detail (gRPC or REST JSON), else Retry-After."
+    for d in getattr(e, "details", None) or ():
+        if isinstance(d, dict) and str(d.get("@type", "")).endswith("google.rpc.RetryInfo"):
+            return float(str(d.get("retryDelay", "0s")).rstrip("s") or 0)  # JSON Duration: "3.5s"
+        if type(d).__name__ == "RetryInfo": return d.retry_delay.seconds + d.retry_delay.nanos / 1e9
+    headers = getattr(getattr(e, "response", None), "headers", None)
+    after = headers.get("Retry-After") if hasattr(headers, "get") else None
+    return float(after) if after and str(after).strip().isdigit() else None
+
+# %% ../nbs/00_config.ipynb #d16951ff
+RETRY_VARS = {"deadline_s": "FMNIST_RETRY_DEADLINE_S", "initial_s": "FMNIST_RETRY_INITIAL_S",
+              "maximum_s": "FMNIST_RETRY_MAX_S", "attempts": "FMNIST_RETRY_ATTEMPTS"}
+RETRY_FIX = ("wait a few minutes and run it again (https://status.cloud.google.com lists outages); "
+             "FMNIST_RETRY_DEADLINE_S waits longer")
+
+class GoogleUnavailable(ValueError):
+    "A Google service still failing transiently past the retry deadline: one line, exit status 1."
+    exit_status = 1
+
+def _stderr(line: str) -> None: print(line, file=sys.stderr, flush=True)
+
+@dataclass
+class RetryPolicy:
+    "Exponential backoff with jitter under a total deadline for Google's transient errors; a 429's RetryInfo delay when given."
+    deadline_s: float = 600.0  # seconds from the first attempt past which no attempt starts
+    initial_s: float = 1.0  # the first wait
+    maximum_s: float = 60.0  # the longest wait the backoff grows to
+    attempts: int = 12  # most attempts in all
+    multiplier: float = 2.0
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+    jitter: Callable[[], float] = random.random  # in [0, 1): how much of the backoff's second half is waited
+    log: Callable[[str], None] = _stderr
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **kwargs) -> "RetryPolicy":
+        "The policy with the FMNIST_RETRY_* variables that are set applied; `kwargs` override both."
+        env, vals = os.environ if env is None else env, {}
+        for k, var in RETRY_VARS.items():
+            if not env.get(var): continue
+            try: vals[k] = (int if k == "attempts" else float)(env[var])
+            except ValueError: raise ConfigError(f"{var}={env[var]!r} is not a number: give seconds (attempts: a count)") from None
+        return cls(**{**vals, **kwargs})
+
+    def wait_s(self, attempt: int, hint: float | None = None) -> float:
+        "Seconds to wait after failed attempt `attempt`: the service's hint, else half the backoff plus a jittered half."
+        if hint is not None: return hint
+        b = min(self.maximum_s, self.initial_s * self.multiplier ** (attempt - 1))
+        return b / 2 + b / 2 * self.jitter()
+
+# %% ../nbs/00_config.ipynb #c9e05c9c
+@patch
+def call(self: RetryPolicy, what: str,  # the call, as the log and the error name it: "job create"
+         fn: Callable[[], Any], *, service: str = "Google Cloud",  # who answers, e.g. Vertex AI
+         fix: str = RETRY_FIX,  # what to try when the fault persists
+         lookup: Callable[[], Any] | None = None,  # before each retry: what an earlier attempt made, or None
+         adopt_conflict: bool = False):  # on a retry, 409 ALREADY_EXISTS means an earlier attempt made it
+    "`fn()`, tried again on transient errors until the deadline; a create that may have happened is looked up first."
+    start, n, retrying = self.clock(), 0, False
+    while True:
+        try:
+            if retrying and lookup is not None and (found := lookup()) is not None:
+                self.log(f"{what}: adopted what attempt {n} made ({getattr(found, 'resource_name', found)}); not made again")
+                return found
+            n += 1
+            out = fn()
+            if n > 1: self.log(f"{what}: done on attempt {n}")
+            return out
+        except Exception as e:
+            if retrying and adopt_conflict and getattr(e, "code", None) == 409:
+                self.log(f"{what}: attempt {n} found it made by an earlier attempt ({getattr(e, 'message', e)})")
+                return lookup() if lookup else None
+            reason = transient_reason(e)
+            if reason is None: raise
+            retrying, wait = True, self.wait_s(max(n, 1), retry_delay_hint(e))
+            if n >= self.attempts or self.clock() - start + wait > self.deadline_s:
+                said = (str(getattr(e, "message", "") or e).splitlines() or [""])[0][:200]
+                raise GoogleUnavailable(f"{service}: {what} still failing after {n} attempts in {self.clock() - start:.0f} s "
+                                        f"({reason}{': ' + said if said else ''}): {fix}") from None
+            self.log(f"{what}: attempt {n + 1} of {self.attempts} after {reason}, in {wait:.1f} s")
+            self.sleep(wait)
 
 # %% ../nbs/00_config.ipynb #aae43204
 TF_INSTALL_HINT = "pip install 'fmnist-gcp[cpu]' (or 'fmnist-gcp[gpu]' on a machine with an NVIDIA GPU)"

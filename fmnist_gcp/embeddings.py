@@ -13,31 +13,65 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from .config import Settings, import_keras
+from .config import Settings, import_keras, import_tensorflow
 from .features import JOIN_KEY, image_ids, read_offline
 
 # %% auto #0
-__all__ = ['embedding_model', 'embed', 'version_time', 'embedding_table', 'to_embed', 'same_class_rate']
+__all__ = ['embedding_model', 'embedding_and_probs', 'embedding_function', 'embed', 'version_time', 'embedding_table', 'to_embed',
+           'same_class_rate', 'embed_images']
 
 # %% ../nbs/10_embeddings.ipynb #e10a0007
-def embedding_model(model):
-    "Keras model: raw pixels (n, 28, 28) -> the input of the classifier layer `probs` (n, d), float32."
+def _network(model):
+    "The trained network in `model`: the model itself or the nested model that has the classifier layer `probs`."
     keras = import_keras()
     has_probs = lambda m: any(l.name == "probs" for l in m.layers)
     base = model if has_probs(model) else next((l for l in model.layers if isinstance(l, keras.Model) and has_probs(l)), None)
     if base is None: raise ValueError(f"model {model.name!r} has no layer named 'probs' (the classifier of training.build_model)")
+    return base
+
+def embedding_model(model):
+    "Keras model: raw pixels (n, 28, 28) -> the input of the classifier layer `probs` (n, d), float32."
+    keras, base = import_keras(), _network(model)
     return keras.Model(base.input, keras.ops.cast(base.get_layer("probs").input, "float32"), name=f"{base.name}_embedding")
 
+# %% ../nbs/10_embeddings.ipynb #e10b0001
+_WRAPPER = {"mirror", "probs_tta", "temperature"}  # the layers training.serving_model puts around the network
+
+def embedding_and_probs(model):
+    "Keras model: raw pixels (n, 28, 28) -> [embedding (n, d) float32, `model`'s probabilities (n, 10)]."
+    keras = import_keras(); from keras import layers
+    base = _network(model)
+    both = keras.Model(base.input, [embedding_model(base).output, base.output], name=f"{base.name}_both")
+    if base is model: return both
+    extra = {l.name for l in model.layers if not isinstance(l, layers.InputLayer)} - _WRAPPER - {base.name}
+    if extra: raise ValueError(f"model {model.name!r} has layers {sorted(extra)} that training.serving_model does not make")
+    inp = keras.Input((28, 28), name="pixels")
+    e, p = both(inp)
+    names = {l.name for l in model.layers}
+    if "mirror" in names: p = layers.Average(name="probs_tta")([p, both(model.get_layer("mirror")(inp))[1]])
+    if "temperature" in names: p = model.get_layer("temperature")(p)
+    return keras.Model(inp, [e, p], name=f"{model.name}_embedding_and_probs")
+
+# %% ../nbs/10_embeddings.ipynb #e10b0002
+def embedding_function(model):
+    "images (n, 28, 28) -> (embeddings (n, d) float32, probabilities (n, 10) float64) of `model`, one traced graph."
+    tf = import_tensorflow()
+    both = embedding_and_probs(model)
+    fn = tf.function(lambda x: both(x, training=False), input_signature=[tf.TensorSpec((None, 28, 28), tf.float32)])
+    def run(x):
+        e, p = fn(np.asarray(x, np.float32))
+        return np.asarray(e, np.float32), np.asarray(p, np.float64)
+    return run
+
 # %% ../nbs/10_embeddings.ipynb #e10a0009
-def embed(embedder,  # images (n, 28, 28) float32 -> (n, d)
-          classifier,  # images -> probabilities (n, 10)
+def embed(embed_fn,  # images (n, 28, 28) float32 -> (embeddings (n, d), probabilities (n, 10))
           x: np.ndarray, batch: int = 500, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     "Embeddings (n, d) float32 and class probabilities (n, 10) of images `x`; progress on stderr about every 10%."
     emb, probs, t0, step = [], [], time.perf_counter(), max(1, len(x) // 10)
     for i in range(0, len(x), batch):
-        xb = np.asarray(x[i:i + batch], np.float32)
-        emb.append(np.asarray(embedder(xb), np.float32)); probs.append(np.asarray(classifier(xb), np.float64))
-        done = i + len(xb)
+        e, p = embed_fn(np.asarray(x[i:i + batch], np.float32))
+        emb.append(np.asarray(e, np.float32)); probs.append(np.asarray(p, np.float64))
+        done = i + len(e)
         if progress and (done // step > i // step or done == len(x)):
             print(f"embedded {done:,} of {len(x):,} images ({done / (time.perf_counter() - t0):,.0f}/s)", file=sys.stderr, flush=True)
     if not emb: return np.zeros((0, 0), np.float32), np.zeros((0, 10))
@@ -81,3 +115,14 @@ def same_class_rate(unit: np.ndarray,  # (n, d) unit-length embeddings
     sims[np.arange(len(queries)), queries] = -np.inf
     top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
     return float((labels[top] == labels[queries][:, None]).mean())
+
+# %% ../nbs/10_embeddings.ipynb #e10b0004
+_EMBEDDERS: dict[str, object] = {}  # model URI -> its embedding_function, loaded once per process
+
+def embed_images(settings: Settings, model_name: str, version: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    "Embeddings (n, d) and probabilities (n, 10) of images `x` by registered model `model_name` v`version`."
+    from fmnist_gcp.registry import Registry
+    from fmnist_gcp.training import load_model
+    uri = Registry(settings, model_name).version_store(int(version)).uri("model.keras")
+    if uri not in _EMBEDDERS: _EMBEDDERS[uri] = embedding_function(load_model(uri))
+    return _EMBEDDERS[uri](x)

@@ -24,7 +24,7 @@ __all__ = ['ENTITY', 'JOIN_KEY', 'VIEWS', 'STATS_EVENT_TIME', 'SCHEMA', 'ROW_KEY
            'FeatureError', 'parse_image_id', 'image_stats', 'image_ids', 'stats_table', 'offline_rel', 'feast_dir',
            'source_path', 'read_offline', 'write_offline', 'repo_config', 'feast_objects', 'feature_store',
            'read_state', 'view_summary', 'record_state', 'materialize', 'publish', 'online_rows', 'lookup', 'nearest',
-           'build_index', 'load_index', 'similar', 'lookup_latency', 'freshness', 'historical']
+           'nearest_vector', 'build_index', 'load_index', 'similar', 'lookup_latency', 'freshness', 'historical']
 
 # %% ../nbs/05_features.ipynb #f05a0007
 class FeatureError(ValueError):
@@ -256,6 +256,16 @@ def nearest(unit: np.ndarray,  # (n, d) unit-length rows
     top = top[np.lexsort((top, -sims[top]))]
     return top, sims[top]
 
+def nearest_vector(unit: np.ndarray,  # (n, d) unit-length rows
+                   vector: np.ndarray,  # (d,) a query that need not be a row
+                   k: int) -> tuple[np.ndarray, np.ndarray]:  # rows and cosine similarities, most similar first
+    "The `k` rows most cosine-similar to `vector`."
+    sims = unit @ (np.asarray(vector, np.float32) / max(float(np.linalg.norm(vector)), 1e-12))
+    k = min(k, len(unit))
+    top = np.argpartition(-sims, k - 1)[:k] if k > 0 else np.zeros(0, np.int64)
+    top = top[np.lexsort((top, -sims[top]))]
+    return top, sims[top]
+
 # %% ../nbs/05_features.ipynb #f05a0025
 INDEX_FILE = "similar_index.npz"  # in feast_dir
 _INDEXES: dict[str, dict] = {}  # index file -> the index, kept in the process while its hash is current
@@ -297,8 +307,17 @@ def load_index(settings: Settings) -> dict:
     return index
 
 # %% ../nbs/05_features.ipynb #f05a0026
+def _query_outside(settings: Settings, index: dict, image_id: str, embed) -> tuple[dict, np.ndarray]:
+    "(the query's item, its embedding by the catalogue's model version) of an image the catalogue does not hold."
+    from fmnist_gcp.data import load_split
+    split, i = parse_image_id(image_id)
+    x, y = load_split(split, settings=settings)
+    e, _ = embed(settings, str(index["model"]), int(index["version"]), x[i:i + 1])
+    return {JOIN_KEY: image_id, "label": int(y[i]), "class_name": CLASS_NAMES[int(y[i])]}, np.asarray(e, np.float32)[0]
+
 def similar(settings: Settings, image_id: str, k: int = 5,
             search=None,  # `(settings, image_id, k)` -> the answer; default: the local index
+            embed=None,  # `(settings, model_name, version, images)` -> (embeddings, probabilities), for ids outside the catalogue
             ) -> dict:
     "The `k` catalogue images nearest to `image_id` by cosine similarity of the champion's embeddings."
     parse_image_id(image_id)
@@ -307,12 +326,16 @@ def similar(settings: Settings, image_id: str, k: int = 5,
     _feast_only(settings, "similar")
     index = load_index(settings)
     where = np.flatnonzero(index["ids"] == image_id)
-    if not len(where): raise FeatureError(f"{image_id} has no embedding of {index['model']} v{int(index['version'])} in the "
-                                          f"feature store ({len(index['ids'])} images do): run 10_embeddings with max_images=0")
-    q = int(where[0]); rows, sims = nearest(index["unit"], q, k)
     item = lambda r: {JOIN_KEY: str(index["ids"][r]), "label": int(index["labels"][r]), "class_name": CLASS_NAMES[int(index["labels"][r])]}
-    return {**item(q), "model": str(index["model"]), "version": int(index["version"]), "catalogue": int(len(index["ids"])),
-            "neighbours": [{**item(r), "similarity": round(float(s), 6)} for r, s in zip(rows, sims)]}
+    if len(where): query, (rows, sims) = item(int(where[0])), nearest(index["unit"], int(where[0]), k)
+    elif embed is None:
+        raise FeatureError(f"{image_id} has no embedding of {index['model']} v{int(index['version'])} in the feature store "
+                           f"({len(index['ids'])} images do): pass embed= to embed it on the fly (`fmnist similar` does)")
+    else:
+        query, vector = _query_outside(settings, index, image_id, embed)
+        rows, sims = nearest_vector(index["unit"], vector, k)
+    return {**query, "model": str(index["model"]), "version": int(index["version"]), "catalogue": int(len(index["ids"])),
+            "embedded_on_the_fly": not len(where), "neighbours": [{**item(r), "similarity": round(float(s), 6)} for r, s in zip(rows, sims)]}
 
 # %% ../nbs/05_features.ipynb #f05a0029
 def lookup_latency(settings: Settings, ids: list[str], repeats: int, view: str = "image_stats",

@@ -27,10 +27,10 @@ from .preprocessing import Augment, load_tfrecords, make_dataset, read_preproces
 # %% auto #0
 __all__ = ['PRECISIONS', 'RECIPE_RESULTS', 'TENSORBOARD_SCALARS', 'TrainConfig', 'parse_widths', 'recipe_params',
            'resolve_precision', 'build_model', 'serving_model', 'load_model', 'log_loss', 'soften', 'fit_temperature',
-           'one_cycle', 'make_optimizer', 'averaged_weights', 'CheckpointMismatch', 'Checkpoints', 'is_chief',
-           'predict', 'make_train_step', 'epoch_dataset', 'validation_metrics', 'upload_dir', 'TensorBoardLog',
-           'LocalTracker', 'fit', 'model_versions', 'resolve_version', 'export_model', 'calibration',
-           'train_and_export']
+           'one_cycle', 'make_optimizer', 'averaged_weights', 'reestimate_batchnorm', 'CheckpointMismatch',
+           'Checkpoints', 'is_chief', 'predict', 'make_train_step', 'epoch_dataset', 'validation_metrics', 'upload_dir',
+           'TensorBoardLog', 'LocalTracker', 'steal_seconds', 'fit', 'model_versions', 'resolve_version',
+           'export_model', 'calibration', 'train_and_export']
 
 # %% ../nbs/07_training.ipynb #833f9af4
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")  # "auto" is resolved when training starts (`resolve_precision`)
@@ -239,6 +239,22 @@ def averaged_weights(model, optimizer):
     finally:
         for v, s in zip(model.trainable_variables, saved): v.assign(s)
 
+# %% ../nbs/07_training.ipynb #bn5e1a02
+def reestimate_batchnorm(model, x: np.ndarray,  # the model, and training images (n, 28, 28) uint8
+                         batch_size: int = 256, batches: int = 50, seed: int = 0) -> int:
+    "BatchNorm moving statistics recomputed for `model`'s current weights: the average over `batches` random batches of `x`; returns the images used."
+    tf = import_tensorflow(); keras = import_keras()
+    bns = [l for l in model._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]
+    if not bns: return 0
+    idx, saved = np.random.default_rng(seed).permutation(len(x))[:batches * batch_size], [l.momentum for l in bns]
+    try:
+        for k, i in enumerate(range(0, len(idx), batch_size)):
+            for l in bns: l.momentum = k / (k + 1)  # batch k weighs 1/(k+1): the running mean of the batches' statistics
+            model(tf.cast(x[idx[i:i + batch_size]], tf.float32), training=True)  # updates only the moving statistics
+    finally:
+        for l, m in zip(bns, saved): l.momentum = m
+    return len(idx)
+
 # %% ../nbs/07_training.ipynb #e8a2e1da
 class CheckpointMismatch(ValueError):
     "The checkpoint directory holds a checkpoint of a different configuration."
@@ -372,6 +388,14 @@ class LocalTracker:
     def end(self) -> None:
         if self._tb: self._tb.close()
 
+# %% ../nbs/07_training.ipynb #st3a1b01
+def steal_seconds() -> float:
+    "CPU seconds the hypervisor has taken from this machine since boot, all cores (`/proc/stat` steal); 0 where unknown."
+    try:
+        with open("/proc/stat") as fh: ticks = fh.readline().split()[1:]
+        return int(ticks[7]) / os.sysconf("SC_CLK_TCK") if len(ticks) > 7 else 0.0
+    except (OSError, ValueError): return 0.0
+
 # %% ../nbs/07_training.ipynb #e5110898
 def fit(cfg: TrainConfig, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray,
         mean: float, std: float, checkpoints: Checkpoints | None = None, strategy=None,
@@ -393,20 +417,23 @@ def fit(cfg: TrainConfig, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, 
     chief, train_step = is_chief(), make_train_step(model, opt, cfg, strategy)
     with TensorBoardLog(tensorboard_dir) if tensorboard_dir and chief else contextlib.nullcontext() as tb:
         for epoch in range(start, cfg.epochs):
-            t0, total, n = time.perf_counter(), 0.0, 0
+            t0, c0, st0, total, n = time.perf_counter(), time.process_time(), steal_seconds(), 0.0, 0
             for xb, yb in epoch_dataset(x_tr, y_tr, cfg, epoch, strategy):
                 total += float(train_step(xb, yb)); n += 1
-            s = time.perf_counter() - t0
+            s, cpu, steal = time.perf_counter() - t0, time.process_time() - c0, steal_seconds() - st0
             with averaged_weights(model, opt): val, extra = validation_metrics(model, x_va, y_va), probe(model) if probe else {}
             h = {"epoch": epoch + 1, "loss": total / max(n, 1), **val, **extra,
-                 "lr": float(np.asarray(opt.learning_rate)), "seconds": round(s, 2), "images_per_s": round(len(x_tr) / s, 1)}
+                 "lr": float(np.asarray(opt.learning_rate)), "seconds": round(s, 2), "images_per_s": round(len(x_tr) / s, 1),
+                 "cpu_seconds": round(cpu, 2), "steal_seconds": round(steal, 2)}  # this process's CPU, the host's steal meanwhile
             history.append(h)
             log(f"epoch {h['epoch']:>3}/{cfg.epochs}  loss {h['loss']:.4f}  val_loss {h['val_loss']:.4f}  "
-                f"val_acc {h['val_accuracy']:.4f}  {h['seconds']:.1f} s ({h['images_per_s']:.0f} img/s)")
+                f"val_acc {h['val_accuracy']:.4f}  {h['seconds']:.1f} s ({h['images_per_s']:.0f} img/s, {h['cpu_seconds']:.0f} CPU-s, steal {h['steal_seconds']:.1f} s)")
             if tb: tb.log(epoch + 1, {k: h[k] for k in TENSORBOARD_SCALARS})
             if checkpoints and chief: checkpoints.save(model, opt, epoch + 1, history, cfg)
             if on_epoch: on_epoch(h)
     opt.finalize_variable_values(model.trainable_variables)  # the moving averages are the model (no-op without EMA)
+    if opt.use_ema:  # the BatchNorm statistics of the averaged weights, not of the live ones
+        with strategy.scope(): reestimate_batchnorm(model, x_tr, cfg.batch_size, seed=cfg.seed)
     return model, history
 
 # %% ../nbs/07_training.ipynb #15c1e138

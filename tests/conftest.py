@@ -48,3 +48,26 @@ def gcs_emulator():
         yield f"http://127.0.0.1:{port}"
     finally:
         server.stop()
+
+
+@pytest.fixture
+def vertex_rest(tmp_path, monkeypatch):
+    """The fake Vertex AI REST service (tests/vertex_fake.py) on a free loopback port, and the environment that points
+    the SDK at it over REST: FMNIST_VERTEX_ENDPOINT/TRANSPORT, its certificate in REQUESTS_CA_BUNDLE, a service-account
+    key made here (token_uri: the fake's) in GOOGLE_APPLICATION_CREDENTIALS, no metadata server. `fake.env` holds the
+    Vertex settings' variables; after the test, no request may have met a method the fake does not model (501)."""
+    from vertex_fake import VertexFake
+    fake = VertexFake(tmp_path / "vertex-fake").start()
+    fake.env = {**VERTEX_ENV, "FMNIST_VERTEX_ENDPOINT": fake.host, "FMNIST_VERTEX_TRANSPORT": "rest"}
+    for k, v in {**fake.env, "REQUESTS_CA_BUNDLE": str(fake.cert), "GOOGLE_APPLICATION_CREDENTIALS": str(fake.key_file),
+                 "NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:1"}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("GOOGLE_CLOUD_PROJECT", "CLOUDSDK_CONFIG", "GOOGLE_API_USE_CLIENT_CERTIFICATE"):
+        monkeypatch.delenv(k, raising=False)
+    from google.cloud.aiplatform import initializer  # the SDK keeps the first credentials it found: find this key's
+    monkeypatch.setattr(initializer.global_config, "_credentials", None)
+    try:
+        yield fake
+    finally:
+        fake.stop()
+    assert not fake.unmodelled(), f"requests the Vertex fake does not model (501): {fake.unmodelled()}"

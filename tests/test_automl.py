@@ -34,11 +34,11 @@ def tiny(tmp_path_factory):
         yield {"settings": s, "x": x, "y": y, "home": home}
 
 
-def trainer(tiny, folder=None, epochs=1):
+def trainer(tiny, folder=None, epochs=1, clock=None):
     x, y = tiny["x"], tiny["y"]
     from fmnist_gcp.preprocessing import Augment
     return automl.keras_trainer(x[:320], y[:320], x[320:], y[320:], {"mean": 0.286, "std": 0.353}, Augment(erase_prob=0.0),
-                                epochs, seed=0, folder=folder)
+                                epochs, seed=0, folder=folder, clock=clock)
 
 
 def search(folder, workdir, train_trial, budget_s=120.0, max_trials=2, pruner=None, name="r1"):
@@ -134,3 +134,43 @@ def test_the_winner_is_exported_like_the_custom_model(tiny, tmp_path):
     p = predict(served, tiny["x"][320:].astype(np.float32))
     assert p.shape == (160, 10) and np.allclose(p.sum(1), 1, atol=1e-4)
     assert float((p.argmax(1) == tiny["y"][320:]).mean()) == pytest.approx(meta["val_accuracy"], abs=1e-6)
+
+
+def test_the_budget_counts_on_the_clock_it_is_given(tiny, tmp_path):
+    "A clock a hundred times faster than the wall spends a 100 s budget in the first epoch (which takes over a wall second)."
+    t0 = time.monotonic()
+    clock = lambda: (time.monotonic() - t0) * 100
+    folder = Store("models", str(tmp_path / "study"))
+    study = automl.open_study(folder, "c", str(tmp_path), pruner=automl.make_pruner("none"), log=lambda *a: None)
+    out = automl.run_search(study, trainer(tiny, folder, epochs=3, clock=clock), SPACE, 100.0, 5, log=lambda *a: None, clock=clock)
+    assert out["trials"] == {"pruned": 1} and study.trials[0].user_attrs["stopped_by"] == "budget"
+    assert study.trials[0].user_attrs["seconds"] >= 100 and study.trials[0].user_attrs["epoch_seconds"][0] >= 100
+    assert out["used_minutes"] * 60 >= 100 and time.monotonic() - t0 < 100  # the budget was spent on the given clock
+
+
+def test_the_recipe_starts_the_search_and_the_winner_plans_its_retraining(tiny, tmp_path):
+    from fmnist_gcp.preprocessing import Augment
+    from fmnist_gcp.training import TrainConfig
+    folder = Store("models", str(tmp_path / "study"))
+    study = automl.open_study(folder, "r", str(tmp_path), pruner=automl.make_pruner("none"), log=lambda *a: None)
+    recipe = TrainConfig(widths=(8, 16), convs=2, lr=0.004, batch_size=64, augment=Augment(erase_prob=0.0))
+    assert automl.start_from_recipe(study, SPACE, recipe)["widths"] == "8,16"
+    out = automl.run_search(study, trainer(tiny, folder, epochs=2), SPACE, 120.0, 2, log=lambda *a: None)
+    first = study.trials[0]
+    assert first.params["widths"] == "8,16" and first.params["lr"] == 0.004 and first.user_attrs["from"] == "recipe"
+    assert out["trials"] == {"complete": 2} and automl.winner(study).number == out["best_trial"]
+    best = automl.winner(study)
+    ep, share = best.user_attrs["epoch_seconds"], best.user_attrs["train_share"]
+    assert len(ep) == 2 and len(share) == 2 and all(0 < s <= 1 for s in share) and best.user_attrs["train_images"] == 320
+    image_s, start_s = automl.trial_costs(ep, 320, share)
+    assert 0 < image_s * 320 <= ep[1] and start_s >= 0
+    plenty = automl.refit_for_trial(best, 10**6, 480, 160, 3)  # a long budget: the epochs cap, all images
+    assert (plenty["images"], plenty["epochs"]) == (480, 3) and "3 epoch(s) on 480" in plenty["why"]
+    none = automl.refit_for_trial(best, 0.0, 480, 160, 3)  # nothing left: the trial's own model
+    assert (none["images"], none["epochs"]) == (0, 0) and "its own model is exported" in none["why"]
+    two = automl.refit_for_trial(best, start_s + 160 * image_s + 1000 * image_s, 480, 160, 3)  # 2.08 epochs' worth
+    assert (two["images"], two["epochs"]) == (480, 2)
+    some = automl.refit_for_trial(best, start_s + 160 * image_s + 1300 * image_s, 480, 160, 3)  # 2.7: 3 epochs on fewer images
+    assert some["epochs"] == 3 and 420 < some["images"] < 480
+    short = automl.refit_for_trial(best, start_s + 160 * image_s + 500 * image_s, 480, 160, 3)  # no more than the trial's 640
+    assert short["images"] == 0

@@ -177,3 +177,78 @@ def test_the_cli_prints_one_json_object_per_id_or_only_the_error(settings, stats
     out = json.loads(r.stdout)
     assert out["image_id"] == "test-17" and len(out["neighbours"]) == 3 and "test-17" not in [n["image_id"] for n in out["neighbours"]]
     assert [n["label"] for n in out["neighbours"]].count(int(y[17])) >= 2  # synthetic embeddings cluster by label
+
+
+@pytest.mark.parametrize("tta_flip,temperature", [(True, 1.5), (True, 1.0), (False, 2.0), (False, 1.0)])
+def test_embedding_and_probs_gives_the_embedding_and_the_served_probabilities(tta_flip, temperature):
+    from fmnist_gcp.embeddings import embedding_and_probs, embedding_function, embedding_model
+    from fmnist_gcp.training import TrainConfig, build_model, serving_model
+    model = build_model(TrainConfig(widths=(4, 6), precision="float32"), mean=0.3, std=0.3)
+    served = serving_model(model, tta_flip=tta_flip, temperature=temperature)
+    x = np.random.default_rng(1).integers(0, 256, (5, 28, 28)).astype(np.float32)
+    e, p = (np.asarray(t) for t in embedding_and_probs(served)(x))
+    np.testing.assert_allclose(e, np.asarray(embedding_model(served)(x)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(p, np.asarray(served(x)), rtol=1e-5, atol=1e-6)
+    e2, p2 = embedding_function(served)(x)  # the traced graph the stage runs
+    assert e2.dtype == np.float32 and p2.dtype == np.float64
+    np.testing.assert_allclose(p2, p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def catalogue(settings):
+    "A small model trained on 300 real training images, registered as champion; the first 200 test images embedded and published."
+    from fmnist_gcp.config import DEFAULT_MODEL, Store
+    from fmnist_gcp.data import load_split
+    from fmnist_gcp.embeddings import embed, embedding_function, embedding_table, version_time
+    from fmnist_gcp.preprocessing import Augment
+    from fmnist_gcp.registry import Registry
+    from fmnist_gcp.training import TrainConfig, export_model, fit, load_model
+    x, y = load_split("train", limit=300)
+    cfg = TrainConfig(widths=(8, 16), convs=1, epochs=1, lr=0.01, seed=0, augment=Augment(True, 1, 0.0))
+    model, _ = fit(cfg, x, y, x[:100], y[:100], 0.286, 0.353, log=lambda *_: None)
+    export_model(model, cfg, {"name": DEFAULT_MODEL, "version": 1, "created": "2026-01-01T00:00:00+0000"},
+                 Store("models", settings.models.uri(DEFAULT_MODEL, "1")))
+    reg = Registry(settings, DEFAULT_MODEL)
+    reg.register(1, aliases=("champion",))
+    xt, yt = load_split("test", limit=200)
+    fn = embedding_function(load_model(reg.version_store(1).uri("model.keras")))
+    emb, probs = embed(fn, xt, batch=64, progress=False)
+    F.publish(settings, "image_embedding", embedding_table(F.image_ids("test", range(200)), yt, emb, probs, DEFAULT_MODEL, 1,
+                                                           version_time(settings, DEFAULT_MODEL, 1)))
+    return fn, emb
+
+
+def test_similar_embeds_an_id_outside_the_catalogue_on_the_fly(settings, catalogue, fmnist_env):
+    import subprocess
+    from conftest import BIN
+    from fmnist_gcp.data import load_split
+    from fmnist_gcp.embeddings import embed_images
+    fn, emb = catalogue
+    x, y = load_split("train", limit=124)
+    ans = F.similar(settings, "train-123", k=5, embed=embed_images)
+    assert (ans["image_id"], ans["label"], ans["embedded_on_the_fly"], ans["catalogue"]) == ("train-123", int(y[123]), True, 200)
+    # the neighbours are the catalogue's nearest to the model's own embedding of the image
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    q = fn(x[123:124].astype(np.float32))[0][0]
+    want = np.argsort(-(unit @ (q / np.linalg.norm(q))), kind="stable")[:5]
+    assert [n["image_id"] for n in ans["neighbours"]] == [f"test-{i}" for i in want]
+    sims = [n["similarity"] for n in ans["neighbours"]]
+    assert sims == sorted(sims, reverse=True) and json.loads(json.dumps(ans)) == ans
+    # a catalogue image is answered from its stored row, and embedding it on the fly gives that same vector
+    inside = F.similar(settings, "test-5", k=3, embed=embed_images)
+    assert inside["embedded_on_the_fly"] is False and "test-5" not in [n["image_id"] for n in inside["neighbours"]]
+    xt, _ = load_split("test", limit=6)
+    np.testing.assert_allclose(embed_images(settings, "fmnist-cnn", 1, xt[5:6])[0][0], emb[5], rtol=1e-4, atol=1e-5)
+    with pytest.raises(F.FeatureError, match="has no embedding .* pass embed="):
+        F.similar(settings, "train-123")  # without an embedder only the catalogue answers
+    for bad in ("train-60000", "shoe", "test-05", "test--1"):
+        with pytest.raises(F.FeatureError, match="is not an image id"):
+            F.similar(settings, bad, embed=embed_images)
+    run = lambda *args: subprocess.run([str(BIN / "fmnist"), *args], env=fmnist_env, capture_output=True, text=True, timeout=300)
+    r = run("similar", "test-5305", "-k", "3")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    _, yt = load_split("test")
+    assert (out["image_id"], out["label"], out["embedded_on_the_fly"], len(out["neighbours"])) == ("test-5305", int(yt[5305]), True, 3)
+    r = run("similar", "test-10000")
+    assert (r.returncode, r.stdout) == (2, "") and "'test-10000' is not an image id" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -92,6 +92,20 @@ def test_both_instance_formats_agree_with_the_model(server, trained):
     assert len(r.json()["predictions"][0]["ids"]) <= 1
 
 
+def test_a_batch_of_pixel_arrays_agrees_with_the_model(server):
+    # pixel arrays only (no PNG among them): the request is read in one vectorised pass
+    from fmnist_gcp.data import load_split
+    from fmnist_gcp.serving import ALL_CLASSES
+    from fmnist_gcp.training import load_model, predict
+    srv, _, _, uri = server
+    x, _ = load_split("test", limit=128)
+    want = predict(load_model(uri), x)
+    r = post(srv, {"instances": [im.tolist() for im in x], "parameters": ALL_CLASSES})
+    assert r.status_code == HTTPStatus.OK, r.text
+    got = np.array([[p["confidences"][p["ids"].index(str(c))] for c in range(10)] for p in r.json()["predictions"]])
+    assert np.allclose(got, want, atol=1e-5)
+
+
 @pytest.mark.parametrize("what,body,status,needle,index", [
     ("invalid JSON", b"{nope", HTTPStatus.BAD_REQUEST, "not valid JSON", None),
     ("missing instances", {"inputs": []}, HTTPStatus.BAD_REQUEST, '"instances"', None),
@@ -99,6 +113,11 @@ def test_both_instance_formats_agree_with_the_model(server, trained):
     ("non-numeric", {"instances": [[["a"] * 28] * 28]}, HTTPStatus.BAD_REQUEST, "not a number", 0),
     ("NaN", b'{"instances": [[' + b",".join([b"[" + b",".join([b"NaN"] * 28) + b"]"] * 28) + b"]]}", HTTPStatus.BAD_REQUEST, "not finite", 0),
     ("out of range", {"instances": [[[0] * 28] * 27 + [[256] * 28]]}, HTTPStatus.BAD_REQUEST, "outside 0-255", 0),
+    # a batch of pixel arrays only is read in one numpy pass, which would take "7" as 7.0, true as 1.0 and null as NaN
+    ("string pixel", {"instances": [[[0] * 28] * 28, [[0] * 28] * 27 + [[0] * 27 + ["7"]]]}, HTTPStatus.BAD_REQUEST, 'pixel [27][27] is "7", not a number', 1),
+    ("boolean pixel", {"instances": [[[0] * 28] * 28, [[0] * 28] * 27 + [[0] * 27 + [True]]]}, HTTPStatus.BAD_REQUEST, "pixel [27][27] is true, not a number", 1),
+    ("null pixel", {"instances": [[[0] * 28] * 28, [[None] * 28] * 28]}, HTTPStatus.BAD_REQUEST, "pixel [0][0] is null, not a number", 1),
+    ("ragged batch", {"instances": [[[0] * 28] * 28, [[0] * 28] * 27 + [[0] * 29]]}, HTTPStatus.BAD_REQUEST, "28 rows of 28", 1),
     ("bad base64", {"instances": [{"content": "%%%"}]}, HTTPStatus.BAD_REQUEST, "not valid base64", 0),
     ("not an image", {"instances": [{"content": base64.b64encode(b"GIF89a nonsense").decode()}]}, HTTPStatus.BAD_REQUEST, "not a decodable image", 0),
     ("too many", {"instances": [[[0] * 28] * 28] * (MAX_INSTANCES + 1)}, HTTPStatus.BAD_REQUEST, f"at most {MAX_INSTANCES}", None),

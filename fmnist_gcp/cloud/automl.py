@@ -20,6 +20,7 @@ from ..config import APP_LABELS, Settings, Store, filesystem, is_local
 from ..automl import VERTEX_AUTOML_MODEL, VERTEX_EVALUATION, read_vertex_evaluation
 from ..task import HP_METRIC, report_hypertune_metric
 from .vertex import vertex_client_options, vertex_init
+from .retry import create_labels, google_call, labelled
 from ..preprocessing import AUTOML_CSV_PATH, AUTOML_LABELS, ML_USE, PNG_DIR, png_bytes
 from .endpoints import png_instances
 
@@ -99,9 +100,12 @@ def create_image_dataset(settings: Settings, csv_uri: str,  # gs:// URI of the i
     s = settings.require_vertex("Vertex AutoML")
     if not csv_uri.startswith("gs://"): raise ValueError(f"{csv_uri}: Vertex imports from gs:// only; upload the export first (upload_automl_export)")
     vertex_init(s)
-    return aiplatform.ImageDataset.create(display_name=display_name, gcs_source=[csv_uri],
-                                          import_schema_uri=aiplatform.schema.dataset.ioformat.image.single_label_classification,
-                                          labels=dict(APP_LABELS), sync=True)
+    labels = create_labels("dataset")  # the create, then the import: each retried on its own, the create adopted by its labels
+    ds = google_call("dataset create", lambda: aiplatform.ImageDataset.create(display_name=display_name, labels=labels, sync=True),
+                     lookup=lambda: labelled(aiplatform.ImageDataset.list, labels))
+    google_call("dataset import", lambda: ds.import_data(gcs_source=[csv_uri], sync=True,
+                import_schema_uri=aiplatform.schema.dataset.ioformat.image.single_label_classification))
+    return ds
 
 # %% ../../nbs/cloud_automl.ipynb #cc67ad94
 MIN_BUDGET, MAX_BUDGET = 8_000, 800_000  # milli node hours Vertex accepts for AutoML image classification (8 to 800 node hours)
@@ -121,11 +125,15 @@ def train_automl(settings: Settings, dataset,  # an aiplatform.ImageDataset
     s = settings.require_vertex("Vertex AutoML")
     check_budget(budget_milli_node_hours)
     vertex_init(s)
+    labels = create_labels("automl")
+    def adopt():  # the training pipeline an earlier attempt created: followed to its model
+        job = labelled(aiplatform.AutoMLImageTrainingJob.list, labels)
+        return None if job is None else job.get_model(sync=sync)
     job = aiplatform.AutoMLImageTrainingJob(display_name=display_name or f"fmnist-automl-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}",
                                             prediction_type="classification", multi_label=False, model_type="CLOUD",
-                                            labels=dict(APP_LABELS))
-    return job.run(dataset=dataset, **filter_splits(), budget_milli_node_hours=budget_milli_node_hours,
-                   model_display_name=model_display_name, model_labels=dict(APP_LABELS), sync=sync)
+                                            labels=labels)
+    return google_call("AutoML training create", lambda: job.run(dataset=dataset, **filter_splits(), budget_milli_node_hours=budget_milli_node_hours,
+                   model_display_name=model_display_name, model_labels=dict(APP_LABELS), sync=sync), lookup=adopt)
 
 # %% ../../nbs/cloud_automl.ipynb #4feac0b8
 def _counts(t: np.ndarray, p: np.ndarray, th: float) -> tuple[int, int, int, int]:
@@ -265,10 +273,13 @@ def submit_tuning_job(settings: Settings, image_uri: str,  # the training image
     trial_job = aiplatform.CustomJob(display_name=f"{name}-trial", base_output_dir=s.models.uri("tuning-jobs", name),
                                      worker_pool_specs=worker_pool_specs(image_uri, args, machine_type, accelerator_type, accelerator_count, 0, env),
                                      staging_bucket=s.dev.uri(STAGING_FOLDER), labels=dict(APP_LABELS))
-    job = aiplatform.HyperparameterTuningJob(display_name=name, custom_job=trial_job, metric_spec={HP_METRIC: "maximize"},
+    labels = create_labels("tune", name)
+    def create():  # a fresh job object each attempt: the SDK runs a job object once
+        job = aiplatform.HyperparameterTuningJob(display_name=name, custom_job=trial_job, metric_spec={HP_METRIC: "maximize"},
                                              parameter_spec=vertex_parameter_spec(space, log=log), max_trial_count=max_trial_count,
                                              parallel_trial_count=parallel_trial_count, measurement_selection="last",
-                                             labels=dict(APP_LABELS))
-    job.run(service_account=s.service_account, sync=False)  # Vertex runs the trials; the SDK follows in a thread
-    job.wait_for_resource_creation()
-    return job
+                                             labels=labels)
+        job.run(service_account=s.service_account, sync=False)  # Vertex runs the trials; the SDK follows in a thread
+        job.wait_for_resource_creation()  # raises the create's error
+        return job
+    return google_call("tuning job create", create, lookup=lambda: labelled(aiplatform.HyperparameterTuningJob.list, labels))

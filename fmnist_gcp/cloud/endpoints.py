@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..config import APP_LABELS, Settings
 from .vertex import vertex_init
+from .retry import create_labels, google_call, labelled
 from ..preprocessing import BATCH_JSONL_PATH, png_bytes
 
 # %% auto #0
@@ -70,21 +71,27 @@ def deploy(settings: Settings,
            traffic_percentage: int = 100):
     "Deploy a Vertex model to an endpoint (created when not given); returns the `aiplatform.Endpoint`."
     ai = _init(settings)
-    m = ai.Model(model)
-    ep = ai.Endpoint(endpoint) if endpoint else ai.Endpoint.create(display_name=f"{m.display_name}-endpoint",
-                                                                 labels=dict(APP_LABELS))
-    m.deploy(endpoint=ep, deployed_model_display_name=m.display_name, machine_type=machine_type,
+    m = google_call("model get", lambda: ai.Model(model))
+    labels = create_labels("endpoint")
+    ep = google_call("endpoint get", lambda: ai.Endpoint(endpoint)) if endpoint else google_call(
+        "endpoint create", lambda: ai.Endpoint.create(display_name=f"{m.display_name}-endpoint", labels=labels),
+        lookup=lambda: labelled(ai.Endpoint.list, labels))
+    before = {d.id for d in google_call("endpoint read", ep.list_models)} if endpoint else set()
+    def deployed():  # a deployed model of this version that an earlier attempt made
+        return next((d for d in ep.list_models() if d.id not in before and d.model.split("@")[0] == m.resource_name
+                     and d.model_version_id in ("", m.version_id)), None)
+    google_call("deploy", lambda: m.deploy(endpoint=ep, deployed_model_display_name=m.display_name, machine_type=machine_type,
              min_replica_count=min_replicas, max_replica_count=max_replicas, traffic_percentage=traffic_percentage,
-             service_account=settings.service_account, sync=True)
+             service_account=settings.service_account, sync=True), lookup=deployed)
     return ep
 
 # %% ../../nbs/cloud_endpoints.ipynb #ee1fdf0e
 def undeploy_and_delete(settings: Settings, endpoint: str) -> None:
     "Undeploy every model from `endpoint` and delete it."
     ai = _init(settings)
-    ep = ai.Endpoint(endpoint)
-    ep.undeploy_all(sync=True)
-    ep.delete(sync=True)
+    ep = google_call("endpoint get", lambda: ai.Endpoint(endpoint))
+    google_call("undeploy", lambda: ep.undeploy_all(sync=True))
+    google_call("endpoint delete", lambda: ep.delete(sync=True))
 
 # %% ../../nbs/cloud_endpoints.ipynb #9ebd05f2
 def png_instances(images) -> list[dict]:
@@ -98,7 +105,8 @@ def predict(settings: Settings, endpoint: str,  # endpoint resource name
     "Online predictions from a Vertex endpoint: `{predictions, deployed_model_id, model_version_id}`."
     from fmnist_gcp.serving import ALL_CLASSES
     ai = _init(settings)
-    r = ai.Endpoint(endpoint).predict(instances=png_instances(images), parameters=parameters or ALL_CLASSES)
+    instances = png_instances(images)
+    r = google_call("predict", lambda: ai.Endpoint(endpoint).predict(instances=instances, parameters=parameters or ALL_CLASSES))
     return {"predictions": list(r.predictions), "deployed_model_id": r.deployed_model_id,
             "model_version_id": r.model_version_id}
 
@@ -110,12 +118,12 @@ def batch_predict(settings: Settings, model: str,
     "Start a Vertex batch prediction job over a JSONL file in the datasets bucket; returns the job (not waited for)."
     from fmnist_gcp.serving import ALL_CLASSES
     ai = _init(settings)
-    m = ai.Model(model)
+    m = google_call("model get", lambda: ai.Model(model))
     # `submit` returns once the job exists; `Model.batch_predict(sync=False)` would keep a thread polling until the
     # job finishes, holding the Python process open for the job's whole run
-    return ai.BatchPredictionJob.submit(
+    return google_call("batch prediction create", lambda: ai.BatchPredictionJob.submit(
         job_display_name=f"{m.display_name}-batch", model_name=m, gcs_source=settings.datasets.uri(source),
         instances_format="jsonl", predictions_format="jsonl", gcs_destination_prefix=settings.dev.uri("batch-predictions"),
         model_parameters=parameters or ALL_CLASSES,
         machine_type=machine_type, starting_replica_count=1, max_replica_count=max_replicas,
-        service_account=settings.service_account, labels=dict(APP_LABELS))
+        service_account=settings.service_account, labels=dict(APP_LABELS)))  # the labels `batch_predict_request` shows

@@ -15,13 +15,15 @@ from ..data import CLASS_NAMES
 from ..features import JOIN_KEY, SCHEMA, FeatureError, offline_rel, record_state, view_summary, write_offline
 from .provision import ONLINE_STORE  # destroy deletes it
 from .vertex import vertex_client_options
+from .retry import google_call
 
 # %% auto #0
 __all__ = ['BQ_DATASET', 'EMBEDDING_COLUMN', 'SYNC_POLL_S', 'STORE_COST', 'location', 'online_store_name', 'feature_view_name',
            'table_id', 'online_rel', 'source_uri', 'online_rows', 'write_online', 'load_job_config', 'bigquery_client',
            'load_table', 'online_store_request', 'feature_view_request', 'fetch_request', 'search_request',
-           'feature_values', 'admin_client', 'publish_view', 'wait_sync', 'serving_endpoint', 'serving_client',
-           'read_rows', 'search_neighbours', 'delete_online_store', 'publish', 'lookup', 'lookup_latency', 'similar']
+           'feature_values', 'admin_client', 'sync_since', 'publish_view', 'wait_sync', 'serving_endpoint',
+           'serving_client', 'read_rows', 'search_neighbours', 'delete_online_store', 'publish', 'lookup',
+           'lookup_latency', 'similar']
 
 # %% ../../nbs/cloud_features.ipynb #a7fe0006
 BQ_DATASET = "fmnist_features"  # BigQuery dataset holding one table per view
@@ -82,9 +84,9 @@ def load_table(settings: Settings, view: str, client=None, timeout: float = 900)
     from google.cloud import bigquery
     client = client or bigquery_client(settings)
     ds = bigquery.Dataset(f"{settings.project}.{BQ_DATASET}"); ds.location = settings.region; ds.labels = dict(APP_LABELS)
-    client.create_dataset(ds, exists_ok=True)
-    client.load_table_from_uri(source_uri(settings, view), table_id(settings, view), job_config=load_job_config(),
-                               location=settings.region).result(timeout=timeout)
+    google_call("BigQuery dataset create", lambda: client.create_dataset(ds, exists_ok=True), service="BigQuery")
+    google_call("BigQuery load", lambda: client.load_table_from_uri(source_uri(settings, view), table_id(settings, view), job_config=load_job_config(),
+                               location=settings.region).result(timeout=timeout), service="BigQuery")  # WRITE_TRUNCATE: a second load is the same table
     return table_id(settings, view)
 
 # %% ../../nbs/cloud_features.ipynb #a7fe000c
@@ -150,6 +152,18 @@ def _ensure(get, create, timeout: float):
     try: return get()
     except exceptions.NotFound: return create().result(timeout=timeout)
 
+# %% ../../nbs/cloud_features.ipynb #50d9910d
+def _utc_minute_ago() -> str:
+    import datetime as dt
+    return (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+def sync_since(admin, view: str,  # feature view resource name
+               since: str) -> object | None:  # RFC 3339 UTC time, a minute before the request (clock skew)
+    "A SyncFeatureViewResponse for the newest sync of `view` created after `since` (one a lost answer had started), or None."
+    from google.cloud.aiplatform_v1.types import SyncFeatureViewResponse
+    found = next(iter(admin.list_feature_view_syncs(parent=view, filter=f'create_time > "{since}"', order_by="create_time desc")), None)
+    return SyncFeatureViewResponse(feature_view_sync=found.name) if found else None
+
 # %% ../../nbs/cloud_features.ipynb #a7fe0016
 SYNC_POLL_S = 10.0  # seconds between two reads of a running sync
 STORE_COST = ("making the Vertex AI Feature Store online store {name}: an Optimized store bills by the node-hour "
@@ -164,10 +178,14 @@ def publish_view(settings: Settings, view: str, dims: int | None = None, wait: b
     "Load the view's online rows into BigQuery, make the online store (saying what it costs) and feature view if missing, sync."
     table = load_table(settings, view)
     admin = admin_client(settings)
-    _ensure(lambda: admin.get_feature_online_store(name=online_store_name(settings)), lambda: _create_store(settings, admin), timeout)
-    _ensure(lambda: admin.get_feature_view(name=feature_view_name(settings, view)),
-            lambda: admin.create_feature_view(request=feature_view_request(settings, view, dims)), timeout)
-    sync = admin.sync_feature_view(feature_view=feature_view_name(settings, view)).feature_view_sync
+    # named resources: a retry gets them (or ALREADY_EXISTS) where an earlier attempt made them
+    google_call("online store create", lambda: _ensure(lambda: admin.get_feature_online_store(name=online_store_name(settings)),
+                                                       lambda: _create_store(settings, admin), timeout), adopt_conflict=True)
+    google_call("feature view create", lambda: _ensure(lambda: admin.get_feature_view(name=feature_view_name(settings, view)),
+                lambda: admin.create_feature_view(request=feature_view_request(settings, view, dims)), timeout), adopt_conflict=True)
+    fv, since = feature_view_name(settings, view), _utc_minute_ago()
+    sync = google_call("sync", lambda: admin.sync_feature_view(feature_view=fv),
+                       lookup=lambda: sync_since(admin, fv, since)).feature_view_sync
     status = wait_sync(admin, sync, timeout, SYNC_POLL_S) if wait else "started"
     return {"bigquery_table": table, "feature_view": feature_view_name(settings, view), "sync": sync, "sync_status": status}
 
@@ -175,7 +193,7 @@ def wait_sync(admin, sync: str, timeout: float = 3600, poll: float = SYNC_POLL_S
     "Wait for a FeatureViewSync to end (its run_time has an end_time); 'ok', or FeatureError with its status."
     t0 = time.time()
     while time.time() - t0 < timeout:
-        s = admin.get_feature_view_sync(name=sync)
+        s = google_call("sync state", lambda: admin.get_feature_view_sync(name=sync))
         if s.run_time.HasField("end_time"):  # a protobuf Timestamp: always truthy, set or not
             if s.final_status.code: raise FeatureError(f"sync {sync} failed: {s.final_status.message} (code {s.final_status.code})")
             return "ok"
@@ -207,7 +225,7 @@ def read_rows(settings: Settings, view: str, ids: list[str]) -> list[dict | None
     from google.api_core import exceptions
     client, out = serving_client(settings), []
     for i in ids:
-        try: row = feature_values(client.fetch_feature_values(request=fetch_request(settings, view, i)))
+        try: row = feature_values(google_call("feature read", lambda: client.fetch_feature_values(request=fetch_request(settings, view, i))))
         except exceptions.NotFound: row = None
         out.append({f: row.get(f) for f in SCHEMA[view]} if row else None)
     return out
@@ -215,8 +233,12 @@ def read_rows(settings: Settings, view: str, ids: list[str]) -> list[dict | None
 def search_neighbours(settings: Settings, image_id: str, k: int = 5) -> dict:
     "The `k` images nearest to `image_id` by cosine distance in the image_embedding view, as `features.similar` answers."
     (query,) = read_rows(settings, "image_embedding", [image_id])
-    if query is None: raise FeatureError(f"{image_id} has no embedding in the feature store: run 10_embeddings once a champion exists")
-    res = serving_client(settings).search_nearest_entities(request=search_request(settings, image_id, k))
+    if query is None:  # the Feature Store searches by an entity it holds; embedding on the fly is the local backend's
+        raise FeatureError(f"{image_id} is not in the Vertex AI Feature Store's image_embedding view, and only its images can be "
+                           "searched there (the local backend embeds other images on the fly): run 10_embeddings with "
+                           "max_images=0 max_train_images=0 to put all 70,000 in the view")
+    client = serving_client(settings)
+    res = google_call("nearest search", lambda: client.search_nearest_entities(request=search_request(settings, image_id, k)))
     item = lambda i, label: {JOIN_KEY: i, "label": int(label), "class_name": CLASS_NAMES[int(label)]}
     near = [n for n in res.nearest_neighbors.neighbors if n.entity_id != image_id][:k]
     return {**item(image_id, query["label"]), "model": query["model_name"], "version": int(query["model_version"]),

@@ -15,6 +15,7 @@ import time
 from .provision import DEFAULT_SERVICE_ACCOUNT_ID
 from ..config import APP_LABELS, DEFAULT_MODEL, ConfigError, Settings, Store, filesystem
 from .vertex import vertex_init
+from .retry import create_labels, google_call, labelled
 
 # %% auto #0
 __all__ = ['TASK_MODULE', 'JOB_MODULE', 'STAGING_FOLDER', 'SERVICE_ACCOUNT_VAR', 'JOB_RUN_VAR', 'IMPORT_REQUIRED',
@@ -93,10 +94,12 @@ def ensure_experiment(settings: Settings,
     s = settings.require_vertex("Vertex AI Experiments")
     require_service_account(s, "A Vertex AI experiment")
     vertex_init(s)
-    exp = aiplatform.Experiment.get_or_create(experiment)
+    exp = google_call("experiment get-or-create", lambda: aiplatform.Experiment.get_or_create(experiment))
     if run is None: return exp, None
     name = experiment_run_name(run)
-    return exp, (aiplatform.ExperimentRun.get(name, experiment=exp) or aiplatform.ExperimentRun.create(name, experiment=exp))
+    get = lambda: aiplatform.ExperimentRun.get(name, experiment=exp)
+    return exp, (google_call("experiment run get", get) or
+                 google_call("experiment run create", lambda: aiplatform.ExperimentRun.create(name, experiment=exp), lookup=get))
 
 # %% ../../nbs/cloud_jobs.ipynb #1f723ff7
 def check_experiment_replicas(experiment: str | None,  # the Vertex AI experiment asked for, if any
@@ -136,9 +139,10 @@ def submit_custom_job(settings: Settings,
                                worker_pool_specs=worker_pool_specs(image_uri, args, machine_type, accelerator_type,
                                                                    accelerator_count, workers, env,
                                                                    JOB_MODULE if exp else TASK_MODULE),
-                               labels=dict(APP_LABELS))
-    job.submit(service_account=s.service_account, experiment=exp, experiment_run=run)
-    return job
+                               labels=(labels := create_labels("train", name)))
+    def create():
+        job.submit(service_account=s.service_account, experiment=exp, experiment_run=run); return job
+    return google_call("job create", create, lookup=lambda: labelled(aiplatform.CustomJob.list, labels))
 
 # %% ../../nbs/cloud_jobs.ipynb #79349b66
 _RUN_RE = re.compile(r"[^a-z0-9-]+")
@@ -220,7 +224,7 @@ def job_model_dir(settings: Settings, job: str) -> tuple[str, str]:
     from google.cloud import aiplatform
     s = settings.require_vertex("Importing a Vertex AI training job's model")
     vertex_init(s)
-    j = aiplatform.CustomJob.get(job).gca_resource  # one get: `CustomJob.state` would fetch the job again
+    j = google_call("job get", lambda: aiplatform.CustomJob.get(job)).gca_resource  # one get: `CustomJob.state` would fetch the job again
     state = j.state.name
     if state != "JOB_STATE_SUCCEEDED":
         raise ConfigError(f"{j.name} is {state}: only a succeeded job's model can be imported "

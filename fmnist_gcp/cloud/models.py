@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..config import APP_LABELS, Settings
 from ..registry import Registry, RegistryError, parse_ref
 from .vertex import vertex_init
+from .retry import create_labels, google_call, labelled
 
 # %% auto #0
 __all__ = ['VERTEX_LABELS', 'vertex_model', 'vertex_model_ref', 'upload_to_vertex']
@@ -23,7 +24,7 @@ def vertex_model(settings: Settings, name: str) -> str | None:
     from google.cloud import aiplatform
     vertex_init(settings)
     labels = " AND ".join(f'labels.{k}="{v}"' for k, v in VERTEX_LABELS.items())
-    found = aiplatform.Model.list(filter=f'display_name="{name}" AND {labels}', order_by="create_time")
+    found = google_call("model list", lambda: aiplatform.Model.list(filter=f'display_name="{name}" AND {labels}', order_by="create_time"))
     return found[0].resource_name if found else None
 
 # %% ../../nbs/cloud_models.ipynb #vmref002
@@ -52,10 +53,14 @@ def upload_to_vertex(settings: Settings, name: str, version: int,
     if aliases is None: aliases = tuple(a for a, v in reg.aliases.items() if v == version and a != "default")
     parent_model = parent_model or vertex_model(settings, name)  # None: the first upload creates the model
     vertex_init(settings)
-    return aiplatform.Model.upload(
+    labels = {**create_labels("upload", rec.get("run_id") or f"{name}-{version}"), "fmnist-version": str(version)}
+    def uploaded():  # a version an earlier attempt made: the model's versions (or, first upload, the models) with these labels
+        if parent_model: return labelled(aiplatform.models.ModelRegistry(parent_model).list_versions, labels)
+        return labelled(aiplatform.Model.list, labels)
+    return google_call("model upload", lambda: aiplatform.Model.upload(
         display_name=name, artifact_uri=rec["uri"], parent_model=parent_model,
         is_default_version=reg.aliases.get("default") == version, version_aliases=list(aliases),
         version_description=f"run {rec.get('run_id')}, au_prc {rec['metrics'].get('au_prc', 'n/a')}",
         serving_container_image_uri=serving_image, serving_container_ports=[c.port],
         serving_container_health_route=c.health_route, serving_container_predict_route=c.predict_route,
-        labels={**VERTEX_LABELS, "fmnist-version": str(version)})
+        labels=labels), lookup=uploaded)

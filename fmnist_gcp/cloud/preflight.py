@@ -136,7 +136,8 @@ def check_region(client,  # a Vertex AI client on the region's endpoint (`Client
     what = f"region {region}"
     with asking_google(what, "region", project):
         try: client.get_location(request={"name": f"projects/{project}/locations/{region}"}, **reach_limits())
-        except (gexc.NotFound, gexc.InvalidArgument, gexc.ServiceUnavailable) as e:
+        # BadRequest: over gRPC an INVALID_ARGUMENT is InvalidArgument (a BadRequest); over REST an HTTP 400 is BadRequest itself
+        except (gexc.NotFound, gexc.BadRequest, gexc.ServiceUnavailable) as e:
             if "SERVICE_DISABLED" in str(e): raise PreflightError([api_problem(e, what, APIS["region"], project)])
             raise PreflightError([f"{what} is not a Vertex AI region (or it could not be reached): set FMNIST_REGION to one listed at "
                                   "https://cloud.google.com/vertex-ai/docs/general/locations, e.g. europe-west4"]) from None

@@ -7,6 +7,7 @@ Docs: https://fmnist-gcp.github.io/fmnist-gcp/cloud_runs.html.md"""
 # %% ../../nbs/cloud_runs.ipynb #443d09bd
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,12 +18,13 @@ from ..pipeline.runs import write_index
 from .jobs import STAGING_FOLDER, ensure_experiment, worker_pool_specs
 from .build import IMAGE_TARGETS, image_uris
 from .vertex import vertex_init
+from .retry import FollowStopped, create_labels, google_call, job_end_line, labelled
 
 # %% auto #0
 __all__ = ['RUNS_FOLDER', 'MANIFEST', 'CONTAINER_RUNS_DIR', 'RUN_COMMAND', 'UPLOAD_FLAG', 'NO_CHECK_FLAG', 'JOB_PREFIX',
            'JOB_LABELS', 'CPU_IMAGE', 'GPU_IMAGE', 'END_STATES', 'SUCCEEDED', 'CloudRunError', 'run_env', 'run_args',
            'check_accelerator', 'run_job_spec', 'default_image', 'custom_job_request', 'submit_run', 'wait_for_run',
-           'upload_run', 'fetch_run', 'run_on_vertex']
+           'upload_run', 'fetch_run', 'follow_record', 'mark_run', 'run_on_vertex']
 
 # %% ../../nbs/cloud_runs.ipynb #12e4c594
 RUNS_FOLDER = "runs"  # dev store folder of the runs: runs/<run_id>/
@@ -91,7 +93,7 @@ def run_job_spec(settings: Settings,
     pools[0]["container_spec"]["command"] = list(RUN_COMMAND)
     job = {"worker_pool_specs": pools, "base_output_directory": {"output_uri_prefix": s.dev.uri(RUNS_FOLDER, run_id) + "/"}}
     if s.service_account: job["service_account"] = s.service_account
-    return {"display_name": f"{JOB_PREFIX}-{run_id}", "labels": dict(JOB_LABELS), "job_spec": job}
+    return {"display_name": f"{JOB_PREFIX}-{run_id}", "labels": {**JOB_LABELS, **create_labels("run", run_id)}, "job_spec": job}
 
 # %% ../../nbs/cloud_runs.ipynb #91ae23c9
 def default_image(settings: Settings, accelerator_type: str | None = None) -> str:
@@ -117,23 +119,25 @@ def submit_run(settings: Settings, spec: dict,
     js = spec["job_spec"]
     from fmnist_gcp.cloud.jobs import check_experiment_replicas
     check_experiment_replicas(experiment, sum(p.get("replica_count", 1) for p in js["worker_pool_specs"]))
-    exp = ensure_experiment(s, experiment)[0] if experiment else None
+    exp = ensure_experiment(s, experiment)[0] if experiment else None  # its calls retried there
     vertex_init(s)
     job = aiplatform.CustomJob(display_name=spec["display_name"], worker_pool_specs=js["worker_pool_specs"],
                                base_output_dir=js["base_output_directory"]["output_uri_prefix"], project=s.project,
                                location=s.region, labels=spec.get("labels"), staging_bucket=s.dev.uri(STAGING_FOLDER))
-    job.submit(service_account=js.get("service_account"), experiment=exp)
-    return job
+    def create():
+        job.submit(service_account=js.get("service_account"), experiment=exp); return job
+    # a create that got a 503 may have made the job: the retry looks for it by the run's labels first
+    return google_call("job create", create, lookup=lambda: labelled(aiplatform.CustomJob.list, spec["labels"]))
 
 # %% ../../nbs/cloud_runs.ipynb #04583be4
 def wait_for_run(job,  # a submitted `aiplatform.CustomJob`
                  poll_s: float = 30,  # seconds between state reads
                  log: Callable[[str], None] = print,
                  sleep: Callable[[float], None] = time.sleep) -> str:
-    "Follow `job` until it ends, logging each state it enters; the last state's name (e.g. JOB_STATE_SUCCEEDED)."
+    "Follow `job` until it ends, logging each state it enters (a read that meets a transient error is retried); the last state."
     last = None
     while True:
-        state = job.state.name
+        state = google_call("job state", lambda: job.state.name)
         if state != last: log(f"{time.strftime('%H:%M:%S')} {state.removeprefix('JOB_STATE_').lower()}")
         if state in END_STATES: return state
         last = state
@@ -165,12 +169,28 @@ def fetch_run(settings: Settings, run_id: str,
     write_index(runs_dir)
     return local / "index.html"
 
+# %% ../../nbs/cloud_runs.ipynb #5b5441e4
+def follow_record(settings: Settings, spec: dict, run_id: str, job: str) -> dict:
+    "Write the local run record of a run followed on Vertex AI (`running`, this process, the job); the record."
+    from fmnist_gcp.pipeline.runs import process_record
+    args = spec["job_spec"]["worker_pool_specs"][0]["container_spec"]["args"]
+    m = {"run_id": run_id, "profile": args[args.index("--profile") + 1] if "--profile" in args else None, "status": "running",
+         "backend": "vertex", "job": job, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "process": process_record(), "stages": []}
+    return mark_run(settings, m, "running")
+
+def mark_run(settings: Settings, m: dict, status: str, **more) -> dict:
+    "Set the status of the local record `m` (with `more`), write it and the runs index; the record."
+    m = {**m, "status": status, **more}
+    write_bytes_atomic(str(Path(settings.runs_dir).resolve() / m["run_id"] / MANIFEST), (json.dumps(m, indent=2) + "\n").encode())
+    write_index(settings.runs_dir)
+    return m
+
 # %% ../../nbs/cloud_runs.ipynb #edde28dd
 def run_on_vertex(settings: Settings, spec: dict, run_id: str,
                   *, wait: bool = True,  # False: return once submitted (`fmnist runs --fetch RUN_ID` later)
                   poll_s: float = 30, log: Callable[[str], None] = print,
                   experiment: str | None = None) -> dict:  # Vertex AI experiment for the job's run
-    "Submit the run `spec`, follow it and fetch its folder; {job, state, report} (state and report None without `wait`)."
+    "Submit the run `spec`, follow it and fetch its folder; {job, state, report} (None without `wait`), and `error` when it failed."
     if settings.dev.exists(RUNS_FOLDER, run_id, MANIFEST):
         raise CloudRunError(f"run {run_id} already exists in {settings.dev.uri(RUNS_FOLDER, run_id)}: pick another --run-id")
     job = submit_run(settings, spec, experiment)
@@ -178,5 +198,13 @@ def run_on_vertex(settings: Settings, spec: dict, run_id: str,
     if not wait:
         log(f"fetch its reports when it ends: fmnist runs --fetch {run_id}")
         return {"job": job, "state": None, "report": None}
-    state = wait_for_run(job, poll_s, log)
-    return {"job": job, "state": state, "report": fetch_run(settings, run_id, settings.runs_dir)}
+    record = follow_record(settings, spec, run_id, job.resource_name)
+    try: state = wait_for_run(job, poll_s, log)
+    except KeyboardInterrupt:  # Ctrl-C stops the following, not the job; the local run is never left running
+        mark_run(settings, record, "interrupted", interrupted_by="SIGINT")
+        raise FollowStopped(job.resource_name, f"; fetch its reports when it ends: fmnist runs --fetch {run_id}") from None
+    if state == SUCCEEDED: return {"job": job, "state": state, "report": fetch_run(settings, run_id, settings.runs_dir)}
+    line = job_end_line(job.gca_resource)  # the job's own error message and its logs, for the one line the CLI prints
+    try: report = fetch_run(settings, run_id, settings.runs_dir)  # the pipeline uploads a failed run's folder too
+    except CloudRunError: report = None; mark_run(settings, record, state.removeprefix("JOB_STATE_").lower(), error=line)
+    return {"job": job, "state": state, "report": report, "error": line}

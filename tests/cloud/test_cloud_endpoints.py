@@ -1,49 +1,32 @@
-"""Vertex AI Model Registry upload, endpoint deploy/undeploy/delete and batch prediction, on patched gapic clients."""
-from unittest import mock
+"""Vertex AI Model Registry upload, endpoint deploy/undeploy/delete and batch prediction: the real SDK on its REST
+transport against the fake Vertex REST service (tests/vertex_fake.py); the HTTP requests it sent are checked."""
+import re
 
 import pytest
 
-from conftest import VERTEX_ENV
 from fmnist_gcp.config import DEFAULT_MODEL, Settings
 from fmnist_gcp.preprocessing import BATCH_JSONL_PATH
 from fmnist_gcp.serving import ALL_CLASSES, SERVING_CONTRACT
-from fakes import LOC, FakeEndpointService, FakeModelService
+from vertex_fake import LOC
 MODEL = f"{LOC}/models/456"
-ENDPOINT = f"{LOC}/endpoints/789"
 
 
 @pytest.fixture
-def models(monkeypatch, anonymous):
-    "A stateful fake model service holding MODEL (version 1, made elsewhere: no app label)."
-    monkeypatch.setenv("NO_GCE_CHECK", "True"); monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:1")
-    fake = FakeModelService().patch(monkeypatch)
-    fake.seed(MODEL, DEFAULT_MODEL)
-    return fake
+def fake(vertex_rest):
+    "The fake Vertex service holding MODEL (version 1, made elsewhere: no app label)."
+    vertex_rest.seed_model(MODEL, DEFAULT_MODEL)
+    return vertex_rest
 
 
-class Calls:
-    "The requests sent, by method name: the endpoint fake's in order, the batch job creates, the model uploads."
-    def __init__(self, endpoints, models):
-        self.endpoints, self.models, self.other = endpoints, models, {}
-    def __getitem__(self, name):
-        if name == "upload_model": return self.models.requests
-        return self.other.get(name) or [kw for n, kw in self.endpoints.calls if n == name]
+def sent(fake, method, glob):
+    "Bodies of the requests matching `method` and `glob`, in order."
+    return [r.body for r in fake.calls(method, glob)]
 
 
-@pytest.fixture
-def gapic(monkeypatch, gcs_emulator, models):
-    "Anonymous credentials, the stateful model and endpoint fakes, and a job service recording batch prediction jobs."
-    from google.cloud.aiplatform.compat.services import job_service_client
-    from google.cloud.aiplatform.compat.types import batch_prediction_job as gca_bpj, job_state
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
-    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-    calls = Calls(FakeEndpointService(models).patch(monkeypatch), models)
-    def create_batch(self, *a, **kw):
-        calls.other.setdefault("create_batch_prediction_job", []).append(kw)
-        return gca_bpj.BatchPredictionJob(kw["batch_prediction_job"], name=f"{LOC}/batchPredictionJobs/5",
-                                          state=job_state.JobState.JOB_STATE_PENDING)
-    monkeypatch.setattr(job_service_client.JobServiceClient, "create_batch_prediction_job", create_batch)
-    return calls
+def shape(fake, start=0):
+    "The requests from `start` on as (method, path after the location, ids and operation numbers as N)."
+    import re
+    return [(r.method, re.sub(r"/\d+", "/N", r.path.split(f"{LOC}", 1)[-1])) for r in fake.requests[start:]]
 
 
 def registered(settings):
@@ -58,155 +41,177 @@ def registered(settings):
     return reg
 
 
-def test_upload_request(gapic, tmp_path):
+@pytest.fixture
+def bucketed(fake, gcs_emulator, monkeypatch, tmp_path):
+    "Settings whose models store is a fresh folder of the emulator's bucket."
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    return Settings.from_env({**fake.env, "FMNIST_MODELS_BUCKET": f"gs://fmnist-test/models-{tmp_path.name}"})
+
+
+def test_upload_request(fake, bucketed):
     from fmnist_gcp.cloud.models import upload_to_vertex
-    bucket = f"gs://fmnist-test/models-{tmp_path.name}"  # a fresh registry on every run of this test
-    s = Settings.from_env({**VERTEX_ENV, "FMNIST_MODELS_BUCKET": bucket})
+    s = bucketed
     registered(s)
     m = upload_to_vertex(s, DEFAULT_MODEL, 2, "europe-docker.pkg.dev/acme-ml/fmnist/serve:1", parent_model=MODEL)
-    req = gapic["upload_model"][0]
-    assert req.parent == LOC and req.parent_model == MODEL
-    assert req.model.display_name == DEFAULT_MODEL and req.model.artifact_uri == f"{bucket}/{DEFAULT_MODEL}/2"
-    assert list(req.model.version_aliases) == ["champion", "default"]  # the SDK adds "default" for is_default_version
-    c = req.model.container_spec
-    assert c.image_uri == "europe-docker.pkg.dev/acme-ml/fmnist/serve:1"
-    assert (c.health_route, c.predict_route, [p.container_port for p in c.ports]) == (
-        SERVING_CONTRACT.health_route, SERVING_CONTRACT.predict_route, [SERVING_CONTRACT.port])
-    assert req.model.labels["fmnist-version"] == "2"
+    (req,) = sent(fake, "POST", f"/v1/{LOC}/models:upload")
+    assert req["parentModel"] == MODEL
+    model = req["model"]
+    assert model["displayName"] == DEFAULT_MODEL and model["artifactUri"] == f"{s.models.root}/{DEFAULT_MODEL}/2"
+    assert model["versionAliases"] == ["champion", "default"]  # the SDK adds "default" for is_default_version
+    c = model["containerSpec"]
+    assert c["imageUri"] == "europe-docker.pkg.dev/acme-ml/fmnist/serve:1"
+    assert (c["healthRoute"], c["predictRoute"], c["ports"]) == (
+        SERVING_CONTRACT.health_route, SERVING_CONTRACT.predict_route, [{"containerPort": SERVING_CONTRACT.port}])
+    assert model["labels"]["fmnist-version"] == "2"
     assert m.resource_name == MODEL and m.version_id == "2"  # a second version of the model given
+    # the upload is a long-running operation: polled (not done on the first poll), then the new version is read
+    assert shape(fake)[:4] == [("POST", "/models:upload"), ("GET", "/models/N/operations/N"),
+                               ("GET", "/models/N/operations/N"), ("GET", "/models/N@2")]
 
 
-def test_uploads_are_versions_of_one_model(gapic, models, tmp_path):
+def test_uploads_are_versions_of_one_model(fake, bucketed):
+    from google.cloud import aiplatform
     from fmnist_gcp.cloud.models import upload_to_vertex, vertex_model
-    s = Settings.from_env({**VERTEX_ENV, "FMNIST_MODELS_BUCKET": f"gs://fmnist-test/models-{tmp_path.name}"})
+    s = bucketed
     registered(s)
     assert vertex_model(s, DEFAULT_MODEL) is None  # MODEL has the name but not our label: not ours
+    (listed,) = fake.calls("GET", f"/v1/{LOC}/models")
+    assert listed.query["filter"] == f'display_name="{DEFAULT_MODEL}" AND labels.app="fmnist-gcp"'
     first = upload_to_vertex(s, DEFAULT_MODEL, 1, "img:1")
-    assert models.requests[-1].parent_model == "" and first.resource_name != MODEL  # the first upload creates it
-    assert vertex_model(s, DEFAULT_MODEL) == first.resource_name  # list_models sees it
+    uploads = sent(fake, "POST", "*/models:upload")
+    assert "parentModel" not in uploads[-1] and first.resource_name != MODEL  # the first upload creates it
+    assert uploads[-1]["model"].get("versionAliases", []) == []  # v1: neither default nor champion locally
+    assert vertex_model(s, DEFAULT_MODEL) == first.resource_name  # the list sees it
     second = upload_to_vertex(s, DEFAULT_MODEL, 2, "img:1")
-    assert models.requests[-1].parent_model == first.resource_name  # a version under it, not a new model
+    assert sent(fake, "POST", "*/models:upload")[-1]["parentModel"] == first.resource_name  # a version, not a new model
     assert (second.resource_name, second.version_id) == (first.resource_name, "2")
-    assert list(models.requests[0].model.version_aliases) == []  # v1: neither default nor champion any more
-    assert sorted(models.get_model(name=f"{first.resource_name}@champion").version_aliases) == ["champion", "default"]
-    assert models.get_model(name=f"{first.resource_name}@champion").version_id == "2"
+    champion = aiplatform.Model(f"{first.resource_name}@champion")
+    assert champion.version_id == "2" and sorted(champion.version_aliases) == ["champion", "default"]
+    assert list(aiplatform.Model(f"{first.resource_name}@1").version_aliases) == []  # v2 took default from v1
 
 
-def test_deploy_undeploy_delete_requests(gapic):
+def test_deploy_undeploy_delete_requests(fake):
     from google.api_core.exceptions import NotFound
     from google.cloud import aiplatform
     from fmnist_gcp.cloud.endpoints import deploy, undeploy_and_delete
-    s = Settings.from_env(VERTEX_ENV)
+    s = Settings.from_env(fake.env)
     ep = deploy(s, MODEL, machine_type="n1-standard-4", min_replicas=1, max_replicas=3)
-    assert ep.resource_name == ENDPOINT
-    created = gapic["create_endpoint"][0]
-    assert created["parent"] == LOC and created["endpoint"].display_name == f"{DEFAULT_MODEL}-endpoint"
-    assert created["endpoint"].labels["app"] == "fmnist-gcp"
-    d = gapic["deploy_model"][0]
-    assert d["endpoint"] == ENDPOINT and d["deployed_model"].model == f"{MODEL}@1"  # the version the SDK resolved
-    res = d["deployed_model"].dedicated_resources
-    assert (res.machine_spec.machine_type, res.min_replica_count, res.max_replica_count) == ("n1-standard-4", 1, 3)
-    assert d["deployed_model"].service_account == VERTEX_ENV["FMNIST_SERVICE_ACCOUNT"]
-    assert d["traffic_split"] == {"0": 100}
-    deployed = aiplatform.Endpoint(ENDPOINT).list_models()  # a later get sees what deploy made
-    assert [m.model for m in deployed] == [f"{MODEL}@1"]
-    undeploy_and_delete(s, ENDPOINT)
-    assert [u["deployed_model_id"] for u in gapic["undeploy_model"]] == [deployed[0].id]
-    assert gapic["delete_endpoint"][0]["name"] == ENDPOINT
+    (created,) = sent(fake, "POST", f"/v1/{LOC}/endpoints")
+    labels = created.pop("labels")  # the run's labels, by which a retried create finds the endpoint a lost answer made
+    assert created == {"displayName": f"{DEFAULT_MODEL}-endpoint"}
+    assert (labels.pop("app"), labels.pop("fmnist-stage")) == ("fmnist-gcp", "endpoint")
+    assert re.fullmatch(r"[a-z0-9_-]{1,63}", labels.pop("fmnist-run")) and not labels
+    (d,) = fake.calls("POST", "*:deployModel")
+    assert d.path == f"/v1/{ep.resource_name}:deployModel"
+    dm = d.body["deployedModel"]
+    assert dm["model"] == f"{MODEL}@1"  # the version the SDK resolved
+    assert dm["dedicatedResources"] == {"machineSpec": {"machineType": "n1-standard-4"}, "minReplicaCount": 1, "maxReplicaCount": 3}
+    assert dm["serviceAccount"] == fake.env["FMNIST_SERVICE_ACCOUNT"] and d.body["trafficSplit"] == {"0": 100}
+    deployed = aiplatform.Endpoint(ep.resource_name).list_models()  # a later get sees what deploy made
+    assert [(m.model, m.model_version_id) for m in deployed] == [(MODEL, "1")]
+    start = len(fake.requests)
+    undeploy_and_delete(s, ep.resource_name)
+    assert [r.body for r in fake.calls("POST", "*:undeployModel")] == [{"deployedModelId": deployed[0].id}]
+    assert [r for r in shape(fake, start) if r[0] != "GET"] == [("POST", "/endpoints/N:undeployModel"), ("DELETE", "/endpoints/N")]
     with pytest.raises(NotFound):  # deleted: a later get does not find it
-        aiplatform.Endpoint(ENDPOINT).list_models()
+        aiplatform.Endpoint(ep.resource_name).list_models()
 
 
-def test_deploying_a_version_that_does_not_exist_fails_before_an_endpoint_is_made(gapic, models):
+def test_deploying_a_version_that_does_not_exist_fails_before_an_endpoint_is_made(fake):
     from google.api_core.exceptions import NotFound
     from fmnist_gcp.cloud.endpoints import deploy
-    s = Settings.from_env(VERTEX_ENV)
     with pytest.raises(NotFound):
-        deploy(s, f"{MODEL}@7")
-    assert gapic["create_endpoint"] == [] and gapic["deploy_model"] == []  # looked up first: no endpoint left behind
+        deploy(Settings.from_env(fake.env), f"{MODEL}@7")
+    assert [(r.method, r.path, r.status) for r in fake.requests] == [("GET", f"/v1/{MODEL}@7", 404)]  # no endpoint left behind
 
 
-def test_teardown_undeploys_before_it_deletes(gapic, models):
+def test_teardown_undeploys_before_it_deletes(fake):
     "Vertex refuses to delete an endpoint that still holds a model: undeploy_and_delete sends the undeploys first."
-    from google.api_core.exceptions import FailedPrecondition
+    from google.api_core.exceptions import BadRequest
     from google.cloud import aiplatform
     from fmnist_gcp.cloud.endpoints import deploy, undeploy_and_delete
-    s = Settings.from_env(VERTEX_ENV)
+    s = Settings.from_env(fake.env)
     ep = deploy(s, MODEL)
-    with pytest.raises(FailedPrecondition):  # the fake's known-bad request: a delete while a model is deployed
+    with pytest.raises(BadRequest, match="has deployed models"):  # FAILED_PRECONDITION (HTTP 400 over REST)
         ep.delete()
-    held = [m.id for m in aiplatform.Endpoint(ENDPOINT).list_models()]
-    start = len(gapic.endpoints.calls)
-    undeploy_and_delete(s, ENDPOINT)
-    sent = [(n, kw.get("deployed_model_id") or kw.get("name")) for n, kw in gapic.endpoints.calls[start:]
-            if n in ("undeploy_model", "delete_endpoint")]
-    assert sent == [*(("undeploy_model", i) for i in held), ("delete_endpoint", ENDPOINT)]
+    held = [m.id for m in aiplatform.Endpoint(ep.resource_name).list_models()]
+    start = len(fake.requests)
+    undeploy_and_delete(s, ep.resource_name)
+    sent_after = [(r.method, r.body.get("deployedModelId") if r.body else r.path) for r in fake.requests[start:]
+                  if r.method != "GET"]
+    assert sent_after == [*(("POST", i) for i in held), ("DELETE", f"/v1/{ep.resource_name}")]
 
 
-def test_batch_prediction_request(gapic):
+def test_batch_prediction_request(fake):
     from fmnist_gcp.cloud.endpoints import batch_predict
-    s = Settings.from_env(VERTEX_ENV)
-    job = batch_predict(s, MODEL)
-    req = gapic["create_batch_prediction_job"][0]
-    j = req["batch_prediction_job"]
-    assert req["parent"] == LOC and j.model == f"{MODEL}@1"
-    assert list(j.input_config.gcs_source.uris) == [f"gs://acme-ml-fmnist-datasets/{BATCH_JSONL_PATH}"]  # the preprocessing export
-    assert j.input_config.instances_format == "jsonl" and j.output_config.predictions_format == "jsonl"
-    assert j.output_config.gcs_destination.output_uri_prefix == "gs://acme-ml-fmnist-dev/batch-predictions"
-    assert j.dedicated_resources.machine_spec.machine_type == "n1-standard-4" and j.dedicated_resources.max_replica_count == 2
-    assert dict(j.model_parameters) == {k: float(v) for k, v in ALL_CLASSES.items()}  # protobuf sends doubles
-    assert job.resource_name.endswith("/batchPredictionJobs/5")
+    job = batch_predict(Settings.from_env(fake.env), MODEL)
+    (r,) = fake.calls("POST", "*/batchPredictionJobs")
+    j = r.body
+    assert r.path == f"/v1/{LOC}/batchPredictionJobs" and j["model"] == f"{MODEL}@1"
+    assert j["inputConfig"] == {"instancesFormat": "jsonl", "gcsSource": {"uris": [f"gs://acme-ml-fmnist-datasets/{BATCH_JSONL_PATH}"]}}
+    assert j["outputConfig"] == {"predictionsFormat": "jsonl", "gcsDestination": {"outputUriPrefix": "gs://acme-ml-fmnist-dev/batch-predictions"}}
+    assert j["dedicatedResources"]["machineSpec"]["machineType"] == "n1-standard-4" and j["dedicatedResources"]["maxReplicaCount"] == 2
+    assert j["modelParameters"] == {k: float(v) for k, v in ALL_CLASSES.items()}
+    assert job.resource_name.startswith(f"{LOC}/batchPredictionJobs/")
 
 
-def _json(message) -> dict:
-    import json
-    return json.loads(type(message).to_json(message, always_print_fields_with_no_presence=False))
-
-
-def test_dry_run_requests_equal_what_is_sent(gapic):
+def test_dry_run_requests_equal_what_is_sent(fake):
     from fmnist_gcp.cloud.endpoints import batch_predict, batch_predict_request, deploy, deploy_request
-    s = Settings.from_env(VERTEX_ENV)
+    s = Settings.from_env(fake.env)
     batch_predict(s, MODEL)
-    sent = gapic["create_batch_prediction_job"][0]
+    (r,) = fake.calls("POST", "*/batchPredictionJobs")
     built = batch_predict_request(s, f"{MODEL}@1", display_name=f"{DEFAULT_MODEL}-batch")
-    assert built["parent"] == sent["parent"]
-    got = _json(sent["batch_prediction_job"])
-    assert {k: got[k] for k in built["batchPredictionJob"]} == built["batchPredictionJob"]
-    deploy(s, MODEL)  # makes ENDPOINT
-    deploy(s, MODEL, endpoint=ENDPOINT, machine_type="n1-standard-4", max_replicas=3)
-    d = gapic["deploy_model"][1]
-    built = deploy_request(s, f"{MODEL}@1", ENDPOINT, machine_type="n1-standard-4", max_replicas=3)
-    got = _json(d["deployed_model"])
-    assert (d["endpoint"], dict(d["traffic_split"])) == (built["endpoint"], built["trafficSplit"])
-    assert {k: got[k] for k in built["deployedModel"]} == built["deployedModel"]
+    assert r.path == f"/v1/{built['parent']}/batchPredictionJobs"
+    assert {k: r.body[k] for k in built["batchPredictionJob"]} == built["batchPredictionJob"]
+    ep = deploy(s, MODEL)
+    deploy(s, MODEL, endpoint=ep.resource_name, machine_type="n1-standard-4", max_replicas=3)
+    d = fake.calls("POST", "*:deployModel")[1]
+    built = deploy_request(s, f"{MODEL}@1", ep.resource_name, machine_type="n1-standard-4", max_replicas=3)
+    assert d.path == f"/v1/{built['endpoint']}:deployModel" and d.body["trafficSplit"] == built["trafficSplit"]
+    assert {k: d.body["deployedModel"][k] for k in built["deployedModel"]} == built["deployedModel"]
 
 
-def test_the_endpoint_fake_refuses_what_vertex_refuses(gapic, models):
-    "A deploy without resources, with resources the model does not support, or with traffic not summing to 100."
-    from google.api_core.exceptions import InvalidArgument
-    from google.cloud.aiplatform.compat.types import endpoint as gca_endpoint, machine_resources
-    eps = FakeEndpointService(models)
-    eps.endpoints[ENDPOINT] = gca_endpoint.Endpoint(name=ENDPOINT, display_name="e")
-    dedicated = machine_resources.DedicatedResources(machine_spec={"machine_type": "n1-standard-2"}, min_replica_count=1)
+def test_the_endpoint_service_refuses_what_vertex_refuses(fake):
+    "A deploy without resources, with resources the model does not support, or with traffic not summing to 100; an undeploy of a model holding traffic."
+    from google.api_core.exceptions import BadRequest
+    from google.cloud import aiplatform
+    from google.cloud.aiplatform_v1 import EndpointServiceClient, types
+    from fmnist_gcp.cloud.endpoints import deploy
+    from fmnist_gcp.cloud.vertex import vertex_client_options
+    s = Settings.from_env(fake.env)
+    client = EndpointServiceClient(transport="rest", client_options=vertex_client_options(s))
+    with pytest.raises(BadRequest, match="displayName|display_name"):
+        client.create_endpoint(parent=LOC, endpoint=types.Endpoint())
+    ep = deploy(s, MODEL).resource_name
+    dedicated = types.DedicatedResources(machine_spec={"machine_type": "n1-standard-2"}, min_replica_count=1)
     for dm, split, needle in [
-            (gca_endpoint.DeployedModel(model=MODEL), None, "dedicated_resources or automatic_resources is required"),
-            (gca_endpoint.DeployedModel(model=MODEL, automatic_resources={"min_replica_count": 1}), None, "does not support AUTOMATIC_RESOURCES"),
-            (gca_endpoint.DeployedModel(model=MODEL, dedicated_resources=dedicated), {"0": 60}, "must sum to 100")]:
-        with pytest.raises(InvalidArgument, match=needle):
-            eps.deploy_model(endpoint=ENDPOINT, deployed_model=dm, traffic_split=split)
-    assert eps.endpoints[ENDPOINT].deployed_models == []
+            (types.DeployedModel(model=MODEL), None, "exactly one of dedicated_resources or automatic_resources"),
+            (types.DeployedModel(model=MODEL, automatic_resources={"min_replica_count": 1}), None, "does not support AUTOMATIC_RESOURCES"),
+            (types.DeployedModel(model=MODEL, dedicated_resources=dedicated), {"0": 60}, "must sum to 100"),
+            (types.DeployedModel(dedicated_resources=dedicated), None, r"deployed_model\.model; Message: Required field")]:
+        with pytest.raises(BadRequest, match=needle):
+            client.deploy_model(endpoint=ep, deployed_model=dm, traffic_split=split)
+    assert len(aiplatform.Endpoint(ep).list_models()) == 1  # nothing refused was deployed
+    # a second model takes half the traffic; the first cannot be undeployed while it holds the other half
+    client.deploy_model(endpoint=ep, deployed_model=types.DeployedModel(model=MODEL, dedicated_resources=dedicated),
+                        traffic_split={"0": 50, aiplatform.Endpoint(ep).list_models()[0].id: 50}).result()
+    first = aiplatform.Endpoint(ep).list_models()[0].id
+    with pytest.raises(BadRequest, match="still has 50% of the endpoint's traffic"):
+        client.undeploy_model(endpoint=ep, deployed_model_id=first)
+    assert fake.calls("POST", "*:undeployModel")[-1].status == 400
 
 
-def test_an_automl_model_is_deployed_on_automatic_resources(gapic, models):
+def test_an_automl_model_is_deployed_on_automatic_resources(fake):
     "AutoML image models support only automatic resources: the SDK must send those, not our custom container's machine."
     from fmnist_gcp.cloud.automl import deploy_automl
     automl = f"{LOC}/models/777"
-    models.seed(automl, "fmnist-vertex-automl", resources="AUTOMATIC_RESOURCES")
-    ep = deploy_automl(Settings.from_env(VERTEX_ENV), automl)
-    (d,) = gapic["deploy_model"]
-    assert d["endpoint"] == ep.resource_name and d["deployed_model"].model == f"{automl}@1"
-    assert "dedicated_resources" not in d["deployed_model"] and d["deployed_model"].automatic_resources.min_replica_count == 1
-    assert d["traffic_split"] == {"0": 100}
+    fake.seed_model(automl, "fmnist-vertex-automl", resources="AUTOMATIC_RESOURCES")
+    ep = deploy_automl(Settings.from_env(fake.env), automl)
+    (d,) = fake.calls("POST", "*:deployModel")
+    assert d.path == f"/v1/{ep.resource_name}:deployModel" and d.body["deployedModel"]["model"] == f"{automl}@1"
+    assert "dedicatedResources" not in d.body["deployedModel"]
+    assert d.body["deployedModel"]["automaticResources"]["minReplicaCount"] == 1 and d.body["trafficSplit"] == {"0": 100}
 
 
 def test_automl_predictions_become_class_probabilities_in_label_order():

@@ -235,7 +235,7 @@ def test_lookup_and_similar_on_the_vertex_backend(settings, bq, fs):
     assert [(n["image_id"], n["similarity"]) for n in ans["neighbours"]] == expect
     assert [(n["label"], n["class_name"]) for n in ans["neighbours"]] == [
         (r, CLASS_NAMES[r]) for r in (fs.rows["image_embedding"][i]["label"] for i, _ in expect)]
-    with pytest.raises(F.FeatureError, match="test-50 has no embedding"):
+    with pytest.raises(F.FeatureError, match="test-50 is not in the Vertex AI Feature Store.s image_embedding view.*embeds other images on the fly"):
         V.similar(settings, "test-50")
 
 

@@ -279,3 +279,18 @@ def test_preflight_stops_at_the_first_check_that_cannot_reach_google(anonymous, 
         pf.preflight(Settings.from_env(VERTEX_ENV), machine_type="n1-standard-4")
     (line,) = e.value.problems
     assert line.startswith("project acme-ml: cloudresourcemanager.googleapis.com could not be reached")
+
+
+def test_a_region_vertex_does_not_serve_is_named_over_rest_too(vertex_rest):
+    "Over REST Google's 400 INVALID_ARGUMENT is api-core's BadRequest, not InvalidArgument: the region line, not a raw API error."
+    import google.auth
+    from fmnist_gcp.cloud.preflight import Clients, PreflightError, check_region
+    s = Settings.from_env(vertex_rest.env)
+    client = Clients(s, google.auth.default()[0]).vertex()
+    assert type(client._transport).__name__ == "JobServiceRestTransport"
+    assert check_region(client, "acme-ml", "europe-west4") == "region europe-west4 serves Vertex AI"
+    with pytest.raises(PreflightError) as e:
+        check_region(client, "acme-ml", "europe-west99")
+    assert str(e.value).startswith("region europe-west99 is not a Vertex AI region") and "FMNIST_REGION" in str(e.value)
+    assert [(r.path.split("/", 2)[2], r.status) for r in vertex_rest.requests] == [
+        ("projects/acme-ml/locations/europe-west4", 200), ("projects/acme-ml/locations/europe-west99", 400)]

@@ -1,7 +1,8 @@
-"""Whole Vertex AI sequences against the stateful fakes in `fakes.py` (anonymous credentials, nothing reaches Google):
+"""Whole Vertex AI sequences: the real SDK on its REST transport against the fake Vertex REST service (tests/vertex_fake.py):
 a training job's model imported into the registry, evaluated and registered by the stages, uploaded as versions of
 one Vertex model, deployed, asked for predictions through the endpoint's deployed model (our own serving app, as
-Vertex runs the container), undeployed and deleted; and the endpoint and transport overrides on every client.
+Vertex runs the container), undeployed and deleted, with the HTTP requests checked in order; and the endpoint and
+transport overrides on every client.
 """
 import os
 import uuid
@@ -12,7 +13,7 @@ import pytest
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 from conftest import VERTEX_ENV  # noqa: E402
-from fakes import LOC, FakeEndpointService, FakeJobService, FakeModelService, FakePredictionService  # noqa: E402
+from vertex_fake import LOC  # noqa: E402
 from fmnist_gcp.config import DEFAULT_MODEL, Settings  # noqa: E402
 
 IMAGE = "europe-west4-docker.pkg.dev/acme-ml/fmnist/serve:t1"
@@ -64,32 +65,29 @@ def job_model(tmp_path_factory):
 
 
 @pytest.fixture
-def vertex(anonymous, gcs_emulator, monkeypatch, tmp_path):
-    "Vertex settings in the environment, stores in the emulator's bucket, and the stateful job/model/endpoint/prediction fakes."
+def vertex(vertex_rest, gcs_emulator, monkeypatch, tmp_path):
+    "Vertex settings (the fake Vertex REST service's endpoint, REST transport) in the environment, stores in the emulator's bucket."
     prefix = f"gs://fmnist-test/{uuid.uuid4().hex[:8]}"
-    env = {**VERTEX_ENV, "STORAGE_EMULATOR_HOST": gcs_emulator, "FMNIST_RUNS_DIR": str(tmp_path / "runs"),
+    env = {**vertex_rest.env, "STORAGE_EMULATOR_HOST": gcs_emulator, "FMNIST_RUNS_DIR": str(tmp_path / "runs"),
            "FMNIST_HOME": str(tmp_path / "home"), **{f"FMNIST_{r.upper()}_BUCKET": f"{prefix}/{r}" for r in ("dev", "datasets", "models")}}
     for k, v in env.items(): monkeypatch.setenv(k, v)
-    jobs, models = FakeJobService(), FakeModelService().patch(monkeypatch)
-    endpoints = FakeEndpointService(models).patch(monkeypatch)
-    predictions = FakePredictionService(endpoints).patch(monkeypatch)
-    with jobs.patch():
-        yield {"settings": Settings.from_env(), "jobs": jobs, "models": models, "endpoints": endpoints, "predictions": predictions}
-    predictions.stop()
+    return {"settings": Settings.from_env(), "fake": vertex_rest}
 
 
 def finished_job(v, model_dir, state="JOB_STATE_SUCCEEDED") -> str:
-    "A training CustomJob in the job fake, its model folder copied to where the task writes it (base output + /model)."
-    from google.cloud.aiplatform.compat.types import custom_job, job_state
+    "A training CustomJob made elsewhere, its model folder copied to where the task writes it (base output + /model)."
     from fmnist_gcp.config import filesystem
-    s = v["settings"]
-    name = f"{LOC}/customJobs/{len(v['jobs'].jobs) + 1}"
-    base = s.models.uri("custom-jobs", f"fmnist-train-{len(v['jobs'].jobs) + 1}")
+    s, fake = v["settings"], v["fake"]
+    base = s.models.uri("custom-jobs", f"fmnist-train-{len(fake.jobs) + 1}")
     fs, root = filesystem(base + "/model")
     fs.put(str(model_dir), root, recursive=True)
-    v["jobs"].jobs[name] = custom_job.CustomJob(name=name, display_name="fmnist-train", state=job_state.JobState[state],
-                                                job_spec={"base_output_directory": {"output_uri_prefix": base}})
-    return name
+    return fake.seed_job({"displayName": "fmnist-train", "jobSpec": {"baseOutputDirectory": {"outputUriPrefix": base}}}, state)
+
+
+def shape(fake, start=0):
+    "The requests from `start` on as (method, path after the location, resource ids and operation numbers as N)."
+    import re
+    return [(r.method, re.sub(r"/\d+", "/N", r.path.split(LOC, 1)[-1])) for r in fake.requests[start:]]
 
 
 def test_a_job_that_has_not_succeeded_or_does_not_exist_is_refused(vertex, job_model):
@@ -110,10 +108,9 @@ def test_from_a_finished_job_to_predictions_through_an_endpoint_and_back(vertex,
     from fmnist_gcp.cli import main
     from fmnist_gcp.data import load_split
     from fmnist_gcp.registry import Registry
-    from fmnist_gcp.cloud.models import upload_to_vertex
     from fmnist_gcp.serving import Predictor
     from fmnist_gcp.cloud.endpoints import deploy, predict, undeploy_and_delete
-    s, models = vertex["settings"], vertex["models"]
+    s, fake = vertex["settings"], vertex["fake"]
     job = finished_job(vertex, job_model)
     # import, evaluate with the evaluation stage, register and promote with the registry stage, upload (a new model)
     assert main(["models", "import-job", job, "--profile", "smoke", "--upload", IMAGE]) == 0
@@ -121,18 +118,19 @@ def test_from_a_finished_job_to_predictions_through_an_endpoint_and_back(vertex,
     assert (meta["version"], meta["source_job"], meta["run_id"].endswith("-import")) == (1, job, True)
     reg = Registry(s, DEFAULT_MODEL)
     assert reg.aliases["champion"] == reg.aliases["default"] == 1 and 0.2 < reg.versions[1]["metrics"]["accuracy"] < 1  # far above chance (0.1)
-    first = models.requests[0]
-    assert first.parent_model == "" and first.model.artifact_uri == s.models.uri(DEFAULT_MODEL, "1")
-    assert sorted(first.model.version_aliases) == ["champion", "default"]
-    vertex_model = next(iter(models.models))
+    first = fake.calls("POST", "*/models:upload")[0].body
+    assert "parentModel" not in first and first["model"]["artifactUri"] == s.models.uri(DEFAULT_MODEL, "1")
+    assert sorted(first["model"]["versionAliases"]) == ["champion", "default"]
+    (vertex_model,) = fake.models
     # the same job imported again (copied only): version 2 in the registry and a second version of the same Vertex model
     assert main(["models", "import-job", job, "--no-evaluate", "--upload", IMAGE]) == 0
-    assert models.requests[1].parent_model == vertex_model and len(models.models) == 1
-    assert [m.version_id for m in models.models[vertex_model]] == ["1", "2"]
+    assert fake.calls("POST", "*/models:upload")[1].body["parentModel"] == vertex_model and len(fake.models) == 1
+    assert [v.version_id for v in aiplatform.ModelRegistry(vertex_model).list_versions()] == ["1", "2"]
     aliases = Registry(s, DEFAULT_MODEL).aliases  # not evaluated: the new default, but champion stays with v1
     assert (aliases["default"], aliases["champion"]) == (2, 1)
-    assert "champion" in models.get_model(name=f"{vertex_model}@1").version_aliases
+    assert "champion" in aiplatform.Model(f"{vertex_model}@1").version_aliases
     # deploy the champion, predict through the endpoint: the answers are the model's own
+    start = len(fake.requests)
     ep = deploy(s, f"{vertex_model}@champion")
     x, _ = load_split("test", limit=8)
     got = predict(s, ep.resource_name, x)
@@ -140,10 +138,19 @@ def test_from_a_finished_job_to_predictions_through_an_endpoint_and_back(vertex,
     assert [int(p["ids"][0]) for p in got["predictions"]] == list(want.argmax(1))
     np.testing.assert_allclose([p["confidences"][0] for p in got["predictions"]], want.max(1), rtol=1e-5)
     assert got["model_version_id"] == "1" and got["deployed_model_id"] == aiplatform.Endpoint(ep.resource_name).list_models()[0].id
-    assert vertex["predictions"].calls[0]["parameters"] == {"confidenceThreshold": 0.0, "maxPredictions": 10.0}  # floats, as Vertex sends
+    (sent,) = fake.calls("POST", "*:predict")
+    params = sent.body["parameters"]  # what reached Vertex: protobuf numbers, so whole numbers as floats
+    assert params == {"confidenceThreshold": 0.0, "maxPredictions": 10.0} and isinstance(params["maxPredictions"], float)
     undeploy_and_delete(s, ep.resource_name)
     with pytest.raises(NotFound):
         aiplatform.Endpoint(ep.resource_name).list_models()
+    # the whole conversation, in order: every long-running operation polled until done, nothing else sent
+    seen = [r for r in shape(fake, start) if r != ("GET", "/endpoints/N")]  # the SDK's re-reads of the endpoint
+    assert seen == [("GET", "/models/N@champion"), ("POST", "/endpoints"), *[("GET", "/endpoints/N/operations/N")] * 2,
+                    ("POST", "/endpoints/N:deployModel"), *[("GET", "/endpoints/N/operations/N")] * 2,
+                    ("POST", "/endpoints/N:predict"), ("POST", "/endpoints/N:undeployModel"),
+                    *[("GET", "/endpoints/N/operations/N")] * 2, ("DELETE", "/endpoints/N"),
+                    *[("GET", "/endpoints/N/operations/N")] * 2]
     out = capsys.readouterr().out
     assert f"{DEFAULT_MODEL} v1: imported from {job}" in out and f"uploaded as {vertex_model}@2" in out
 
@@ -152,22 +159,26 @@ def test_submit_training_with_import_follows_the_job_then_imports_and_evaluates_
     from fmnist_gcp.pipeline import runs as pipeline_runs
     from fmnist_gcp.cli import main
     from fmnist_gcp.config import filesystem
+    fake = vertex["fake"]
     evaluated = []
     monkeypatch.setattr(pipeline_runs, "run_pipeline", lambda *a, **kw: evaluated.append(a))  # the stages: tested above
     def container(job):  # what the task does in the job: the model lands in <base output>/model
-        fs, root = filesystem(job.job_spec.base_output_directory.output_uri_prefix.rstrip("/") + "/model")
+        fs, root = filesystem(job["jobSpec"]["baseOutputDirectory"]["outputUriPrefix"].rstrip("/") + "/model")
         fs.put(str(job_model), root, recursive=True)
-    jobs = vertex["jobs"]; jobs._on_end = container
+    fake.on_job_end = container
     assert main(["submit-training", "--image", "img:1", "--no-check", "--import", "--poll-seconds", "0", "--", "--epochs", "1"]) == 0
-    (job,) = jobs.jobs
-    (sent,) = jobs.created  # what we sent: the image and the task's arguments, passed on after `--`
-    pool = sent.job_spec.worker_pool_specs[0].container_spec
-    args = list(pool.args)
-    assert pool.image_uri == "img:1" and args[args.index("--epochs") + 1] == "1"
+    (job,) = fake.jobs
+    (sent,) = fake.calls("POST", "*/customJobs")  # what we sent: the image and the task's arguments, passed on after `--`
+    pool = sent.body["jobSpec"]["workerPoolSpecs"][0]["containerSpec"]
+    args = pool["args"]
+    assert pool["imageUri"] == "img:1" and args[args.index("--epochs") + 1] == "1"
+    # followed through every state (queued, pending, running, succeeded) before the import
+    assert [s for s in shape(fake) if s[0] == "GET" and "/customJobs/" in s[1]][:3] == [("GET", "/customJobs/N")] * 3
+    assert fake.jobs[job]["state"] == "JOB_STATE_SUCCEEDED" and len(fake.calls("GET", f"/v1/{job}")) >= 3
     # the model only exists once the job's last get ran the container: imported after following the job to its end,
     # from the base output directory we sent
     meta = vertex["settings"].models.read_json(f"{DEFAULT_MODEL}/1/metadata.json")
     assert meta["source_job"] == job
-    assert meta["imported_from"] == sent.job_spec.base_output_directory.output_uri_prefix.rstrip("/") + "/model"
+    assert meta["imported_from"] == sent.body["jobSpec"]["baseOutputDirectory"]["outputUriPrefix"].rstrip("/") + "/model"
     (args,) = evaluated
     assert args[1:3] == (["08_evaluation", "09_registry"], [f"model_name={DEFAULT_MODEL}", "version=1"])
