@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..config import APP_LABELS, ConfigError, Settings, recorded
+from ..config import ConfigError, Settings, recorded
 from ..pipeline.stages import STAGES, PipelineError, nbs_dir
 from ..pipeline.params import plan_run
+from .retry import create_labels, google_call, labelled
 from .runs import CPU_IMAGE, GPU_IMAGE, MANIFEST, RUNS_FOLDER, check_accelerator
 
 # %% auto #0
@@ -223,11 +224,22 @@ def gather_run(settings: Settings, plan: list[dict], profile: str, overrides: Se
     return m
 
 # %% ../../nbs/cloud_pipelines.ipynb #kfp00030
+def _import_kfp_local():
+    "`kfp.local`; a `docker` folder on sys.path (this repository's docker/, with the checkout on PYTHONPATH) taken for the Docker SDK would break its import."
+    import sys
+    try: import docker
+    except ImportError: docker = None
+    if docker is not None and not hasattr(docker, "DockerClient"):
+        sys.modules["docker"] = None  # `import docker` raises ImportError: kfp.local goes on without its Docker runner
+    from kfp import local
+    return local
+
 def run_kfp_local(settings: Settings, spec: dict, plan: list[dict], profile: str, overrides: Sequence[str] | None = None,
                   workdir: str | Path | None = None) -> dict:  # kfp.local's pipeline root (default: a temporary folder)
     "Run the compiled pipeline `spec` with kfp.local's subprocess runner, then gather its run folder; the manifest."
     import tempfile, warnings
-    from kfp import components, local
+    from kfp import components
+    local = _import_kfp_local()
     run_dir = Path(settings.runs_dir).resolve() / plan[0]["params"]["run_id"]
     if run_dir.exists(): raise PipelineError(f"{run_dir} already exists: pick another --run-id or delete that run")
     root = Path(workdir or tempfile.mkdtemp(prefix="fmnist-kfp-"))
@@ -252,7 +264,7 @@ def pipeline_job(settings: Settings, spec: dict, plan: list[dict]) -> dict:
     "The PipelineJob (REST JSON names) that runs compiled `spec` with `plan`'s parameter values."
     s = settings.require_vertex("A Vertex AI PipelineJob")
     run_id = plan[0]["params"]["run_id"]
-    job = {"displayName": pipeline_job_id(run_id), "pipelineSpec": spec, "labels": dict(APP_LABELS),
+    job = {"displayName": pipeline_job_id(run_id), "pipelineSpec": spec, "labels": create_labels("pipeline", run_id),
            "runtimeConfig": {"gcsOutputDirectory": s.dev.uri(PIPELINE_ROOT_FOLDER), "parameterValues": pipeline_parameters(plan)}}
     return job | ({"serviceAccount": s.service_account} if s.service_account else {})
 
@@ -269,7 +281,7 @@ def pipeline_job_request(settings: Settings, job: dict) -> dict:
 
 # %% ../../nbs/cloud_pipelines.ipynb #kfp00035
 def submit_pipeline(settings: Settings, job: dict):
-    "Create the PipelineJob `job` on Vertex AI through the SDK (caching on); the submitted `aiplatform.PipelineJob`."
+    "Create the PipelineJob `job` on Vertex AI through the SDK (caching on), under the retry policy; the submitted `aiplatform.PipelineJob`."
     import tempfile
     from google.cloud import aiplatform
     from fmnist_gcp.cloud.vertex import vertex_init
@@ -282,8 +294,11 @@ def submit_pipeline(settings: Settings, job: dict):
         pj = aiplatform.PipelineJob(display_name=job["displayName"], template_path=str(path), job_id=job["displayName"],
                                     pipeline_root=rc["gcsOutputDirectory"], parameter_values=rc["parameterValues"],
                                     enable_caching=True, labels=job["labels"], project=s.project, location=s.region)
-        pj.submit(service_account=job.get("serviceAccount"))
-    return pj
+        def create():
+            pj.submit(service_account=job.get("serviceAccount")); return pj
+        # a create that met a 503 may have made the job: a retry looks for it by its labels (or meets ALREADY_EXISTS: its id)
+        return google_call("pipeline job create", create, adopt_conflict=True,
+                           lookup=lambda: labelled(aiplatform.PipelineJob.list, job["labels"]))
 
 # %% ../../nbs/cloud_pipelines.ipynb #kfp00036
 PIPELINE_END_STATES = ("PIPELINE_STATE_SUCCEEDED", "PIPELINE_STATE_FAILED", "PIPELINE_STATE_CANCELLED")
@@ -298,7 +313,7 @@ def run_on_vertex_pipelines(settings: Settings, job: dict, plan: list[dict], pro
     t0, pj = time.perf_counter(), submit_pipeline(settings, job)
     log(f"submitted {pj.resource_name}")
     last = None
-    while (state := pj.state.name) not in PIPELINE_END_STATES:
+    while (state := google_call("pipeline job state", lambda: pj.state.name)) not in PIPELINE_END_STATES:
         if state != last: log(f"{time.strftime('%H:%M:%S')} {state.removeprefix('PIPELINE_STATE_').lower()}")
         last = state; sleep(poll_s)
     log(f"{time.strftime('%H:%M:%S')} {state.removeprefix('PIPELINE_STATE_').lower()}")

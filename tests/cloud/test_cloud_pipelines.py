@@ -109,7 +109,8 @@ def test_dry_run_prints_the_pipeline_job_without_credentials(vertex_env):
     job = body["pipelineJob"]
     assert body["parent"] == "projects/acme-ml/locations/europe-west4" and body["pipelineJobId"] == "fmnist-smoke-1"
     assert job["runtimeConfig"]["gcsOutputDirectory"] == "gs://acme-ml-fmnist-dev/pipelines"
-    assert job["serviceAccount"] == "fmnist@acme-ml.iam.gserviceaccount.com" and job["labels"] == {"app": "fmnist-gcp"}
+    assert job["serviceAccount"] == "fmnist@acme-ml.iam.gserviceaccount.com"
+    assert job["labels"] == {"app": "fmnist-gcp", "fmnist-stage": "pipeline", "fmnist-run": "smoke_1"}
     values = job["runtimeConfig"]["parameterValues"]
     assert values["run_id"] == "Smoke_1" and values["profile"] == "smoke" and values["config__preflight"] is False
     assert values["exploration__max_images"] == 1000  # the smoke profile's, not the notebook's default
@@ -168,3 +169,109 @@ def test_the_smoke_pipeline_under_kfp_local_has_the_papermill_runs_figures(tmp_p
     assert "kl" in (runs / "index.html").read_text()
     dev = tmp_path / "home/dev/runs/kl"
     assert (dev / "run.json").is_file() and (dev / "steps/07_training.json").is_file()  # the folder is whole in the dev store too
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the wire: the real SDK (PipelineJob.submit) on its REST transport against the fake Vertex REST service
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def dev_bucket(gcs_emulator, monkeypatch):
+    "The dev bucket in the storage emulator: `PipelineJob.submit` looks the pipeline root's bucket up in Cloud Storage first."
+    from google.api_core.exceptions import Conflict
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+    from gcp_storage_emulator import settings as emulator
+    from google.cloud.aiplatform.utils import resource_manager_utils
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
+    try: storage.Client(project="acme-ml", credentials=AnonymousCredentials()).create_bucket("acme-ml-fmnist-dev")
+    except Conflict: pass  # the emulator lives for the session
+    # the SDK checks that the bucket belongs to the project (against bucket squatting): Cloud Resource Manager's
+    # projects.get, which roles/aiplatform.user grants, gives the project number the emulator's buckets carry
+    def project_number(project_id, credentials=None):
+        if project_id != "acme-ml": raise AssertionError(f"project number asked for {project_id!r}")
+        return str(emulator.DEFAULT_PROJECT_NUMBER)
+    monkeypatch.setattr(resource_manager_utils, "get_project_number", project_number)
+    return "gs://acme-ml-fmnist-dev"
+
+
+def pipeline_creates(fake):
+    from vertex_fake import LOC
+    return [r for r in fake.calls("POST", f"/v1/{LOC}/pipelineJobs") if r.status == 200]
+
+
+def test_the_pipeline_job_create_carries_the_spec_runtime_config_account_and_labels(vertex_rest, dev_bucket, caplog):
+    from vertex_fake import LOC
+    s = Settings.from_env(vertex_rest.env)
+    spec, plan = pl.compile_pipeline(s, "smoke", run_id="Wire_1", images=IMAGES)
+    with caplog.at_level("INFO"):
+        pj = pl.submit_pipeline(s, pl.pipeline_job(s, spec, plan))
+    # the SDK found the pipeline root's bucket in Cloud Storage (the emulator), not an error it logs and goes past
+    assert not [r for r in caplog.records if "GCS bucket for the pipeline output artifacts" in r.getMessage()]
+    assert [r for r in caplog.records if "GET /storage/v1/b/acme-ml-fmnist-dev" in r.getMessage()]
+    (req,) = pipeline_creates(vertex_rest)
+    assert req.query["pipelineJobId"] == "fmnist-wire-1" and pj.resource_name == f"{LOC}/pipelineJobs/fmnist-wire-1"
+    body = req.body
+    assert body["pipelineSpec"]["root"] == spec["root"] and body["pipelineSpec"]["deploymentSpec"] == spec["deploymentSpec"]
+    assert body["pipelineSpec"]["components"] == spec["components"]
+    rc = body["runtimeConfig"]
+    assert rc["gcsOutputDirectory"] == f"{dev_bucket}/pipelines"
+    assert rc["parameterValues"] == pl.pipeline_parameters(plan) and rc["parameterValues"]["run_id"] == "Wire_1"
+    assert rc["parameterValues"]["exploration__max_images"] == 1000  # the smoke profile's value reaches Vertex
+    assert body["serviceAccount"] == VERTEX_ENV["FMNIST_SERVICE_ACCOUNT"]
+    assert body["labels"] == {"app": "fmnist-gcp", "fmnist-stage": "pipeline", "fmnist-run": "wire_1"}
+    assert all(t["cachingOptions"] == {"enableCache": True} for t in body["pipelineSpec"]["root"]["dag"]["tasks"].values())
+    # followed through the fake's states to its end
+    states = [pj.state.name for _ in range(3)]
+    assert states == ["PIPELINE_STATE_RUNNING", "PIPELINE_STATE_SUCCEEDED", "PIPELINE_STATE_SUCCEEDED"]
+    # a second submission with unchanged inputs (a new run of the same profile): the same steps, caching still on
+    spec2, plan2 = pl.compile_pipeline(s, "smoke", run_id="Wire_2", images=IMAGES)
+    pl.submit_pipeline(s, pl.pipeline_job(s, spec2, plan2))
+    first, second = (r.body for r in pipeline_creates(vertex_rest))
+    assert second["pipelineSpec"]["deploymentSpec"] == first["pipelineSpec"]["deploymentSpec"]
+    assert second["pipelineSpec"]["root"]["dag"] == first["pipelineSpec"]["root"]["dag"]
+    assert all(t["cachingOptions"] == {"enableCache": True} for t in second["pipelineSpec"]["root"]["dag"]["tasks"].values())
+    v1, v2 = first["runtimeConfig"]["parameterValues"], second["runtimeConfig"]["parameterValues"]
+    assert {k for k in v1 if v1[k] != v2[k]} == {"run_id"}
+
+
+def test_a_pipeline_job_create_whose_answer_was_lost_is_adopted_not_made_twice(vertex_rest, dev_bucket, monkeypatch, capsys):
+    "503 after Vertex made the job: the retry finds it by its labels (ListPipelineJobs) and sends no second create."
+    monkeypatch.setenv("FMNIST_RETRY_INITIAL_S", "0.01"); monkeypatch.setenv("FMNIST_RETRY_MAX_S", "0.02")
+    s = Settings.from_env(vertex_rest.env)
+    spec, plan = pl.compile_pipeline(s, "smoke", ["01_data"], run_id="Lost_1", images=IMAGES)
+    vertex_rest.inject("POST", "*/pipelineJobs", 503, after_apply=True)
+    pj = pl.submit_pipeline(s, pl.pipeline_job(s, spec, plan))
+    assert list(vertex_rest.pipeline_jobs) == [pj.resource_name]
+    assert [r.status for r in vertex_rest.calls("POST", "*/pipelineJobs")] == [503]
+    (lst,) = vertex_rest.calls("GET", "*/pipelineJobs")
+    assert lst.query["filter"] == 'labels.app="fmnist-gcp" AND labels.fmnist-stage="pipeline" AND labels.fmnist-run="lost_1"'
+    assert "adopted what attempt 1 made" in capsys.readouterr().err
+
+
+def test_the_pipeline_service_refuses_what_vertex_refuses(vertex_rest):
+    "No spec, no output directory, one outside Cloud Storage, an id Vertex does not accept, an id taken, a filter it cannot parse."
+    from google.api_core.exceptions import BadRequest, Conflict, NotFound
+    from google.cloud.aiplatform_v1 import PipelineServiceClient, types
+    from fmnist_gcp.cloud.vertex import vertex_client_options
+    from vertex_fake import LOC
+    client = PipelineServiceClient(transport="rest", client_options=vertex_client_options(Settings.from_env(vertex_rest.env)))
+    spec = pl.compile_pipeline(Settings(), "smoke", ["01_data"], run_id="r", images=IMAGES)[0]
+    good = {"display_name": "p", "pipeline_spec": spec, "runtime_config": {"gcs_output_directory": "gs://b/pipelines"}}
+    for job, jid, needle in [
+            ({**good, "pipeline_spec": None}, "a", r"pipeline_job\.pipeline_spec; Message: Required field is not set"),
+            ({**good, "runtime_config": {}}, "a", r"pipeline_job\.runtime_config\.gcs_output_directory; Message: Required"),
+            ({**good, "runtime_config": {"gcs_output_directory": "/tmp/pipelines"}}, "a", "must be a Cloud Storage path"),
+            ({**good, "display_name": "x" * 129}, "a", "at most 128 characters"),
+            (good, "Fmnist_1", "must match")]:
+        with pytest.raises(BadRequest, match=needle):
+            client.create_pipeline_job(parent=LOC, pipeline_job=types.PipelineJob({k: v for k, v in job.items() if v is not None}),
+                                       pipeline_job_id=jid)
+    assert vertex_rest.pipeline_jobs == {}  # nothing refused was made
+    made = client.create_pipeline_job(parent=LOC, pipeline_job=types.PipelineJob(good), pipeline_job_id="fmnist-r")
+    assert made.state.name == "PIPELINE_STATE_PENDING" and made.name == f"{LOC}/pipelineJobs/fmnist-r"
+    with pytest.raises(Conflict, match="already exists"):  # ids are unique in the location, ended jobs included (409: Conflict over REST)
+        client.create_pipeline_job(parent=LOC, pipeline_job=types.PipelineJob(good), pipeline_job_id="fmnist-r")
+    with pytest.raises(NotFound):
+        client.get_pipeline_job(name=f"{LOC}/pipelineJobs/fmnist-none")
+    with pytest.raises(BadRequest, match="Unsupported filter"):
+        list(client.list_pipeline_jobs(request={"parent": LOC, "filter": "labels.app = fmnist OR true"}))
