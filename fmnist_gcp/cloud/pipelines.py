@@ -24,10 +24,11 @@ from .runs import CPU_IMAGE, GPU_IMAGE, MANIFEST, RUNS_FOLDER, check_accelerator
 
 # %% auto #0
 __all__ = ['STEP_RESOURCES', 'PROFILE_ACCELERATORS', 'SHARED_PARAMETERS', 'PIPELINE_NAME', 'STEPS_FOLDER', 'STEP_REASON',
-           'PIPELINE_ROOT_FOLDER', 'PIPELINE_END_STATES', 'stage_needs', 'StepResources', 'step_resources',
-           'parameter_name', 'pipeline_parameters', 'step_function', 'build_pipeline', 'default_images', 'step_env',
-           'compile_pipeline', 'StepFailed', 'run_step', 'gather_run', 'run_kfp_local', 'pipeline_job_id',
-           'pipeline_job', 'pipeline_job_request', 'submit_pipeline', 'run_on_vertex_pipelines']
+           'PIPELINE_ROOT_FOLDER', 'SUBMISSION_LABEL', 'PIPELINE_END_STATES', 'stage_needs', 'StepResources',
+           'step_resources', 'parameter_name', 'pipeline_parameters', 'step_function', 'build_pipeline',
+           'default_images', 'step_env', 'compile_pipeline', 'StepFailed', 'run_step', 'gather_run', 'run_kfp_local',
+           'pipeline_job_id', 'submission_stamp', 'pipeline_job', 'pipeline_job_request', 'submit_pipeline',
+           'run_on_vertex_pipelines']
 
 # %% ../../nbs/cloud_pipelines.ipynb #kfp00006
 def _covers(written: str, read: str) -> bool:
@@ -256,9 +257,17 @@ def run_kfp_local(settings: Settings, spec: dict, plan: list[dict], profile: str
 # %% ../../nbs/cloud_pipelines.ipynb #kfp00032
 PIPELINE_ROOT_FOLDER = "pipelines"  # the dev store folder Vertex AI writes the pipeline's outputs under
 
-def pipeline_job_id(run_id: str) -> str:
-    "The PipelineJob id of run `run_id`: `fmnist-<run id>` in lowercase letters, digits and hyphens."
-    return ("fmnist-" + re.sub(r"[^a-z0-9-]+", "-", run_id.lower())).strip("-")[:128]
+SUBMISSION_LABEL = "fmnist-submission"  # the label that tells one submission of a run from another
+
+def pipeline_job_id(run_id: str, submission: str = "") -> str:
+    "The PipelineJob display name of run `run_id` (`fmnist-<run id>` in lowercase letters, digits and hyphens); with `submission`, the id of that submission."
+    base = ("fmnist-" + re.sub(r"[^a-z0-9-]+", "-", run_id.lower())).strip("-")
+    return f"{base[:127 - len(submission)]}-{submission}" if submission else base[:128]
+
+def submission_stamp() -> str:
+    "A submission's part of the job id: UTC time and a token (two submissions in one second differ)."
+    import secrets
+    return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
 
 def pipeline_job(settings: Settings, spec: dict, plan: list[dict]) -> dict:
     "The PipelineJob (REST JSON names) that runs compiled `spec` with `plan`'s parameter values."
@@ -270,12 +279,11 @@ def pipeline_job(settings: Settings, spec: dict, plan: list[dict]) -> dict:
 
 # %% ../../nbs/cloud_pipelines.ipynb #kfp00034
 def pipeline_job_request(settings: Settings, job: dict) -> dict:
-    "The REST JSON of the CreatePipelineJobRequest for `job` (what `fmnist run --on vertex-pipelines --dry-run` prints), checked against the v1 proto."
+    "The REST JSON of the CreatePipelineJobRequest for `job` (what `fmnist run --on vertex-pipelines --dry-run` prints), checked against the v1 proto; the id is given at submission."
     from google.cloud.aiplatform_v1.types import CreatePipelineJobRequest
     from google.protobuf import json_format
     s = settings.require_vertex("A Vertex AI PipelineJob request")
-    body = {"parent": f"projects/{s.project}/locations/{s.region}", "pipelineJob": job,
-            "pipelineJobId": job["displayName"]}
+    body = {"parent": f"projects/{s.project}/locations/{s.region}", "pipelineJob": job}
     pb = json_format.ParseDict(body, CreatePipelineJobRequest.pb(CreatePipelineJobRequest()))
     return json_format.MessageToDict(pb)
 
@@ -287,18 +295,19 @@ def submit_pipeline(settings: Settings, job: dict):
     from fmnist_gcp.cloud.vertex import vertex_init
     s = settings.require_vertex("Submitting a pipeline to Vertex AI")
     vertex_init(s)
-    rc = job["runtimeConfig"]
+    rc, stamp = job["runtimeConfig"], submission_stamp()
+    labels = {**job["labels"], SUBMISSION_LABEL: stamp}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pipeline.json"
         path.write_text(json.dumps(job["pipelineSpec"]))
-        pj = aiplatform.PipelineJob(display_name=job["displayName"], template_path=str(path), job_id=job["displayName"],
+        pj = aiplatform.PipelineJob(display_name=job["displayName"], template_path=str(path), job_id=f"{job['displayName'][:127 - len(stamp)]}-{stamp}",
                                     pipeline_root=rc["gcsOutputDirectory"], parameter_values=rc["parameterValues"],
-                                    enable_caching=True, labels=job["labels"], project=s.project, location=s.region)
+                                    enable_caching=True, labels=labels, project=s.project, location=s.region)
         def create():
             pj.submit(service_account=job.get("serviceAccount")); return pj
-        # a create that met a 503 may have made the job: a retry looks for it by its labels (or meets ALREADY_EXISTS: its id)
+        # a create that met a 503 may have made the job: a retry looks for this submission by its labels (or meets ALREADY_EXISTS)
         return google_call("pipeline job create", create, adopt_conflict=True,
-                           lookup=lambda: labelled(aiplatform.PipelineJob.list, job["labels"]))
+                           lookup=lambda: labelled(aiplatform.PipelineJob.list, labels))
 
 # %% ../../nbs/cloud_pipelines.ipynb #kfp00036
 PIPELINE_END_STATES = ("PIPELINE_STATE_SUCCEEDED", "PIPELINE_STATE_FAILED", "PIPELINE_STATE_CANCELLED")
@@ -306,10 +315,12 @@ PIPELINE_END_STATES = ("PIPELINE_STATE_SUCCEEDED", "PIPELINE_STATE_FAILED", "PIP
 def run_on_vertex_pipelines(settings: Settings, job: dict, plan: list[dict], profile: str,
                             overrides: Sequence[str] | None = None, *, poll_s: float = 30,
                             log: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep) -> dict:
-    "Submit `job`, follow it to its end, then gather its run folder; {job, state, manifest}."
+    "Submit `job`, follow it to its end, then gather its run folder; {job, state, manifest}. A run that did not end ok may be submitted again: Vertex AI's step cache skips its finished steps."
     run_id = plan[0]["params"]["run_id"]
     if settings.dev.exists(RUNS_FOLDER, run_id, MANIFEST):
-        raise PipelineError(f"run {run_id} already exists in {settings.dev.uri(RUNS_FOLDER, run_id)}: pick another --run-id")
+        if settings.dev.read_json(f"{RUNS_FOLDER}/{run_id}/{MANIFEST}").get("status") == "ok":
+            raise PipelineError(f"run {run_id} already exists in {settings.dev.uri(RUNS_FOLDER, run_id)} and ended ok: pick another --run-id")
+        log(f"run {run_id} did not end ok: submitting it again (Vertex AI's step cache skips the steps that finished)")
     t0, pj = time.perf_counter(), submit_pipeline(settings, job)
     log(f"submitted {pj.resource_name}")
     last = None

@@ -3,6 +3,7 @@ the PipelineJob body `fmnist run --on vertex-pipelines --dry-run` prints, and th
 against a papermill smoke run, compared as `fmnist rerun` compares."""
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -107,7 +108,8 @@ def test_dry_run_prints_the_pipeline_job_without_credentials(vertex_env):
     r = fmnist("run", "--on", "vertex-pipelines", "--profile", "smoke", "--run-id", "Smoke_1", "--dry-run", env=vertex_env)
     body = json.loads(r.stdout)
     job = body["pipelineJob"]
-    assert body["parent"] == "projects/acme-ml/locations/europe-west4" and body["pipelineJobId"] == "fmnist-smoke-1"
+    assert body["parent"] == "projects/acme-ml/locations/europe-west4" and job["displayName"] == "fmnist-smoke-1"
+    assert "pipelineJobId" not in body  # given at submission: a run submitted again is a new PipelineJob
     assert job["runtimeConfig"]["gcsOutputDirectory"] == "gs://acme-ml-fmnist-dev/pipelines"
     assert job["serviceAccount"] == "fmnist@acme-ml.iam.gserviceaccount.com"
     assert job["labels"] == {"app": "fmnist-gcp", "fmnist-stage": "pipeline", "fmnist-run": "smoke_1"}
@@ -209,7 +211,8 @@ def test_the_pipeline_job_create_carries_the_spec_runtime_config_account_and_lab
     assert not [r for r in caplog.records if "GCS bucket for the pipeline output artifacts" in r.getMessage()]
     assert [r for r in caplog.records if "GET /storage/v1/b/acme-ml-fmnist-dev" in r.getMessage()]
     (req,) = pipeline_creates(vertex_rest)
-    assert req.query["pipelineJobId"] == "fmnist-wire-1" and pj.resource_name == f"{LOC}/pipelineJobs/fmnist-wire-1"
+    jid = req.query["pipelineJobId"]
+    assert re.fullmatch(r"fmnist-wire-1-\d{8}-\d{6}-[0-9a-f]{4}", jid) and pj.resource_name == f"{LOC}/pipelineJobs/{jid}"
     body = req.body
     assert body["pipelineSpec"]["root"] == spec["root"] and body["pipelineSpec"]["deploymentSpec"] == spec["deploymentSpec"]
     assert body["pipelineSpec"]["components"] == spec["components"]
@@ -218,20 +221,21 @@ def test_the_pipeline_job_create_carries_the_spec_runtime_config_account_and_lab
     assert rc["parameterValues"] == pl.pipeline_parameters(plan) and rc["parameterValues"]["run_id"] == "Wire_1"
     assert rc["parameterValues"]["exploration__max_images"] == 1000  # the smoke profile's value reaches Vertex
     assert body["serviceAccount"] == VERTEX_ENV["FMNIST_SERVICE_ACCOUNT"]
-    assert body["labels"] == {"app": "fmnist-gcp", "fmnist-stage": "pipeline", "fmnist-run": "wire_1"}
+    assert body["labels"] == {"app": "fmnist-gcp", "fmnist-stage": "pipeline", "fmnist-run": "wire_1",
+                              "fmnist-submission": jid.removeprefix("fmnist-wire-1-")}
+    assert body["displayName"] == "fmnist-wire-1"
     assert all(t["cachingOptions"] == {"enableCache": True} for t in body["pipelineSpec"]["root"]["dag"]["tasks"].values())
     # followed through the fake's states to its end
     states = [pj.state.name for _ in range(3)]
     assert states == ["PIPELINE_STATE_RUNNING", "PIPELINE_STATE_SUCCEEDED", "PIPELINE_STATE_SUCCEEDED"]
-    # a second submission with unchanged inputs (a new run of the same profile): the same steps, caching still on
-    spec2, plan2 = pl.compile_pipeline(s, "smoke", run_id="Wire_2", images=IMAGES)
-    pl.submit_pipeline(s, pl.pipeline_job(s, spec2, plan2))
-    first, second = (r.body for r in pipeline_creates(vertex_rest))
-    assert second["pipelineSpec"]["deploymentSpec"] == first["pipelineSpec"]["deploymentSpec"]
-    assert second["pipelineSpec"]["root"]["dag"] == first["pipelineSpec"]["root"]["dag"]
-    assert all(t["cachingOptions"] == {"enableCache": True} for t in second["pipelineSpec"]["root"]["dag"]["tasks"].values())
-    v1, v2 = first["runtimeConfig"]["parameterValues"], second["runtimeConfig"]["parameterValues"]
-    assert {k for k in v1 if v1[k] != v2[k]} == {"run_id"}
+    # a second submission with unchanged inputs (the run submitted again, as after a failed step): a new job (Vertex
+    # keeps an ended job's id taken) with the same spec and values, caching on in every task, so the cache can answer
+    pj2 = pl.submit_pipeline(s, pl.pipeline_job(s, spec, plan))
+    first, second = pipeline_creates(vertex_rest)
+    assert second.query["pipelineJobId"] != jid and pj2.resource_name != pj.resource_name and len(vertex_rest.pipeline_jobs) == 2
+    assert second.body["pipelineSpec"] == first.body["pipelineSpec"]
+    assert second.body["runtimeConfig"] == first.body["runtimeConfig"]
+    assert all(t["cachingOptions"] == {"enableCache": True} for t in second.body["pipelineSpec"]["root"]["dag"]["tasks"].values())
 
 
 def test_a_pipeline_job_create_whose_answer_was_lost_is_adopted_not_made_twice(vertex_rest, dev_bucket, monkeypatch, capsys):
@@ -244,7 +248,9 @@ def test_a_pipeline_job_create_whose_answer_was_lost_is_adopted_not_made_twice(v
     assert list(vertex_rest.pipeline_jobs) == [pj.resource_name]
     assert [r.status for r in vertex_rest.calls("POST", "*/pipelineJobs")] == [503]
     (lst,) = vertex_rest.calls("GET", "*/pipelineJobs")
-    assert lst.query["filter"] == 'labels.app="fmnist-gcp" AND labels.fmnist-stage="pipeline" AND labels.fmnist-run="lost_1"'
+    stamp = pj.resource_name.rsplit("/", 1)[-1].removeprefix("fmnist-lost-1-")
+    assert lst.query["filter"] == ('labels.app="fmnist-gcp" AND labels.fmnist-stage="pipeline" AND labels.fmnist-run="lost_1" '
+                                   f'AND labels.fmnist-submission="{stamp}"')  # this submission's, not an earlier one's
     assert "adopted what attempt 1 made" in capsys.readouterr().err
 
 
@@ -275,3 +281,25 @@ def test_the_pipeline_service_refuses_what_vertex_refuses(vertex_rest):
         client.get_pipeline_job(name=f"{LOC}/pipelineJobs/fmnist-none")
     with pytest.raises(BadRequest, match="Unsupported filter"):
         list(client.list_pipeline_jobs(request={"parent": LOC, "filter": "labels.app = fmnist OR true"}))
+
+
+def test_a_run_that_ended_ok_is_refused_and_one_that_failed_is_submitted_again(gcs_emulator, monkeypatch):
+    "Vertex AI's step cache only answers a run submitted again; `fmnist run --on vertex-pipelines` allows that for a run not ok."
+    import uuid
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # see DESIGN.md: the emulator cannot answer gcsfs's bucket-type lookup
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
+    prefix = f"gs://fmnist-test/{uuid.uuid4().hex[:8]}"
+    s = Settings.from_env({**VERTEX_ENV, **{f"FMNIST_{r.upper()}_BUCKET": f"{prefix}/{r}" for r in ("dev", "datasets", "models")}})
+    plan = [{"stage": "01_data", "params": {"run_id": "again", "profile": "smoke"}}]
+    sent, said = [], []
+    class Sent(Exception): pass
+    def submit(settings, job): sent.append(job); raise Sent()
+    monkeypatch.setattr(pl, "submit_pipeline", submit)
+    s.dev.write_json("runs/again/run.json", {"run_id": "again", "status": "failed"})
+    with pytest.raises(Sent):
+        pl.run_on_vertex_pipelines(s, {"displayName": "fmnist-again"}, plan, "smoke", log=said.append)
+    assert sent == [{"displayName": "fmnist-again"}] and "submitting it again" in said[0]
+    s.dev.write_json("runs/again/run.json", {"run_id": "again", "status": "ok"})
+    with pytest.raises(PipelineError, match="ended ok: pick another --run-id"):
+        pl.run_on_vertex_pipelines(s, {"displayName": "fmnist-again"}, plan, "smoke", log=said.append)
+    assert len(sent) == 1
