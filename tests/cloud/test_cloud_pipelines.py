@@ -177,23 +177,27 @@ def test_the_smoke_pipeline_under_kfp_local_has_the_papermill_runs_figures(tmp_p
 # the wire: the real SDK (PipelineJob.submit) on its REST transport against the fake Vertex REST service
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.fixture
-def dev_bucket(gcs_emulator, monkeypatch):
-    "The dev bucket in the storage emulator: `PipelineJob.submit` looks the pipeline root's bucket up in Cloud Storage first."
-    from google.api_core.exceptions import Conflict
+def dev_bucket(vertex_rest, gcs_emulator, monkeypatch):
+    """A dev bucket of this test's own in the storage emulator (FMNIST_DEV_BUCKET; deleted after, since the emulator
+    serves the whole session and test_provision expects no acme-ml-fmnist-* bucket): `PipelineJob.submit` looks the
+    pipeline root's bucket up in Cloud Storage first."""
+    import uuid
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
     from gcp_storage_emulator import settings as emulator
     from google.cloud.aiplatform.utils import resource_manager_utils
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
-    try: storage.Client(project="acme-ml", credentials=AnonymousCredentials()).create_bucket("acme-ml-fmnist-dev")
-    except Conflict: pass  # the emulator lives for the session
+    name = f"acme-ml-pipes-{uuid.uuid4().hex[:8]}"
+    vertex_rest.env["FMNIST_DEV_BUCKET"] = f"gs://{name}"
+    bucket = storage.Client(project="acme-ml", credentials=AnonymousCredentials()).create_bucket(name)
     # the SDK checks that the bucket belongs to the project (against bucket squatting): Cloud Resource Manager's
     # projects.get, which roles/aiplatform.user grants, gives the project number the emulator's buckets carry
     def project_number(project_id, credentials=None):
         if project_id != "acme-ml": raise AssertionError(f"project number asked for {project_id!r}")
         return str(emulator.DEFAULT_PROJECT_NUMBER)
     monkeypatch.setattr(resource_manager_utils, "get_project_number", project_number)
-    return "gs://acme-ml-fmnist-dev"
+    yield f"gs://{name}"
+    bucket.delete(force=True)
 
 
 def pipeline_creates(fake):
@@ -209,7 +213,7 @@ def test_the_pipeline_job_create_carries_the_spec_runtime_config_account_and_lab
         pj = pl.submit_pipeline(s, pl.pipeline_job(s, spec, plan))
     # the SDK found the pipeline root's bucket in Cloud Storage (the emulator), not an error it logs and goes past
     assert not [r for r in caplog.records if "GCS bucket for the pipeline output artifacts" in r.getMessage()]
-    assert [r for r in caplog.records if "GET /storage/v1/b/acme-ml-fmnist-dev" in r.getMessage()]
+    assert [r for r in caplog.records if f"GET /storage/v1/b/{dev_bucket.removeprefix('gs://')}" in r.getMessage()]
     (req,) = pipeline_creates(vertex_rest)
     jid = req.query["pipelineJobId"]
     assert re.fullmatch(r"fmnist-wire-1-\d{8}-\d{6}-[0-9a-f]{4}", jid) and pj.resource_name == f"{LOC}/pipelineJobs/{jid}"
