@@ -32,12 +32,14 @@ def _add_run(sub) -> None:
     r.add_argument("--run-id", help="run folder name (default: time stamp and profile)")
     r.add_argument("--no-check", action="store_true", help="skip the Google Cloud preflight check (vertex backend)")
     r.add_argument("--upload", action="store_true", help="copy the run folder to the dev store's runs/<run_id>/ when the run ends (needs --run-id; what a run on Vertex does)")
-    r.add_argument("--on", choices=["local", "vertex"], default="local", help="where the pipeline runs: here, or as a Vertex AI CustomJob in the project's image")
+    r.add_argument("--on", choices=["local", "vertex", "vertex-pipelines", "kfp-local"], default="local",
+                   help="where the pipeline runs: here; as one Vertex AI CustomJob in the project's image; as a Vertex AI "
+                        "Pipeline (a machine per stage, parallel steps, Google's step cache); or that pipeline here under kfp.local")
     r.add_argument("--image", help="(--on vertex) image URI (default: this checkout's train image; train-gpu with an accelerator)")
-    r.add_argument("--machine-type", default="n1-standard-8", help="(--on vertex) Compute Engine machine type")
-    r.add_argument("--accelerator-type", help="(--on vertex) e.g. NVIDIA_TESLA_T4")
+    r.add_argument("--machine-type", default="n1-standard-8", help="(--on vertex) Compute Engine machine type (vertex-pipelines: each step's from cloud.pipelines.STEP_RESOURCES)")
+    r.add_argument("--accelerator-type", help="(--on vertex, vertex-pipelines) e.g. NVIDIA_TESLA_T4 (vertex-pipelines: for the training and AutoML steps; default: the profile's)")
     r.add_argument("--accelerator-count", type=int, default=0, help="(--on vertex) accelerators on the machine")
-    r.add_argument("--dry-run", action="store_true", help="(--on vertex) print the CustomJob request as JSON; send nothing")
+    r.add_argument("--dry-run", action="store_true", help="(--on vertex, vertex-pipelines) print the CustomJob or PipelineJob request as JSON; send nothing")
     r.add_argument("--no-wait", dest="wait", action="store_false", help="(--on vertex) return once submitted; later: fmnist runs --fetch RUN_ID")
     r.add_argument("--experiment", help="(--on vertex) Vertex AI experiment (got or created): the job's run logs the training stage's params and metrics")
     r.add_argument("--no-cache", dest="cache", action="store_false", help="execute every stage (default: reuse a stage whose cache key is unchanged since an earlier run)")
@@ -151,6 +153,18 @@ def _add_features(sub) -> None:
     s.add_argument("-k", type=int, default=5, help="neighbours (default 5)")
 
 # %% ../nbs/cli.ipynb #b1c2d006
+def _add_pipeline(sub) -> None:
+    from fmnist_gcp.pipeline.params import PROFILE_NAMES
+    c = sub.add_parser("pipeline", help="the stages as a Vertex AI Pipeline (KFP v2)").add_subparsers(dest="pipeline_verb", required=True, metavar="ACTION")
+    cp = c.add_parser("compile", help="write the KFP v2 pipeline spec of a run (one step per stage; needs the pipelines extra)")
+    cp.add_argument("--profile", choices=PROFILE_NAMES, default="quick", help="parameter profile: the pipeline parameters' defaults")
+    cp.add_argument("--stages", nargs="+", metavar="STAGE", help="stages to compile (default: all)")
+    cp.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="as for fmnist run")
+    cp.add_argument("--run-id", default="dev", help="the run_id parameter's default (default: dev)")
+    cp.add_argument("--output", default="pipeline.json", help="file to write, .json or .yaml (default: pipeline.json)")
+    cp.add_argument("--accelerator-type", help="for the training and AutoML steps (default: the profile's)")
+    cp.add_argument("--accelerator-count", type=int, default=0)
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fmnist", description="Fashion-MNIST on your machine or on Vertex AI: "
                                 "run the notebook pipeline, list runs, check the data and settings, serve models.")
@@ -159,6 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("data", help="find (or download) the Fashion-MNIST files and verify their sha256")
     sub.add_parser("config", help="show the resolved settings (no credentials)")
     _add_serving(sub); _add_models(sub); _add_submit_training(sub); _add_gcp(sub); _add_endpoints(sub); _add_features(sub)
+    _add_pipeline(sub)
     return p
 
 # %% ../nbs/cli.ipynb #b1c2d007
@@ -194,11 +209,12 @@ def _cmd_run(a) -> int:
     from fmnist_gcp.config import ConfigError, Settings
     from fmnist_gcp.pipeline.execute import RunInterrupted
     from fmnist_gcp.pipeline.runs import StageFailed, resume_run, run_pipeline
-    if a.resume and (a.profile or a.stages or a.param or a.run_id or a.on == "vertex"):
+    if a.resume and (a.profile or a.stages or a.param or a.run_id or a.on != "local"):
         raise ConfigError("--resume RUN_ID continues that run with its own profile, stages and parameters, here: "
                           "leave out --profile, --stages, -p, --run-id and --on")
     a.profile = a.profile or "quick"
     if a.on == "vertex": return _cmd_run_vertex(a)
+    if a.on in ("vertex-pipelines", "kfp-local"): return _cmd_run_pipeline(a)
     if a.experiment: raise ConfigError("--experiment is for runs on Vertex AI (--on vertex); a local run's figures are in its run.json")
     if a.upload and not (a.run_id or a.resume): raise ConfigError("--upload needs --run-id (the folder's name in the dev store)")
     s, progress = Settings.from_env(), _explained if a.explain_cache else _progress
@@ -244,6 +260,46 @@ def _cmd_run_vertex(a) -> int:
         raise JobEnded(out["error"] + (f"; report: {out['report']}" if out["report"] else ""))
     if out["report"]: print(f"run {run_id} {out['state'].removeprefix('JOB_STATE_').lower()}\nreport: {out['report']}")
     return 0 if out["state"] in (None, runs.SUCCEEDED) else 1
+
+# %% ../nbs/cli.ipynb #b1c2d034
+def _pipelines():
+    "cloud.pipelines, or a ConfigError saying how to install kfp."
+    from fmnist_gcp.config import ConfigError
+    try: import kfp  # noqa: F401
+    except ImportError: raise ConfigError("the Vertex AI Pipelines commands need kfp: pip install 'fmnist-gcp[pipelines]'") from None
+    from fmnist_gcp.cloud import pipelines
+    return pipelines
+
+def _cmd_pipeline(a) -> int:
+    from fmnist_gcp.config import Settings
+    spec, plan = _pipelines().compile_pipeline(Settings.from_env(), a.profile, a.stages, a.param, a.run_id, output=a.output,
+                                               accelerator_type=a.accelerator_type, accelerator_count=a.accelerator_count)
+    print(f"{a.output}: {len(spec['root']['dag']['tasks'])} steps, {len(spec['root']['inputDefinitions']['parameters'])} parameters")
+    return 0
+
+def _cmd_run_pipeline(a) -> int:
+    "fmnist run --on vertex-pipelines (submit, follow, gather) or --on kfp-local (the same spec run here)."
+    import json
+    from pathlib import Path
+    from fmnist_gcp.config import ConfigError, Settings
+    from fmnist_gcp.pipeline.params import new_run_id
+    pl, s = _pipelines(), Settings.from_env()
+    if a.on == "vertex-pipelines": s.require_vertex("fmnist run --on vertex-pipelines")
+    if not a.wait or a.experiment or a.image: raise ConfigError(f"--no-wait, --experiment and --image are for --on vertex, not --on {a.on}")
+    run_id = a.run_id or new_run_id(a.profile)
+    spec, plan = pl.compile_pipeline(s, a.profile, a.stages, a.param, run_id, accelerator_type=a.accelerator_type,
+                                     accelerator_count=a.accelerator_count)
+    if a.on == "kfp-local": m = pl.run_kfp_local(s, spec, plan, a.profile, a.param)
+    else:
+        job = pl.pipeline_job(s, spec, plan)
+        if a.dry_run: print(json.dumps(pl.pipeline_job_request(s, job), indent=2)); return 0
+        if a.no_check: print("skipped the Google Cloud preflight check (--no-check)", file=sys.stderr)
+        else:
+            from fmnist_gcp.cloud.preflight import preflight
+            preflight(s, command="run --on vertex")
+        m = pl.run_on_vertex_pipelines(s, job, plan, a.profile, a.param)["manifest"]
+    print(f"run {run_id} {m['status']} in {m['seconds']:.1f} s ({m['runner']})\nreport: {Path(s.runs_dir).resolve() / run_id / 'index.html'}")
+    return 0 if m["status"] == "ok" else 1
 
 # %% ../nbs/cli.ipynb #e8f1a002
 def _cmd_rerun(a) -> int:
@@ -451,7 +507,7 @@ def _cmd_similar(a) -> int:
 _COMMANDS = {"run": _cmd_run, "rerun": _cmd_rerun, "runs": _cmd_runs, "data": _cmd_data, "config": _cmd_config, "serve": _cmd_serve,
              "predict": _cmd_predict, "models": _cmd_models, "submit-training": _cmd_submit_training, "gcp": _cmd_gcp,
              "deploy": _cmd_endpoints, "undeploy": _cmd_endpoints, "batch-predict": _cmd_endpoints,
-             "features": _cmd_features, "similar": _cmd_similar}
+             "features": _cmd_features, "similar": _cmd_similar, "pipeline": _cmd_pipeline}
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `fmnist` command."

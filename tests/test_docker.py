@@ -167,7 +167,7 @@ def test_each_image_installs_one_tensorflow(images):
     assert [r.split(";")[0] for r in extras["gpu"]] == ["tensorflow[and-cuda]>=2.18"]
     assert all(r.startswith(("tensorflow-cpu", "tensorflow>")) for r in extras["cpu"])
     assert not [r for r in PROJECT["dependencies"] if r.startswith("tensorflow")]  # only through an extra
-    assert "fmnist-gcp[cpu,pipeline]" in extras["dev"]  # make install and CI: unchanged
+    assert "fmnist-gcp[cpu,pipeline,pipelines]" in extras["dev"]  # make install and CI: one TensorFlow (cpu), and kfp (issue 21)
 
 
 def test_gpu_image_runs_the_training_task_like_the_cpu_one(images):

@@ -39,7 +39,7 @@ def run_notebook(name: str, done: set) -> None:
 def test_every_stage_and_library_notebook_is_found():
     # nbdev-test exits 0 with "No files were eligible for testing"; a missing notebook must fail here instead.
     names = {p.stem for p in NOTEBOOKS}
-    assert set(STAGE_NOTEBOOKS) <= names and {"task", "cli", "cloud_jobs", "cloud_endpoints", "cloud_automl", "cloud_features", "cloud_models", "cloud_vertex",
+    assert set(STAGE_NOTEBOOKS) <= names and {"task", "cli", "cloud_jobs", "cloud_endpoints", "cloud_automl", "cloud_features", "cloud_models", "cloud_vertex", "cloud_pipelines",
             *(f"pipeline_{m}" for m in ("stages", "params", "execute", "cache", "pages", "runs"))} <= names
     assert all(n in STAGE_NOTEBOOKS or not n[:2].isdigit() for n in names), "a numbered notebook is not a declared stage"
 

@@ -9,7 +9,7 @@ the metadata calls Vertex Experiments makes, and (a section of their own at the 
 (create, import), AutoML image classification trainingPipelines, model evaluations in the shape Vertex returns
 (`automl_image_evaluation`), hyperparameterTuningJobs, and Feature Store V2 (online stores, feature views, syncs
 not done on their first get and listed by create_time, fetchFeatureValues and searchNearestEntities on the store's
-serving endpoint, which is the fake itself). It refuses what Vertex refuses (required fields of the v1 protos, aliases, deploy resources,
+serving endpoint, which is the fake itself), and pipelineJobs (create, get, list). It refuses what Vertex refuses (required fields of the v1 protos, aliases, deploy resources,
 traffic), answers in Google's JSON error shape so the SDK raises the real api-core exception, keeps jobs and
 long-running operations unfinished for several polls, records every request, answers 501 UNIMPLEMENTED for a method
 it does not model, and can inject faults (`inject`).
@@ -335,6 +335,7 @@ class VertexFake:
         self.faults: list[Fault] = []
         self.tokens: set[str] = set()
         self.jobs: dict[str, dict] = {}  # customJobs and batchPredictionJobs by name
+        self.pipeline_jobs: dict[str, dict] = {}  # pipelineJobs by name
         self.models: dict[str, list[dict]] = {}  # model name -> versions, oldest first
         self.endpoints: dict[str, dict] = {}
         self.operations: dict[str, Operation] = {}
@@ -745,6 +746,52 @@ class VertexFake:
         self.children.setdefault(context, []).extend(body.get("childContexts", []))
         return {}
 
+    # -- pipeline jobs (Vertex AI Pipelines) ----------------------------------------------------------------------
+    PIPELINE_STATES = ("PIPELINE_STATE_PENDING", "PIPELINE_STATE_RUNNING")
+    PIPELINE_ID_RE = re.compile(r"[a-z][-a-z0-9]{0,127}")  # CreatePipelineJobRequest.pipeline_job_id
+
+    def create_pipeline_job(self, parent, body, query, **_):
+        """PipelineService.CreatePipelineJob: a spec (or a template URI) whose root has tasks, a gs:// output
+        directory (RuntimeConfig.gcs_output_directory is Required), a display name of at most 128 characters,
+        an id of lowercase letters, digits and hyphens that no pipeline job of the location has taken."""
+        if not (body.get("pipelineSpec") or body.get("templateUri")):
+            require(body, "pipeline_job", "pipelineSpec")
+        if body.get("pipelineSpec"):
+            require(body, "pipeline_job", "pipelineSpec.root.dag.tasks", "pipelineSpec.deploymentSpec.executors")
+        require(body, "pipeline_job", "runtimeConfig.gcsOutputDirectory")
+        root = body["runtimeConfig"]["gcsOutputDirectory"]
+        if not root.startswith("gs://"):
+            raise invalid(f"pipeline_job.runtime_config.gcs_output_directory must be a Cloud Storage path (gs://...), not {root!r}.")
+        if len(body.get("displayName", "")) > 128:
+            raise invalid("pipeline_job.display_name must be at most 128 characters long.")
+        jid = query.get("pipelineJobId") or f"pipeline-{next(self._ids)}"
+        if not self.PIPELINE_ID_RE.fullmatch(jid):
+            raise invalid(f"pipeline_job_id {jid!r} must match [a-z][-a-z0-9]{{0,127}}.")
+        name = f"{parent}/pipelineJobs/{jid}"
+        if name in self.pipeline_jobs: raise ApiError(409, f"PipelineJob {name} already exists.")
+        self.pipeline_jobs[name] = {**body, "name": name, "state": self.PIPELINE_STATES[0], "createTime": now(), "updateTime": now()}
+        return dict(self.pipeline_jobs[name])
+
+    def get_pipeline_job(self, name, **_):
+        "Each get moves the pipeline one state on: PENDING, RUNNING, then SUCCEEDED."
+        if name not in self.pipeline_jobs: raise not_found(name)
+        job = self.pipeline_jobs[name]
+        if job["state"] in self.PIPELINE_STATES:
+            i = self.PIPELINE_STATES.index(job["state"])
+            job["state"] = self.PIPELINE_STATES[i + 1] if i + 1 < len(self.PIPELINE_STATES) else "PIPELINE_STATE_SUCCEEDED"
+            job["updateTime"] = now()
+            if job["state"] == "PIPELINE_STATE_SUCCEEDED": job["endTime"] = now()
+        return dict(job)
+
+    def list_pipeline_jobs(self, parent, query, **_):
+        "Pipeline jobs whose labels match the filter's `labels.KEY=\"value\"` terms joined by AND."
+        flt = query.get("filter", "")
+        terms = [t.strip() for t in re.split(r"\bAND\b", flt)] if flt.strip() else []
+        parsed = [re.fullmatch(r'labels\.([\w-]+)\s*=\s*"([^"]*)"', t) for t in terms]
+        if not all(parsed): raise invalid(f"Unsupported filter: {flt!r}.")
+        return {"pipelineJobs": [j for n, j in self.pipeline_jobs.items() if n.startswith(parent + "/")
+                                 and all(j.get("labels", {}).get(p[1]) == p[2] for p in parsed)]}
+
     P = r"(projects/[^/]+/locations/[^/]+)"
     N = r"(projects/[^/]+/locations/[^/]+/{}/[^/:]+)"
     ROUTES = [
@@ -775,6 +822,10 @@ class VertexFake:
         ("POST", r"/v1/(projects/[^/]+/locations/[^/]+/metadataStores/[^/:]+)/contexts", create_context),
         ("PATCH", r"/v1/(projects/[^/]+/locations/[^/]+/metadataStores/[^/]+/contexts/[^/:]+)", update_context),
         ("POST", r"/v1/(projects/[^/]+/locations/[^/]+/metadataStores/[^/]+/contexts/[^/:]+):addContextChildren", add_context_children),
+        # pipeline jobs
+        ("POST", rf"/v1/{P}/pipelineJobs", create_pipeline_job),
+        ("GET", rf"/v1/{P}/pipelineJobs", list_pipeline_jobs),
+        ("GET", rf"/v1/{N.format('pipelineJobs')}", get_pipeline_job),
     ]
 
     # ================================================================================================================

@@ -26,8 +26,8 @@ from .pages import COMPARE_FIGURES, _headline_paths, index_page, render_report, 
 
 # %% auto #0
 __all__ = ['RUN_SPECIFIC', 'process_record', 'process_gone', 'list_runs', 'compare_runs', 'write_index', 'StageFailed',
-           'check_cloud', 'run_pipeline', 'read_run', 'resume_run', 'rerun_checks', 'figure_kind', 'compare_figures',
-           'reproduction', 'format_reproduction', 'rerun']
+           'write_run', 'new_manifest', 'execute_step', 'check_cloud', 'run_pipeline', 'read_run', 'resume_run',
+           'rerun_checks', 'figure_kind', 'compare_figures', 'reproduction', 'format_reproduction', 'rerun']
 
 # %% ../../nbs/pipeline_runs.ipynb #d5b8f002
 def _proc_start(pid: int) -> str | None:
@@ -86,14 +86,16 @@ class StageFailed(RuntimeError):
         super().__init__(f"stage {stage} failed: {error}\n  report: {report}")
         self.stage, self.report, self.error = stage, report, error
 
-def _write_run(m: dict, run_dir: Path, settings: Settings) -> None:
+def write_run(m: dict, run_dir: Path, settings: Settings) -> None:
+    "Write manifest `m` (its figures read from the dev store now) and its page into `run_dir`; rewrite the runs index."
     m["figures"] = recorded(m["run_id"], settings)
     write_bytes_atomic(str(run_dir / "run.json"), (json.dumps(m, indent=2, default=str) + "\n").encode())
     write_bytes_atomic(str(run_dir / "index.html"), run_page(m).encode())
     write_index(run_dir.parent)
 
 # %% ../../nbs/pipeline_runs.ipynb #a2c1e024
-def _manifest(run_id: str, profile: str, plan: list, overrides: list | None, settings: Settings, data: dict, nbs: Path) -> dict:
+def new_manifest(run_id: str, profile: str, plan: list, overrides: list | None, settings: Settings, data: dict, nbs: Path) -> dict:
+    "The manifest of a run starting now: `running`, its parameters, data hashes, commit, packages, settings and process."
     return {"run_id": run_id, "profile": profile, "status": "running", "backend": settings.backend,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "params": {s["stage"]: s["params"] for s in plan},
             "overrides": overrides or [], "data_sha256": {d["file"]: d["sha256"] for d in data.values()},
@@ -123,6 +125,16 @@ def _report(entry: dict, run_dir: Path, figures: dict) -> str | None:
     html = render_report(nbformat.read(out, 4), out.with_suffix(".html"), entry, figures.get(_STAGE[entry["stage"]].name) or {})
     return html.name
 
+def execute_step(step: dict, run_dir: Path, nbs: Path, settings: Settings, stop: StopSignals | None = None) -> tuple[dict, dict]:
+    "Execute planned stage `step` into `run_dir` (no reuse): its entry (report, output hashes) and what `<model>`, `<version>` stood for."
+    run_id = step["params"]["run_id"]
+    _forget_figures(settings, run_id, step["stage"])
+    entry = execute_stage(step, run_dir, nbs, stop)
+    figures = recorded(run_id, settings)
+    values, entry["report"] = _values(step, figures), _report(entry, run_dir, figures)
+    if entry["status"] == "ok": entry["outputs"] = output_hashes(step["stage"], settings, values)
+    return entry, values
+
 def _stage_entry(step: dict, m: dict, run_dir: Path, nbs: Path, settings: Settings, stop: StopSignals,
                  runs: list[dict] | None, off: str) -> dict:
     "Reuse the stage when its key allows, else execute it; the entry records the key, its parts and why."
@@ -133,12 +145,7 @@ def _stage_entry(step: dict, m: dict, run_dir: Path, nbs: Path, settings: Settin
         entry = reuse_stage(step, source, run_dir, settings)
         values = source["entry"]["cache"]["values"]
     else:
-        step = _with_run_version(step, m, figures)
-        _forget_figures(settings, m["run_id"], step["stage"])
-        entry = execute_stage(step, run_dir, nbs, stop)
-        figures = recorded(m["run_id"], settings)
-        values, entry["report"] = _values(step, figures), _report(entry, run_dir, figures)
-        if entry["status"] == "ok": entry["outputs"] = output_hashes(step["stage"], settings, values)
+        entry, values = execute_step(_with_run_version(step, m, figures), run_dir, nbs, settings, stop)
     entry["cache"] = {**key, "values": values, "reason": ("kept from the earlier attempt: " if entry.get("kept") else "") + reason}
     return entry
 
@@ -151,7 +158,7 @@ def _execute(plan: list, m: dict, run_dir: Path, nbs: Path, settings: Settings, 
         entry = _stage_entry(step, m, run_dir, nbs, settings, stop, runs, off)
         m["stages"].append(entry)
         if on_stage: on_stage(i, len(plan), step["stage"], entry)
-        _write_run(m, run_dir, settings)
+        write_run(m, run_dir, settings)
         if entry["status"] != "ok":
             m["status"] = entry["status"]; return
     m["status"] = "ok" if len(m["stages"]) == len(plan) else "interrupted"
@@ -164,7 +171,7 @@ def _run(plan: list, m: dict, run_dir: Path, nbs: Path, settings: Settings, on_s
     t0, before = time.perf_counter(), m.get("seconds") or 0
     with StopSignals() as stop:
         try:
-            _write_run(m, run_dir, settings)  # `running`, with this process: from now on the run is listed
+            write_run(m, run_dir, settings)  # `running`, with this process: from now on the run is listed
             _execute(plan, m, run_dir, nbs, settings, on_stage, stop, runs, off)
         except KeyboardInterrupt:  # where no handler could be installed (not the main thread)
             m["status"] = "interrupted"; raise
@@ -173,7 +180,7 @@ def _run(plan: list, m: dict, run_dir: Path, nbs: Path, settings: Settings, on_s
             done = {s["stage"] for s in m["stages"]}
             m["stages"] += [{"stage": s["stage"], "status": "skipped", "params": s["params"]} for s in plan if s["stage"] not in done]
             if stop.signum: m["interrupted_by"] = signal.Signals(stop.signum).name
-            _write_run(m, run_dir, settings)
+            write_run(m, run_dir, settings)
     bad = next((s for s in m["stages"] if s["status"] in ("failed", "interrupted")), None)
     if m["status"] == "interrupted":
         raise RunInterrupted(m["run_id"], stop.signum or signal.SIGINT, bad and bad["stage"], run_dir / ((bad or {}).get("report") or "index.html"))
@@ -214,7 +221,7 @@ def run_pipeline(profile: str = "quick",  # smoke | quick | full
     check_cloud(settings, plan, check, preflight)  # before any data or run folder: a PreflightError lists what to fix
     run_dir = Path(settings.runs_dir).resolve() / run_id
     if run_dir.exists(): raise PipelineError(f"{run_dir} already exists: pick another --run-id or delete that run")
-    m = _manifest(run_id, profile, plan, overrides, settings, ensure_data(settings), nbs)
+    m = new_manifest(run_id, profile, plan, overrides, settings, ensure_data(settings), nbs)
     return _run(plan, m, run_dir, nbs, settings, on_stage, list_runs(run_dir.parent) if cache else None)
 
 # %% ../../nbs/pipeline_runs.ipynb #e6c9a002
@@ -347,9 +354,9 @@ def rerun(run_id: str, strict: bool = False, new_id: str | None = None, settings
     if (runs_dir / new_id).exists(): raise PipelineError(f"{runs_dir / new_id} already exists: pick another --run-id")
     for w in warnings: warn(w)
     from fmnist_gcp.data import ensure_data
-    m = {**_manifest(new_id, old["profile"], plan, old.get("overrides"), settings, ensure_data(settings), nbs),
+    m = {**new_manifest(new_id, old["profile"], plan, old.get("overrides"), settings, ensure_data(settings), nbs),
          "reproduces": run_id, "rerun_warnings": warnings}
     _run(plan, m, runs_dir / new_id, nbs, settings, on_stage, None, off=f"a rerun executes every stage (it reproduces {run_id})")
     m["reproduction"] = reproduction(old, m)
-    _write_run(m, runs_dir / new_id, settings)
+    write_run(m, runs_dir / new_id, settings)
     return m
