@@ -246,25 +246,25 @@ def _is_id(i: str) -> bool:
     except FeatureError: return False
 
 # %% ../nbs/05_features.ipynb #f05a0023
+def _most_similar(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    "The rows of the `k` largest `sims` and their values, most similar first (ties by row)."
+    top = np.argpartition(-sims, k - 1)[:k] if k > 0 else np.zeros(0, np.int64)
+    top = top[np.lexsort((top, -sims[top]))]
+    return top, sims[top]
+
 def nearest(unit: np.ndarray,  # (n, d) unit-length rows
             query: int,  # row of the query in `unit`
             k: int) -> tuple[np.ndarray, np.ndarray]:  # rows and cosine similarities, most similar first
     "The `k` rows most cosine-similar to row `query`, excluding it."
     sims = unit @ unit[query]; sims[query] = -np.inf
-    k = min(k, len(unit) - 1)
-    top = np.argpartition(-sims, k - 1)[:k] if k > 0 else np.zeros(0, np.int64)
-    top = top[np.lexsort((top, -sims[top]))]
-    return top, sims[top]
+    return _most_similar(sims, min(k, len(unit) - 1))
 
 def nearest_vector(unit: np.ndarray,  # (n, d) unit-length rows
                    vector: np.ndarray,  # (d,) a query that need not be a row
                    k: int) -> tuple[np.ndarray, np.ndarray]:  # rows and cosine similarities, most similar first
     "The `k` rows most cosine-similar to `vector`."
     sims = unit @ (np.asarray(vector, np.float32) / max(float(np.linalg.norm(vector)), 1e-12))
-    k = min(k, len(unit))
-    top = np.argpartition(-sims, k - 1)[:k] if k > 0 else np.zeros(0, np.int64)
-    top = top[np.lexsort((top, -sims[top]))]
-    return top, sims[top]
+    return _most_similar(sims, min(k, len(unit)))
 
 # %% ../nbs/05_features.ipynb #f05a0025
 INDEX_FILE = "similar_index.npz"  # in feast_dir
