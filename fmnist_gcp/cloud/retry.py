@@ -78,7 +78,7 @@ def cancel_command(resource_name: str) -> str:
 def job_end_line(job) -> str:  # a CustomJob proto (`aiplatform.CustomJob.gca_resource`)
     "One line for a job that did not succeed: name, how it ended, its error message, its logs."
     state = job.state.name.removeprefix("JOB_STATE_")
-    said = (job.error.message or "no error message").splitlines()[0] if job.error.message else "no error message"
+    said = job.error.message.splitlines()[0] if job.error.message else "no error message"
     return f"job {job.display_name} ({job.name}) ended {state}: {said}; logs: {logs_url(job.name)}"
 
 # %% ../../nbs/cloud_retry.ipynb #59de2a89
