@@ -25,10 +25,16 @@ MOONSHOT = {"accuracy": 0.939, "au_prc": 0.985, "cpu_seconds": 720}
 OUT = Path(__file__).resolve().parent / "results" / "quick_levers.json"
 
 
-def lever(overrides: dict) -> str:
-    "A row's recipe as its `--set` changes without the seed."
-    o = {k: v for k, v in (overrides or {}).items() if k != "seed"}
-    return json.dumps(o, sort_keys=True) if o else "quick (as shipped)"
+IGNORED = {"seed", "precision", "deterministic"}  # not levers: the seed varies within a group; the others do not change results
+
+
+def lever(row: dict) -> str:
+    "A row's recipe as its differences from TrainConfig's defaults (augmentation included), without the seed."
+    from fmnist_gcp.training import TrainConfig
+    base, cfg = TrainConfig().to_dict(), row["config"]
+    diff = {k: v for k, v in cfg.items() if k not in IGNORED | {"augment"} and base.get(k, v) != v}
+    diff |= {f"augment.{k}": v for k, v in cfg.get("augment", {}).items() if base["augment"].get(k) != v}
+    return json.dumps(diff, sort_keys=True) if diff else "TrainConfig defaults"
 
 
 def curve(row: dict) -> list[tuple[float, float]] | None:
@@ -44,9 +50,13 @@ def curve(row: dict) -> list[tuple[float, float]] | None:
 def table(rows: list[dict]) -> list[dict]:
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        if r.get("recipe") == "quick" and r.get("train_images", 0) >= 50_000: groups.setdefault(lever(r["overrides"]), []).append(r)
+        if r.get("recipe") != "quick" or r.get("train_images", 0) < 50_000: continue
+        groups.setdefault(lever(r), []).append(r)
+        for name, v in r.get("tta", {}).items():  # the same trained model scored with other test-time views
+            groups.setdefault(f"{lever(r)} + TTA views: {name} ({v['views']})", []).append({**r, "test": v["test"], "history": []})
     out = []
     for name, rs in groups.items():
+        rs = list({r["config"]["seed"]: r for r in rs}.values())  # one run per seed: the latest (a seed reruns identically)
         med = lambda f: statistics.median(f(r) for r in rs)
         acc, prc, cpu = med(lambda r: r["test"]["accuracy"]), med(lambda r: r["test"]["au_prc"]), med(lambda r: r["cpu_seconds"])
         out.append({"recipe": name, "seeds": sorted(r["config"]["seed"] for r in rs), "epochs": rs[0]["epochs"],
@@ -69,9 +79,9 @@ def main(argv=None) -> int:
     dev = Settings.from_env().dev
     if not dev.exists(RECIPE_RESULTS): raise SystemExit(f"no measurements in {dev.uri(RECIPE_RESULTS)}: run bench/train_recipe.py first")
     rows = table([json.loads(l) for l in dev.read_text(RECIPE_RESULTS).splitlines() if l.strip()])
-    print(f"{'recipe':<78}{'seeds':>7}{'acc':>8}{'auPrc':>8}{'CPU-s':>8}{'steal':>7}  floor")
+    print(f"{'recipe':<110}{'seeds':>7}{'acc':>8}{'auPrc':>8}{'CPU-s':>8}{'steal':>7}  floor")
     for r in rows:
-        print(f"{r['recipe']:<78}{len(r['seeds']):>7}{r['accuracy']:>8.4f}{r['au_prc']:>8.4f}{r['cpu_seconds']:>8.0f}{r['steal_seconds']:>7.1f}  "
+        print(f"{r['recipe']:<110}{len(r['seeds']):>7}{r['accuracy']:>8.4f}{r['au_prc']:>8.4f}{r['cpu_seconds']:>8.0f}{r['steal_seconds']:>7.1f}  "
               f"{'yes' if r['floor'] else 'no'}")
     print(f"floor: accuracy >= {FLOOR['accuracy']}, auPrc >= {FLOOR['au_prc']}, <= {FLOOR['cpu_seconds']} CPU-s (medians over seeds)")
     if a.write:

@@ -42,8 +42,8 @@ from fmnist_gcp.evaluation import AUTOML_VISION, REFERENCES, classification_metr
 from fmnist_gcp.pipeline.params import plan_run
 from fmnist_gcp.preprocessing import Augment
 from fmnist_gcp.statistics import normalisation
-from fmnist_gcp.training import (RECIPE_RESULTS, TrainConfig, calibration, fit, predict, resolve_precision,
-                                 serving_model, soften)
+from fmnist_gcp.training import (RECIPE_RESULTS, TrainConfig, calibration, fit, fit_temperature, predict,
+                                 resolve_precision, serving_model, soften)
 
 RECIPES = ("quick", "full")  # the pipeline profiles that train on all the data
 
@@ -74,15 +74,48 @@ def data_split(settings: Settings, max_train_images: int = 0) -> tuple[np.ndarra
 TARGET = REFERENCES[AUTOML_VISION]["accuracy"]  # Google AutoML Vision's test accuracy, 0.939
 
 
-def measure(cfg: TrainConfig, settings: Settings, max_train_images: int = 0, test_each_epoch: bool = False) -> dict:
+def shifted(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    "Images `x` (n, 28, 28) moved by (dy, dx) pixels, the uncovered border zero."
+    out, h, w = np.zeros_like(x), x.shape[1], x.shape[2]
+    out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = x[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
+TTA_VIEWS = {  # test-time augmentation variants scored beside the served model: (mirror?, shifts)
+    "none": (False, [(0, 0)]), "mirror": (True, [(0, 0)]),
+    "mirror x 1px cross": (True, [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)]),
+    "mirror x 1px square": (True, [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]),
+}
+
+
+def tta_metrics(model, x_va, y_va, x_te, y_te) -> dict:
+    "Test metrics of each TTA_VIEWS variant, its temperature fitted on validation (probabilities averaged over views)."
+    def probs(x, mirror, shifts):
+        views = [shifted(v, dy, dx) for v in ([x, x[:, :, ::-1]] if mirror else [x]) for dy, dx in shifts]
+        return np.mean([predict(model, v) for v in views], axis=0)
+    out = {}
+    for name, (mirror, shifts) in TTA_VIEWS.items():
+        t, c = time.perf_counter(), time.process_time()
+        p_va, p_te = probs(x_va, mirror, shifts), probs(x_te, mirror, shifts)
+        temp = fit_temperature(p_va, y_va)
+        out[name] = {"views": len(shifts) * (2 if mirror else 1), "temperature": temp,
+                     "test": classification_metrics(y_te, soften(p_te, temp)),
+                     "cpu_seconds_val_and_test": round(time.process_time() - c, 1), "seconds": round(time.perf_counter() - t, 1)}
+        print(f"TTA {name}: {out[name]['views']} views, test accuracy {out[name]['test']['accuracy']:.4f}, "
+              f"auPrc {out[name]['test']['au_prc']:.4f}", flush=True)
+    return out
+
+
+def measure(cfg: TrainConfig, settings: Settings, max_train_images: int = 0, test_each_epoch: bool = False,
+            tta: bool = False) -> dict:
     "Train `cfg`, fit the temperature on validation, score the test set once (and after every epoch if asked)."
     x_tr, y_tr, x_va, y_va = data_split(settings, max_train_images)
     x_te, y_te = load_split("test", settings=settings)
     norm = normalisation(x_tr)
     probe_s, probe_cpu = [], []
-    def probe(model):  # test accuracy of the mirror-averaged model after this epoch; its time is not training time
+    def probe(model):  # test accuracy of the served views (mirror, shifts) after this epoch; its time is not training time
         t, c = time.perf_counter(), time.process_time()
-        acc = float((predict(serving_model(model, cfg.tta_flip), x_te).argmax(1) == y_te).mean())
+        acc = float((predict(serving_model(model, cfg.tta_flip, tta_shift=cfg.tta_shift), x_te).argmax(1) == y_te).mean())
         probe_s.append(time.perf_counter() - t); probe_cpu.append(time.process_time() - c)
         return {"test_accuracy": acc}
     t0, c0, s0 = time.perf_counter(), time.process_time(), steal_seconds()
@@ -93,13 +126,14 @@ def measure(cfg: TrainConfig, settings: Settings, max_train_images: int = 0, tes
     cpu_by_epoch = np.cumsum([h["cpu_seconds"] for h in history]) if all("cpu_seconds" in h for h in history) else None
     reached = next((i for i, h in enumerate(history) if h.get("test_accuracy", 0) >= TARGET), None)
     temperature, p_va = calibration(model, cfg, x_va, y_va)
-    p_te = predict(serving_model(model, cfg.tta_flip, temperature), x_te)
+    p_te = predict(serving_model(model, cfg.tta_flip, temperature, cfg.tta_shift), x_te)
     return {"config": cfg.to_dict(), "params": int(model.count_params()), "epochs": len(history),
             "train_images": len(x_tr), "train_seconds": round(train_seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
             "steal_seconds": round(steal, 1),
             "s_per_epoch": round(statistics.median(h["seconds"] for h in history), 1), "temperature": temperature,
             "val_uncalibrated": classification_metrics(y_va, p_va), "val": classification_metrics(y_va, soften(p_va, temperature)),
             "test": classification_metrics(y_te, p_te), "history": history,
+            **({"tta": tta_metrics(model, x_va, y_va, x_te, y_te)} if tta else {}),
             **({"target": TARGET, "epochs_to_target": None if reached is None else reached + 1,
                 "minutes_to_target": None if reached is None else round(float(elapsed[reached]) / 60, 2)} if test_each_epoch else {})}
 
@@ -135,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-train-images", type=int, default=0, help="train on the first N images of the split (0: all)")
     ap.add_argument("--test-each-epoch", action="store_true",
                     help=f"score the test set after every epoch (benchmark only) and report the minutes to {TARGET:.1%}")
+    ap.add_argument("--tta", action="store_true",
+                    help="also score test-time augmentation variants (none, mirror, mirror x 1-pixel shifts) after training")
     ap.add_argument("--seeds", default="", help="comma-separated seeds, trained one after another; prints their medians")
     a = ap.parse_args(argv)
     changes = json.loads(a.set) | ({"epochs": a.epochs} if a.epochs else {})
@@ -145,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     dev, rows = settings.dev, []
     for seed in [int(s) for s in a.seeds.split(",")] if a.seeds else [cfg.seed]:
         c = replace(cfg, seed=seed)
-        row = {"recipe": a.recipe, "overrides": changes, **measure(c, settings, a.max_train_images, a.test_each_epoch),
+        row = {"recipe": a.recipe, "overrides": changes, **measure(c, settings, a.max_train_images, a.test_each_epoch, a.tta),
                "host": host(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         earlier = [json.loads(l) for l in dev.read_text(RECIPE_RESULTS).splitlines() if l.strip()] if dev.exists(RECIPE_RESULTS) else []
         with pd.option_context("display.width", 200, "display.max_columns", 20):

@@ -1076,6 +1076,7 @@ d = { 'settings': { 'branch': 'main',
                                      'fmnist_gcp.training.soften': ('training.html#soften', 'fmnist_gcp/training.py'),
                                      'fmnist_gcp.training.steal_seconds': ('training.html#steal_seconds', 'fmnist_gcp/training.py'),
                                      'fmnist_gcp.training.train_and_export': ('training.html#train_and_export', 'fmnist_gcp/training.py'),
+                                     'fmnist_gcp.training.tta_views': ('training.html#tta_views', 'fmnist_gcp/training.py'),
                                      'fmnist_gcp.training.upload_dir': ('training.html#upload_dir', 'fmnist_gcp/training.py'),
                                      'fmnist_gcp.training.validation_metrics': ( 'training.html#validation_metrics',
                                                                                  'fmnist_gcp/training.py')}}}

@@ -35,7 +35,7 @@ def embedding_model(model):
     return keras.Model(base.input, keras.ops.cast(base.get_layer("probs").input, "float32"), name=f"{base.name}_embedding")
 
 # %% ../nbs/10_embeddings.ipynb #e10b0001
-_WRAPPER = {"mirror", "probs_tta", "temperature"}  # the layers training.serving_model puts around the network
+_WRAPPER = {"mirror", "probs_tta", "temperature"}  # the layers training.serving_model puts around the network (and shift_*)
 
 def embedding_and_probs(model):
     "Keras model: raw pixels (n, 28, 28) -> [embedding (n, d) float32, `model`'s probabilities (n, 10)]."
@@ -43,12 +43,15 @@ def embedding_and_probs(model):
     base = _network(model)
     both = keras.Model(base.input, [embedding_model(base).output, base.output], name=f"{base.name}_both")
     if base is model: return both
-    extra = {l.name for l in model.layers if not isinstance(l, layers.InputLayer)} - _WRAPPER - {base.name}
+    from fmnist_gcp.training import tta_views
+    shifts = [l for l in model.layers if l.name.startswith("shift_")]
+    extra = {l.name for l in model.layers if not isinstance(l, layers.InputLayer)} - _WRAPPER - {base.name} - {l.name for l in shifts}
     if extra: raise ValueError(f"model {model.name!r} has layers {sorted(extra)} that training.serving_model does not make")
     inp = keras.Input((28, 28), name="pixels")
     e, p = both(inp)
     names = {l.name for l in model.layers}
-    if "mirror" in names: p = layers.Average(name="probs_tta")([p, both(model.get_layer("mirror")(inp))[1]])
+    views = tta_views(inp, model.get_layer("mirror") if "mirror" in names else None, shifts)
+    if len(views) > 1: p = layers.Average(name="probs_tta")([p] + [both(v)[1] for v in views[1:]])
     if "temperature" in names: p = model.get_layer("temperature")(p)
     return keras.Model(inp, [e, p], name=f"{model.name}_embedding_and_probs")
 

@@ -25,12 +25,12 @@ from .data import data_sha256
 from .preprocessing import Augment, load_tfrecords, make_dataset, read_preprocessing
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'RECIPE_RESULTS', 'TENSORBOARD_SCALARS', 'TrainConfig', 'parse_widths', 'recipe_params',
-           'resolve_precision', 'build_model', 'serving_model', 'load_model', 'log_loss', 'soften', 'fit_temperature',
-           'one_cycle', 'make_optimizer', 'averaged_weights', 'reestimate_batchnorm', 'CheckpointMismatch',
-           'Checkpoints', 'is_chief', 'predict', 'make_train_step', 'epoch_dataset', 'validation_metrics', 'upload_dir',
-           'TensorBoardLog', 'LocalTracker', 'steal_seconds', 'fit', 'model_versions', 'resolve_version',
-           'export_model', 'calibration', 'train_and_export']
+__all__ = ['PRECISIONS', 'RECIPE_RESULTS', 'SHIFTS', 'TENSORBOARD_SCALARS', 'TrainConfig', 'parse_widths', 'recipe_params',
+           'resolve_precision', 'build_model', 'tta_views', 'serving_model', 'load_model', 'log_loss', 'soften',
+           'fit_temperature', 'one_cycle', 'make_optimizer', 'averaged_weights', 'reestimate_batchnorm',
+           'CheckpointMismatch', 'Checkpoints', 'is_chief', 'predict', 'make_train_step', 'epoch_dataset',
+           'validation_metrics', 'upload_dir', 'TensorBoardLog', 'LocalTracker', 'steal_seconds', 'fit',
+           'model_versions', 'resolve_version', 'export_model', 'calibration', 'train_and_export']
 
 # %% ../nbs/07_training.ipynb #833f9af4
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")  # "auto" is resolved when training starts (`resolve_precision`)
@@ -54,6 +54,8 @@ class TrainConfig:
     precision: str = _knob("auto", "mixed_bfloat16 (bf16 convolutions, float32 weights), float32, or auto: "
                            "bf16 where the CPU computes it natively or a GPU is present", choices=PRECISIONS)
     tta_flip: bool = _knob(True, "average predictions over the image and its mirror, inside the exported model")
+    tta_shift: int = _knob(0, "also average over the image(s) moved this many pixels up, down, left and right, inside the "
+                           "exported model: 5x the views (0: none)")
     seed: int = _knob(0, "seed of initialisation, data order and augmentation")
     deterministic: bool = _knob(False, "TensorFlow op determinism: two runs give identical metrics")
     augment: Augment = field(default_factory=Augment, metadata={"help": "augmentation (the preprocessing stage's record)"})
@@ -63,6 +65,7 @@ class TrainConfig:
         if not self.widths or min(self.widths) < 1: raise ValueError(f"widths must be positive channel counts, not {self.widths}")
         if self.precision not in PRECISIONS: raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.epochs < 1 or self.batch_size < 1: raise ValueError("epochs and batch_size must be >= 1")
+        if not 0 <= self.tta_shift <= 4: raise ValueError(f"tta_shift must be 0..4 pixels (0: no shifted views), not {self.tta_shift}")
         if not 0 <= self.ema < 1: raise ValueError(f"ema must be a momentum in [0, 1) (0: no averaging), not {self.ema}")
 
     def to_dict(self) -> dict:
@@ -149,7 +152,17 @@ def _register():
     class MirrorImage(keras.layers.Layer):
         "Flip (n, 28, 28) images left-right."
         def call(self, x): return keras.ops.flip(x, axis=2)
-    return MirrorImage
+    @keras.saving.register_keras_serializable(package="fmnist_gcp")
+    class ShiftImage(keras.layers.Layer):
+        "Move (n, 28, 28) images `dy` pixels down and `dx` right (negative: up, left); the uncovered border is 0."
+        def __init__(self, dy: int = 0, dx: int = 0, **kw):
+            super().__init__(**kw); self.dy, self.dx = int(dy), int(dx)
+        def call(self, x):
+            p = max(abs(self.dy), abs(self.dx))
+            padded = keras.ops.pad(x, [[0, 0], [p, p], [p, p]])
+            return keras.ops.slice(padded, [0, p - self.dy, p - self.dx], [keras.ops.shape(x)[0], x.shape[1], x.shape[2]])
+        def get_config(self): return {**super().get_config(), "dy": self.dy, "dx": self.dx}
+    return MirrorImage, ShiftImage
 
 def _temperature_layer():
     keras = import_keras()
@@ -163,12 +176,23 @@ def _temperature_layer():
         def get_config(self): return {**super().get_config(), "temperature": self.temperature}
     return Temperature
 
-def serving_model(model, tta_flip: bool = True, temperature: float = 1.0):
-    "`model`, optionally averaged with its prediction on the mirrored image, then softened by `temperature`."
-    if not tta_flip and temperature == 1.0: return model
+SHIFTS = ((-1, 0), (1, 0), (0, -1), (0, 1))  # up, down, left, right (times tta_shift pixels)
+
+def tta_views(inp, mirror=None, shifts=()):
+    "The views a served model averages over: the image, its mirror (a layer, or None), then every shift layer of each."
+    base = [inp] + ([mirror(inp)] if mirror is not None else [])
+    return base + [s(v) for s in shifts for v in base]
+
+def serving_model(model, tta_flip: bool = True, temperature: float = 1.0, tta_shift: int = 0):
+    "`model` averaged over its test-time views (mirror; shifts of `tta_shift` pixels), then softened by `temperature`."
+    if not tta_flip and not tta_shift and temperature == 1.0: return model
     keras = import_keras(); from keras import layers
+    Mirror, Shift = _register()
     inp = keras.Input((28, 28), name="pixels")
-    out = layers.Average(name="probs_tta")([model(inp), model(_register()(name="mirror")(inp))]) if tta_flip else model(inp)
+    shifts = [Shift(dy * tta_shift, dx * tta_shift, name=f"shift_{dy * tta_shift}_{dx * tta_shift}".replace("-", "m"))
+              for dy, dx in SHIFTS] if tta_shift else []
+    views = tta_views(inp, Mirror(name="mirror") if tta_flip else None, shifts)
+    out = layers.Average(name="probs_tta")([model(v) for v in views]) if len(views) > 1 else model(inp)
     if temperature != 1.0: out = _temperature_layer()(temperature, name="temperature")(out)
     return keras.Model(inp, out, name=f"{model.name}_serving")
 
@@ -458,7 +482,7 @@ def export_model(model, cfg: TrainConfig, metadata: dict, dest: Store, saved_mod
     import tempfile
     keras = import_keras()
     cfg = replace(cfg, precision=resolve_precision(cfg.precision))
-    served = serving_model(model, cfg.tta_flip, temperature)
+    served = serving_model(model, cfg.tta_flip, temperature, cfg.tta_shift)
     with tempfile.TemporaryDirectory() as tmp:
         served.save(os.path.join(tmp, "model.keras"))
         with open(os.path.join(tmp, "model.keras"), "rb") as fh: dest.write_bytes("model.keras", fh.read())
@@ -474,7 +498,7 @@ def export_model(model, cfg: TrainConfig, metadata: dict, dest: Store, saved_mod
 # %% ../nbs/07_training.ipynb #b8a2f63a
 def calibration(model, cfg: TrainConfig, x_va: np.ndarray, y_va: np.ndarray, fit: bool = True) -> tuple[float, np.ndarray]:
     "(temperature fitted on the validation images, or 1.0 without `fit`; the uncalibrated served model's probabilities)."
-    p_va = predict(serving_model(model, cfg.tta_flip), x_va)
+    p_va = predict(serving_model(model, cfg.tta_flip, tta_shift=cfg.tta_shift), x_va)
     return (fit_temperature(p_va, y_va) if fit and len(y_va) else 1.0), p_va
 
 # %% ../nbs/07_training.ipynb #e239e735

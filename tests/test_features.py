@@ -179,12 +179,13 @@ def test_the_cli_prints_one_json_object_per_id_or_only_the_error(settings, stats
     assert [n["label"] for n in out["neighbours"]].count(int(y[17])) >= 2  # synthetic embeddings cluster by label
 
 
-@pytest.mark.parametrize("tta_flip,temperature", [(True, 1.5), (True, 1.0), (False, 2.0), (False, 1.0)])
-def test_embedding_and_probs_gives_the_embedding_and_the_served_probabilities(tta_flip, temperature):
+@pytest.mark.parametrize("tta_flip,temperature,tta_shift", [(True, 1.5, 0), (True, 1.0, 0), (False, 2.0, 0), (False, 1.0, 0),
+                                                             (True, 1.5, 1), (False, 1.0, 2)])
+def test_embedding_and_probs_gives_the_embedding_and_the_served_probabilities(tta_flip, temperature, tta_shift):
     from fmnist_gcp.embeddings import embedding_and_probs, embedding_function, embedding_model
     from fmnist_gcp.training import TrainConfig, build_model, serving_model
     model = build_model(TrainConfig(widths=(4, 6), precision="float32"), mean=0.3, std=0.3)
-    served = serving_model(model, tta_flip=tta_flip, temperature=temperature)
+    served = serving_model(model, tta_flip=tta_flip, temperature=temperature, tta_shift=tta_shift)
     x = np.random.default_rng(1).integers(0, 256, (5, 28, 28)).astype(np.float32)
     e, p = (np.asarray(t) for t in embedding_and_probs(served)(x))
     np.testing.assert_allclose(e, np.asarray(embedding_model(served)(x)), rtol=1e-5, atol=1e-6)
