@@ -37,7 +37,7 @@ from bench_host import steal_seconds  # noqa: E402  (bench/ is on the path when 
 
 DEFAULTS = {"budget_minutes": 1.5, "search_share": 1.0, "max_trials": 20, "trial_epochs": 1, "search_train_images": 300,
             "search_val_images": 300, "widths_choices": "16,32|16,32,64|32,64,128", "batch_sizes": "64,128,256", "max_convs": 3,
-            "pruner": "median", "retrain_best": False, "retrain_epochs": 0, "calibrate": True}
+            "pruner": "median", "retrain_best": False, "retrain_epochs": 0, "calibrate": True, "start_recipe": "", "tta_shift": 0}
 
 
 def quick_params(overrides: list[str]) -> dict:
@@ -62,7 +62,7 @@ def one_seed(seed: int, p: dict, clock_name: str) -> dict:
     from fmnist_gcp.data import load_split, read_split
     from fmnist_gcp.evaluation import vertex_au_prc
     from fmnist_gcp.preprocessing import Augment
-    from fmnist_gcp.training import TrainConfig, fit, load_model, predict
+    from fmnist_gcp.training import fit, load_model, predict, served_views, serving_model
     settings = Settings.from_env()
     tr_idx, va_idx = read_split(settings)
     x, y = load_split("train", settings=settings)
@@ -81,16 +81,16 @@ def one_seed(seed: int, p: dict, clock_name: str) -> dict:
 
     w0, c0, s0 = time.monotonic(), time.process_time(), steal_seconds()
     study = automl.open_study(folder, "bench", workdir, seed=seed, pruner=automl.make_pruner(p["pruner"], p["trial_epochs"]), log=lambda *a: None)
-    automl.start_from_recipe(study, space, TrainConfig(augment=augment))
+    automl.start_from_recipe(study, space, automl.start_config(p["start_recipe"], augment))
     trainer = automl.keras_trainer(xs_tr, ys_tr, xs_va, ys_va, norm, augment, p["trial_epochs"], seed, folder, clock=clock)
     summary = automl.run_search(study, trainer, space, budget_s * p["search_share"], p["max_trials"], log=lambda *a: None, clock=clock)
     w_search, c_search = time.monotonic() - w0, time.process_time() - c0
     best = automl.winner(study)
-    cfg = automl.trial_config(best.params, augment, p["trial_epochs"], seed)
+    cfg = replace(automl.trial_config(best.params, augment, p["trial_epochs"], seed), tta_shift=p["tta_shift"])
     refit = {"images": 0, "epochs": 0, "why": "retrain_best is off"}
     if p["retrain_best"] and p["search_share"] < 1:
         refit = automl.refit_for_trial(best, budget_s - summary["used_minutes"] * 60, len(x_train), len(x_val),
-                                       p["retrain_epochs"] or p["trial_epochs"])
+                                       p["retrain_epochs"] or p["trial_epochs"], views=served_views(cfg))
     if refit["images"]:
         cfg = replace(cfg, epochs=refit["epochs"])
         model, history = fit(cfg, x_train[:refit["images"]], y_train[:refit["images"]], xs_va, ys_va, norm["mean"], norm["std"], log=lambda *a: None)
@@ -103,8 +103,12 @@ def one_seed(seed: int, p: dict, clock_name: str) -> dict:
 
     served = load_model(os.path.join(meta["model_uri"], "model.keras"))
     proba = predict(served, x_test.astype(np.float32))
+    # the same trained model served over the mirror alone (and with the same temperature): what tta_shift adds
+    mirror = predict(serving_model(model, True, meta["temperature"]), x_test.astype(np.float32))
     return {"seed": seed, "clock": clock_name, "accuracy": round(float((proba.argmax(1) == y_test).mean()), 4),
-            "au_prc": round(vertex_au_prc(y_test, proba), 4), "val_accuracy": round(meta["val_accuracy"], 4),
+            "au_prc": round(vertex_au_prc(y_test, proba), 4), "views": served_views(cfg),
+            "mirror_only": {"accuracy": round(float((mirror.argmax(1) == y_test).mean()), 4), "au_prc": round(vertex_au_prc(y_test, mirror), 4)},
+            "val_accuracy": round(meta["val_accuracy"], 4),
             "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "steal_s": round(steal, 1),
             "search_wall_s": round(w_search, 1), "search_cpu_s": round(c_search, 1), "budget_s": budget_s,
             "trials": summary["trials"], "best_trial": best.number, "best_value": round(best.value if best.value is not None else list(best.intermediate_values.values())[-1], 4),

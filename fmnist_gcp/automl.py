@@ -14,7 +14,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -23,14 +23,14 @@ from .config import Settings, Store, import_keras
 from .data import data_sha256
 from .preprocessing import Augment
 from .training import (TrainConfig, build_model, calibration, export_model, fit, log_loss, model_versions,
-                                 parse_widths, soften)
+                                 parse_widths, served_views, soften)
 
 # %% auto #0
 __all__ = ['AUTOML_MODEL', 'AUGMENT_PARAMS', 'KINDS', 'STUDIES', 'JOURNAL', 'BEST_WEIGHTS', 'BEST_JSON', 'VERTEX_AUTOML_MODEL',
            'VERTEX_EVALUATION', 'Param', 'search_space', 'suggest', 'trial_config', 'recipe_start', 'start_from_recipe',
-           'next_trial_fits', 'study_store', 'make_pruner', 'open_study', 'push_study', 'search_summary', 'run_search',
-           'trials_table', 'save_best', 'load_best', 'keras_trainer', 'trial_costs', 'plan_refit', 'winner',
-           'refit_for_trial', 'export_automl', 'run_export', 'read_vertex_evaluation']
+           'start_config', 'next_trial_fits', 'study_store', 'make_pruner', 'open_study', 'push_study',
+           'search_summary', 'run_search', 'trials_table', 'save_best', 'load_best', 'keras_trainer', 'trial_costs',
+           'plan_refit', 'winner', 'refit_for_trial', 'export_automl', 'run_export', 'read_vertex_evaluation']
 
 # %% ../nbs/06_automl.ipynb #62433d8c
 AUTOML_MODEL = "fmnist-automl"  # the local AutoML model's name in the models store and the registry
@@ -110,6 +110,15 @@ def start_from_recipe(study, space: Sequence[Param], cfg: TrainConfig) -> dict |
     params = recipe_start(space, cfg)
     study.enqueue_trial(params, user_attrs={"from": "recipe"})
     return params
+
+def start_config(start_recipe: str, augment: Augment) -> TrainConfig:
+    "The recipe of a search's first trial: `start_recipe`, a JSON object of TrainConfig fields over its defaults."
+    try: d = json.loads(start_recipe or "{}")
+    except json.JSONDecodeError as e: raise ValueError(f"start_recipe must be a JSON object of TrainConfig fields, not {start_recipe!r} ({e})") from None
+    if not isinstance(d, dict): raise ValueError(f"start_recipe must be a JSON object of TrainConfig fields, not {start_recipe!r}")
+    unknown = set(d) - {f.name for f in fields(TrainConfig)} | ({"augment"} & set(d))
+    if unknown: raise ValueError(f"start_recipe: {', '.join(sorted(unknown))} is not a TrainConfig field (augmentation comes from the preprocessing stage)")
+    return TrainConfig.from_params(d, augment=augment)
 
 # %% ../nbs/06_automl.ipynb #578b704d
 def next_trial_fits(spent_s: float,  # seconds of the budget already used
@@ -310,12 +319,14 @@ def winner(study):
 def refit_for_trial(best,  # the best trial (an optuna FrozenTrial) with keras_trainer's user attributes
                     left_s: float,  # seconds of the budget left
                     train_images: int, val_images: int,  # sizes of the whole training and validation splits
-                    max_epochs: int) -> dict:
+                    max_epochs: int,
+                    views: int = 2,  # forward passes per image of the served model (served_views): the calibration's cost
+                    ) -> dict:
     "{images, epochs, why, ...}: the retraining of `best`'s recipe that fits in `left_s` (images 0: export the trial's own model)."
     ep, n = best.user_attrs.get("epoch_seconds"), best.user_attrs.get("train_images", 0)
     if not ep or not n: return {"images": 0, "epochs": 0, "why": f"trial {best.number} recorded no epoch timings: its own model is exported"}
     image_s, start_s = trial_costs(ep, n, best.user_attrs.get("train_share", ()))
-    fixed_s = start_s + val_images * image_s  # calibration predicts each validation image and its mirror
+    fixed_s = start_s + val_images * image_s * views / 2  # calibration: a view's forward pass about half a training image's cost
     images, epochs = plan_refit(left_s, image_s, fixed_s, train_images, max_epochs, n * len(ep))
     plan = {"images": images, "epochs": epochs, "left_s": round(left_s, 1), "image_ms": round(image_s * 1e3, 4),
             "fixed_s": round(fixed_s, 1), "expected_s": round(fixed_s + images * epochs * image_s, 1) if images else 0.0}

@@ -26,8 +26,8 @@ from .preprocessing import Augment, load_tfrecords, make_dataset, read_preproces
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'RECIPE_RESULTS', 'SHIFTS', 'TENSORBOARD_SCALARS', 'TrainConfig', 'parse_widths', 'recipe_params',
-           'resolve_precision', 'build_model', 'tta_views', 'serving_model', 'load_model', 'log_loss', 'soften',
-           'fit_temperature', 'one_cycle', 'make_optimizer', 'averaged_weights', 'reestimate_batchnorm',
+           'resolve_precision', 'build_model', 'served_views', 'tta_views', 'serving_model', 'load_model', 'log_loss',
+           'soften', 'fit_temperature', 'one_cycle', 'make_optimizer', 'averaged_weights', 'reestimate_batchnorm',
            'CheckpointMismatch', 'Checkpoints', 'is_chief', 'predict', 'make_train_step', 'epoch_dataset',
            'validation_metrics', 'upload_dir', 'TensorBoardLog', 'LocalTracker', 'steal_seconds', 'fit',
            'model_versions', 'resolve_version', 'export_model', 'calibration', 'train_and_export']
@@ -177,6 +177,10 @@ def _temperature_layer():
     return Temperature
 
 SHIFTS = ((-1, 0), (1, 0), (0, -1), (0, 1))  # up, down, left, right (times tta_shift pixels)
+
+def served_views(cfg: TrainConfig) -> int:
+    "Forward passes of the network per image that the served model of `cfg` makes."
+    return (2 if cfg.tta_flip else 1) * (1 + len(SHIFTS) * bool(cfg.tta_shift))
 
 def tta_views(inp, mirror=None, shifts=()):
     "The views a served model averages over: the image, its mirror (a layer, or None), then every shift layer of each."

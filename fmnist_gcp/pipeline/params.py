@@ -92,6 +92,9 @@ def profile_params(profile: str) -> dict[str, dict[str, Any]]:
                   "05_features": {"max_images": 0}, "10_embeddings": {"max_images": 0, "max_train_images": 3000},
                   # 90 s on 2 cores (about 180 CPU-s on a quiet machine): 30 % searches (the custom recipe first, then
                   # 2-epoch trials on 4,000 images), the rest retrains the winner on all 54,000 (bench/automl_budget.py)
+                  # Starting from the quick recipe's network with its 10 served views measured no better (median
+                  # 90.38 %, seeds 89.31-90.48; bench/results/automl_budget_wall.jsonl): the views' calibration cost
+                  # leaves the retraining fewer epochs. `-p 06_automl.start_recipe=... -p 06_automl.tta_shift=1` runs it.
                   "06_automl": {"budget_minutes": 1.5, "search_share": 0.3, "max_trials": 20, "trial_epochs": 2,
                                 "search_train_images": 4000, "search_val_images": 1000, "widths_choices": "16,32,64|24,48,96|32,64,128",
                                 "batch_sizes": "128,256", "max_convs": 2, "retrain_best": True, "retrain_epochs": 3},
