@@ -108,7 +108,7 @@ def profile_params(profile: str) -> dict[str, dict[str, Any]]:
                                "batch_sizes": "64,128,256", "pruner": "hyperband", "retrain_best": True, "retrain_epochs": 20,
                                "saved_model": True},
                  "04_preprocessing": {"max_images": 0, "shards": 8, "erase_prob": 0.0},
-                 # the quick network for 30 epochs: the recipe search's best within 60 minutes here (about 43;
+                 # TrainConfig's 32-64-128 residual network for 30 epochs: the recipe search's best within 60 minutes here (about 43;
                  # bench/results/time_to_target.json); 48-96-192 with label smoothing is +0.4 points in about 70
                  "07_training": {**recipe_params(epochs=30), **run}},
     }[profile]
