@@ -35,7 +35,8 @@ def embedding_model(model):
     return keras.Model(base.input, keras.ops.cast(base.get_layer("probs").input, "float32"), name=f"{base.name}_embedding")
 
 # %% ../nbs/10_embeddings.ipynb #e10b0001
-_WRAPPER = {"mirror", "probs_tta", "temperature"}  # the layers training.serving_model puts around the network (and shift_*, views_*, view_mean_*)
+_WRAPPER = {"mirror", "probs_tta", "temperature"}  # the layers training.serving_model puts around the network
+_WRAPPER_PREFIXES = ("shift_", "views_", "view_mean_")  # ... and those named by the view they make
 
 def embedding_and_probs(model):
     "Keras model: raw pixels (n, 28, 28) -> [embedding (n, d) float32, `model`'s probabilities (n, 10)]."
@@ -45,8 +46,8 @@ def embedding_and_probs(model):
     if base is model: return both
     from fmnist_gcp.training import tta_views
     shifts = [l for l in model.layers if l.name.startswith("shift_")]
-    extra = {l.name for l in model.layers if not isinstance(l, layers.InputLayer) and not l.name.startswith(("views_", "view_mean_"))}
-    extra -= _WRAPPER | {base.name} | {l.name for l in shifts}
+    extra = {l.name for l in model.layers if not isinstance(l, layers.InputLayer) and not l.name.startswith(_WRAPPER_PREFIXES)}
+    extra -= _WRAPPER | {base.name}
     if extra: raise ValueError(f"model {model.name!r} has layers {sorted(extra)} that training.serving_model does not make")
     inp = keras.Input((28, 28), name="pixels")
     e, p = both(inp)
