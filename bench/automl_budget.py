@@ -81,12 +81,13 @@ def one_seed(seed: int, p: dict, clock_name: str) -> dict:
 
     w0, c0, s0 = time.monotonic(), time.process_time(), steal_seconds()
     study = automl.open_study(folder, "bench", workdir, seed=seed, pruner=automl.make_pruner(p["pruner"], p["trial_epochs"]), log=lambda *a: None)
-    automl.start_from_recipe(study, space, automl.start_config(p["start_recipe"], augment))
-    trainer = automl.keras_trainer(xs_tr, ys_tr, xs_va, ys_va, norm, augment, p["trial_epochs"], seed, folder, clock=clock)
+    start = automl.start_config(p["start_recipe"], augment)  # the first trial, and every trial's unsearched fields
+    automl.start_from_recipe(study, space, start)
+    trainer = automl.keras_trainer(xs_tr, ys_tr, xs_va, ys_va, norm, augment, p["trial_epochs"], seed, folder, clock=clock, base=start)
     summary = automl.run_search(study, trainer, space, budget_s * p["search_share"], p["max_trials"], log=lambda *a: None, clock=clock)
     w_search, c_search = time.monotonic() - w0, time.process_time() - c0
     best = automl.winner(study)
-    cfg = replace(automl.trial_config(best.params, augment, p["trial_epochs"], seed), tta_shift=p["tta_shift"])
+    cfg = replace(automl.trial_config(best.params, augment, p["trial_epochs"], seed, start), tta_shift=p["tta_shift"])
     refit = {"images": 0, "epochs": 0, "why": "retrain_best is off"}
     if p["retrain_best"] and p["search_share"] < 1:
         refit = automl.refit_for_trial(best, budget_s - summary["used_minutes"] * 60, len(x_train), len(x_val),
@@ -112,7 +113,7 @@ def one_seed(seed: int, p: dict, clock_name: str) -> dict:
             "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "steal_s": round(steal, 1),
             "search_wall_s": round(w_search, 1), "search_cpu_s": round(c_search, 1), "budget_s": budget_s,
             "trials": summary["trials"], "best_trial": best.number, "best_value": round(best.value if best.value is not None else list(best.intermediate_values.values())[-1], 4),
-            "best_from_recipe": best.user_attrs.get("from") == "recipe", "best_params": best.params,
+            "best_from_recipe": best.user_attrs.get("from") == "recipe", "best_params": best.params, "residual": cfg.residual,
             "refit": {k: refit[k] for k in ("images", "epochs", "why")}, "params": meta["params"]}
 
 

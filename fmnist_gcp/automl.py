@@ -87,10 +87,13 @@ def suggest(trial,  # an optuna Trial (or FixedTrial)
         else: out[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log)
     return out
 
-def trial_config(params: dict, augment: Augment, epochs: int, seed: int = 0) -> TrainConfig:
-    "The recipe of a trial: `params` over the TrainConfig defaults, its augmentation fields over `augment`."
+def trial_config(params: dict, augment: Augment, epochs: int, seed: int = 0,
+                 base: TrainConfig | None = None,  # the fields the space does not search (None: TrainConfig's defaults)
+                 ) -> TrainConfig:
+    "The recipe of a trial: `params` over `base`, its augmentation fields over `augment`."
     aug = replace(augment, **{k: params[k] for k in AUGMENT_PARAMS if k in params})
-    return TrainConfig.from_params({**params, "epochs": epochs, "seed": seed}, augment=aug)
+    kept = {k: v for k, v in asdict(base).items() if k != "augment"} if base else {}
+    return TrainConfig.from_params({**kept, **params, "epochs": epochs, "seed": seed}, augment=aug)
 
 # %% ../nbs/06_automl.ipynb #r3c1pe02
 def recipe_start(space: Sequence[Param], cfg: TrainConfig) -> dict:
@@ -258,6 +261,7 @@ def load_best(folder: Store, norm: dict):
 def keras_trainer(x_tr, y_tr, x_va, y_va, norm: dict, augment: Augment, epochs: int, seed: int = 0,
                   folder: Store | None = None,  # where the best trial's weights go (None: not kept)
                   clock: Callable[[], float] | None = None,  # the search's clock (None: time.monotonic)
+                  base: TrainConfig | None = None,  # what the space does not search: the start recipe's (trial_config)
                   ) -> Callable:
     "A `train_trial` for `run_search` that trains with `training.fit` on the given slices and records each epoch's seconds."
     def train_trial(trial, params, report):
@@ -265,7 +269,7 @@ def keras_trainer(x_tr, y_tr, x_va, y_va, norm: dict, augment: Augment, epochs: 
         now = clock or time.monotonic
         marks, walls = [now()], [time.perf_counter()]  # the first epoch's seconds include building the network and tracing its step
         import_keras().backend.clear_session()  # one trial's graphs do not pile up in the next
-        cfg = trial_config(params, augment, epochs, seed)
+        cfg = trial_config(params, augment, epochs, seed, base)
         trial.set_user_attr("train_images", len(x_tr)); shares = []
         def on_epoch(h):
             marks.append(now()); walls.append(time.perf_counter())
