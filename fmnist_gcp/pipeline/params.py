@@ -80,6 +80,7 @@ QUICK_RECIPE = {"widths": (16, 64, 128), "convs": 2, "residual": False, "epochs"
 
 def profile_params(profile: str) -> dict[str, dict[str, Any]]:
     "Stage -> parameters that `profile` sets."
+    import json
     if profile not in PROFILE_NAMES: raise PipelineError(f"unknown profile {profile!r}; profiles are {', '.join(PROFILE_NAMES)}")
     from fmnist_gcp.training import recipe_params
     all_data = {s: {"max_images": 0} for s in ("02_exploration", "03_statistics", "04_preprocessing", "08_evaluation")}
@@ -90,14 +91,16 @@ def profile_params(profile: str) -> dict[str, dict[str, Any]]:
                   "08_evaluation": {"max_images": 1000}},
         "quick": {**all_data, "02_exploration": {"max_images": 0, "embed_images": 3000},
                   "05_features": {"max_images": 0}, "10_embeddings": {"max_images": 0, "max_train_images": 3000},
-                  # 90 s on 2 cores (about 180 CPU-s on a quiet machine): 30 % searches (the custom recipe first, then
-                  # 2-epoch trials on 4,000 images), the rest retrains the winner on all 54,000 (bench/automl_budget.py)
-                  # Starting from the quick recipe's network with its 10 served views measured no better (median
-                  # 90.38 %, seeds 89.31-90.48; bench/results/automl_budget_wall.jsonl): the views' calibration cost
-                  # leaves the retraining fewer epochs. `-p 06_automl.start_recipe=... -p 06_automl.tta_shift=1` runs it.
+                  # 90 s on 2 cores (about 180 CPU-s on a quiet machine): 30 % searches (the quick recipe's plain network
+                  # first, then 2-epoch trials on 4,000 images, every one plain like it), the rest retrains the winner on
+                  # all 54,000 for up to 4 epochs (bench/automl_budget.py; bench/results/automl_budget_cpu.jsonl). The
+                  # residual networks searched before cost ~1.5x per image: the retraining got 2-3 epochs (88.87-90.77 %)
                   "06_automl": {"budget_minutes": 1.5, "search_share": 0.3, "max_trials": 20, "trial_epochs": 2,
-                                "search_train_images": 4000, "search_val_images": 1000, "widths_choices": "16,32,64|24,48,96|32,64,128",
-                                "batch_sizes": "128,256", "max_convs": 2, "retrain_best": True, "retrain_epochs": 3},
+                                "search_train_images": 4000, "search_val_images": 1000,
+                                "start_recipe": json.dumps({k: list(v) if k == "widths" else v for k, v in QUICK_RECIPE.items()
+                                                            if k in ("widths", "convs", "residual")}),
+                                "widths_choices": "16,32,64|16,64,128|24,48,96|32,64,128",
+                                "batch_sizes": "128,256", "max_convs": 2, "retrain_best": True, "retrain_epochs": 4},
                   "04_preprocessing": {"max_images": 0, "shards": 8, "erase_prob": 0.0},
                   # deterministic costs the first epoch ~25 s, then nothing measurable, and lets `fmnist rerun` reproduce a make run
                   "07_training": {**recipe_params(**QUICK_RECIPE), **run, "deterministic": True}},
