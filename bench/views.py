@@ -18,7 +18,6 @@ import argparse
 import json
 import time
 
-import numpy as np
 from bench_host import host, steal_seconds  # run as `python bench/views.py`: bench/ is on the path
 from train_recipe import data_split, tta_metrics
 
@@ -61,5 +60,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=4)
     main()
